@@ -1,0 +1,122 @@
+"""Build the reference (torch), the port (paddle) and the seeded inputs from a ModelSpec."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from align.capture import Arr
+from align.spec import ConfigError, ModelSpec
+
+IGNORE_INDEX = -100
+
+
+def import_object(target: str, file: Path, key: str) -> Any:
+    """'package.module:Attr' -> the object; a ConfigError names the align.toml key."""
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(file, key, f"cannot import {module_name!r}: {e}") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(file, key, f"{module_name!r} has no {attr!r}") from None
+
+
+def config_values(spec: ModelSpec, config: str) -> tuple[dict[str, Any], Path, str]:
+    """The config's values, the file they came from, and the key prefix inside that file.
+
+    `config` names a table under [models.NAME.configs] or is the path of a config.json.
+    """
+    if config in spec.configs:
+        return dict(spec.configs[config]), spec.source, f"models.{spec.name}.configs.{config}."
+    path = Path(config)
+    if path.suffix == ".json":
+        try:
+            return json.loads(path.read_text()), path, ""
+        except FileNotFoundError:
+            raise ConfigError(path, "", "no such config file") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(path, "", f"not valid JSON: {e}") from None
+    known = ", ".join(sorted(spec.configs))
+    raise ConfigError(spec.source, f"models.{spec.name}.configs.{config}",
+                      f"unknown config (known: {known}; or pass a config.json path)")
+
+
+# Bookkeeping keys a saved config.json carries that are not model fields.
+_CONFIG_JSON_EXTRAS = ("architectures", "model_type", "transformers_version", "torch_dtype", "dtype")
+
+
+def reference_config(spec: ModelSpec, config: str) -> Any:
+    """The transformers config object. Keys the config class does not define are refused:
+    transformers would keep them silently as attributes that nothing reads."""
+    values, file, prefix = config_values(spec, config)
+    cls = import_object(spec.reference_config_class, spec.source, f"models.{spec.name}.reference.config_class")
+    defaults = cls()
+    for key in values:
+        if not hasattr(defaults, key) and key not in _CONFIG_JSON_EXTRAS:
+            raise ConfigError(file, prefix + key, f"{cls.__name__} has no such field")
+    kwargs = {k: v for k, v in values.items() if k not in _CONFIG_JSON_EXTRAS}
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    return cls(**kwargs)
+
+
+def build_reference(spec: ModelSpec, cfg: Any, checkpoint: Path | None = None) -> Any:
+    """The torch reference in eval mode, with seeded random weights or a checkpoint's."""
+    import torch
+
+    cls = import_object(spec.reference_class, spec.source, f"models.{spec.name}.reference.class")
+    torch.manual_seed(spec.init.seed)
+    model = cls(cfg).eval()
+    if checkpoint is not None:
+        from align.checkpoint import load_safetensors
+
+        state = {k: torch.from_numpy(v) for k, v in load_safetensors(checkpoint).items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = set(getattr(model, "_tied_weights_keys", None) or {})
+        missing = [k for k in missing if k not in tied]
+        if missing or unexpected:
+            raise ConfigError(checkpoint, "", f"does not fit {cls.__name__}: missing {sorted(missing)[:5]}, "
+                                              f"unexpected {sorted(unexpected)[:5]}")
+        return model
+    # Every parameter drawn from N(0, std), norms included, in name order: the same seed
+    # gives the same weights on every machine, and every weight matters to the output.
+    gen = torch.Generator().manual_seed(spec.init.seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * spec.init.std)
+    return model
+
+
+def build_port(spec: ModelSpec, cfg: Any) -> Any:
+    """The Paddle port in eval mode, built from the same config values as the reference."""
+    import paddle
+
+    cls = import_object(spec.port_class, spec.source, f"models.{spec.name}.port.class")
+    cfg_cls = import_object(spec.port_config_class, spec.source, f"models.{spec.name}.port.config_class")
+    paddle.seed(spec.init.seed)
+    model = cls(cfg_cls.from_dict(cfg.to_dict()))
+    model.eval()
+    return model
+
+
+def make_inputs(spec: ModelSpec, cfg: Any) -> dict[str, Arr]:
+    """Seeded token ids, the padding mask and causal-LM labels, framework-free."""
+    r = spec.inputs
+    rng = np.random.default_rng(r.seed)
+    pad = getattr(cfg, "pad_token_id", None) or 0
+    ids = rng.integers(0, cfg.vocab_size, size=(r.batch, r.seq_len), dtype=np.int64)
+    mask = np.ones((r.batch, r.seq_len), dtype=np.int64)
+    for b, n in enumerate(r.left_pad):
+        ids[b, :n] = pad
+        mask[b, :n] = 0
+    inputs = {"input_ids": Arr(ids, "int64"), "attention_mask": Arr(mask, "int64")}
+    if r.labels == "causal_lm":
+        inputs["labels"] = Arr(np.where(mask == 1, ids, IGNORE_INDEX).astype(np.int64), "int64")
+    return inputs

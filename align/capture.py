@@ -1,0 +1,224 @@
+"""Record every module call of one model: inputs, outputs, output gradients, parameter grads.
+
+Hooks live only inside `recording(...)`, a context manager that removes them in `finally`.
+Torch and Paddle meet only here and in replay, through a small adapter (`align.torch_side`,
+`align.paddle_side`); everything a Trace holds is numpy.
+
+Each module's outputs pass through an exact identity at the module boundary, and the
+gradient is recorded on that identity. The recorded gradient is therefore the EXTERNAL one,
+what flows into the module from the rest of the network, even when one output is computed
+from another inside the module (attention's output from its weights, the loss from the
+logits). Replaying a module with these gradients gives its own backward, nothing counted twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+ROOT = "<root>"
+
+
+class Opaque:
+    """A non-tensor, non-plain input (a cache object, a config): recorded by type only."""
+
+    def __init__(self, type_name: str):
+        self.type_name = type_name
+
+    def __repr__(self) -> str:
+        return f"<{self.type_name}>"
+
+
+@dataclass(frozen=True)
+class Arr:
+    """A recorded tensor: numpy data plus the framework dtype it came from (bf16 is stored as fp32)."""
+
+    data: np.ndarray
+    dtype: str
+    requires_grad: bool = False
+
+
+class Framework(Protocol):
+    name: str
+
+    def is_tensor(self, x: Any) -> bool: ...
+    def record(self, t: Any) -> Arr: ...
+    def needs_grad(self, t: Any) -> bool: ...
+    def identity(self, t: Any) -> Any: ...
+    def on_grad(self, t: Any, fn: Any) -> None: ...
+    def modules(self, root: Any) -> Iterator[tuple[str, Any]]: ...
+    def pre_hook(self, module: Any, fn: Any) -> Any: ...
+    def post_hook(self, module: Any, fn: Any) -> Any: ...
+    def parameters(self, root: Any) -> dict[str, Any]: ...
+    def grad(self, param: Any) -> np.ndarray | None: ...
+    def backward(self, loss: Any) -> None: ...
+    def tensor(self, arr: Arr, requires_grad: bool) -> Any: ...
+
+
+@dataclass
+class Call:
+    """One call of one module."""
+
+    name: str  # module path (ROOT for the model itself), "#n" appended for the n-th repeated call
+    module: str  # module path
+    type: str  # class name
+    start: int  # position among forward starts
+    end: int = -1  # position among forward completions
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    outputs: dict[str, Arr] = field(default_factory=dict)
+    grads: dict[str, np.ndarray] = field(default_factory=dict)  # external d(loss)/d(output)
+
+
+@dataclass
+class Trace:
+    """Everything recorded from one model run."""
+
+    framework: str
+    calls: dict[str, Call]  # in order of forward completion
+    param_grads: dict[str, np.ndarray]
+    params_dtype: dict[str, str]
+    outputs: dict[str, Arr]  # the model's own outputs (logits, loss, ...)
+
+    def completion_order(self) -> list[str]:
+        return sorted(self.calls, key=lambda n: self.calls[n].end)
+
+    def start_order(self) -> list[str]:
+        return sorted(self.calls, key=lambda n: self.calls[n].start)
+
+
+def flatten(obj: Any, fw: Framework, prefix: str = "") -> list[tuple[str, Any]]:
+    """(path, leaf) pairs of a nested output or input structure; None leaves are dropped."""
+    join = (lambda k: f"{prefix}.{k}") if prefix else str
+    if fw.is_tensor(obj):
+        return [(prefix or "out", obj)]
+    if obj is None:
+        return []
+    if isinstance(obj, Mapping):
+        return [p for k, v in obj.items() for p in flatten(v, fw, join(k))]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [p for f in dataclasses.fields(obj) for p in flatten(getattr(obj, f.name), fw, join(f.name))]
+    if isinstance(obj, (tuple, list)):
+        return [p for i, v in enumerate(obj) for p in flatten(v, fw, join(i))]
+    return [(prefix or "out", obj)]
+
+
+def map_tensors(obj: Any, fw: Framework, fn: Any) -> Any:
+    """The same structure with every tensor replaced by fn(tensor). Mappings and dataclasses
+    are updated in place: they are fresh module outputs that nobody else holds yet."""
+    if fw.is_tensor(obj):
+        return fn(obj)
+    if isinstance(obj, Mapping) and hasattr(obj, "__setitem__"):
+        for k in list(obj.keys()):
+            if obj[k] is not None:
+                obj[k] = map_tensors(obj[k], fw, fn)
+        return obj
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            setattr(obj, f.name, map_tensors(getattr(obj, f.name), fw, fn))
+        return obj
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(map_tensors(v, fw, fn) for v in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(map_tensors(v, fw, fn) for v in obj)
+    return obj
+
+
+def _snapshot(obj: Any, fw: Framework) -> Any:
+    """A framework-free copy of an input structure: tensors -> Arr, plain values kept."""
+    if fw.is_tensor(obj):
+        return fw.record(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, Mapping):
+        return {k: _snapshot(v, fw) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        items = [_snapshot(v, fw) for v in obj]
+        return items if isinstance(obj, list) else tuple(items)
+    return Opaque(type(obj).__name__)
+
+
+@contextmanager
+def recording(fw: Framework, model: Any, keep_inputs: bool) -> Iterator[dict[str, Call]]:
+    """Hook every module of `model`; yields the dict of calls that fills as the model runs."""
+    calls: dict[str, Call] = {}
+    open_calls: dict[int, list[Call]] = {}
+    counts: dict[str, int] = {}
+    handles = []
+    clock = {"start": 0, "end": 0}
+
+    def pre(path: str, type_name: str):
+        def hook(module, args, kwargs):
+            counts[path] = counts.get(path, 0) + 1
+            name = path if counts[path] == 1 else f"{path}#{counts[path]}"
+            call = Call(name, path, type_name, clock["start"])
+            clock["start"] += 1
+            if keep_inputs:
+                call.args, call.kwargs = _snapshot(tuple(args), fw), _snapshot(dict(kwargs), fw)
+            open_calls.setdefault(id(module), []).append(call)
+
+        return hook
+
+    def post(module, args, output):
+        call = open_calls[id(module)].pop()
+        call.end = clock["end"]
+        clock["end"] += 1
+        calls[call.name] = call
+        for path, t in flatten(output, fw):
+            if fw.is_tensor(t):
+                call.outputs[path] = fw.record(t)
+
+        paths = iter(p for p, t in flatten(output, fw) if fw.is_tensor(t))
+
+        def wrap(t):
+            path = next(paths)
+            if not fw.needs_grad(t):
+                return t
+            out = fw.identity(t)
+            fw.on_grad(out, lambda g, path=path: call.grads.__setitem__(path, g))
+            return out
+
+        return map_tensors(output, fw, wrap)
+
+    try:
+        for path, module in fw.modules(model):
+            path = path or ROOT
+            handles.append(fw.pre_hook(module, pre(path, type(module).__name__)))
+            handles.append(fw.post_hook(module, post))
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_and_record(fw: Framework, model: Any, inputs: dict[str, Any], seed_fn: Any, keep_inputs: bool) -> Trace:
+    """Run forward and backward once under hooks; return the Trace.
+
+    `seed_fn(outputs) -> scalar` picks what to differentiate (the loss, when there is one).
+    """
+    with recording(fw, model, keep_inputs) as calls:
+        output = model(**inputs)
+        fw.backward(seed_fn(output))
+    params = fw.parameters(model)
+    root = calls[ROOT]
+    return Trace(
+        framework=fw.name,
+        calls={n: calls[n] for n in sorted(calls, key=lambda n: calls[n].end)},
+        param_grads={k: g for k, p in params.items() if (g := fw.grad(p)) is not None},
+        params_dtype={k: fw.record(p).dtype for k, p in params.items()},
+        outputs=dict(root.outputs),
+    )
+
+
+def accepted_kwargs(forward: Any) -> set[str] | None:
+    """Keyword names a forward accepts; None if it takes **kwargs (accepts anything)."""
+    params = inspect.signature(forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}

@@ -1,0 +1,85 @@
+"""The Paddle adapter used by capture and replay (the port side)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import paddle
+
+from align.capture import ROOT, Arr, accepted_kwargs
+
+_DTYPES = {paddle.float32: "float32", paddle.bfloat16: "bfloat16", paddle.float16: "float16",
+           paddle.float64: "float64", paddle.int64: "int64", paddle.int32: "int32", paddle.bool: "bool"}
+
+
+class PaddleSide:
+    name = "paddle"
+
+    def is_tensor(self, x: Any) -> bool:
+        return isinstance(x, paddle.Tensor)
+
+    def record(self, t: paddle.Tensor) -> Arr:
+        dtype = _DTYPES.get(t.dtype, str(t.dtype).removeprefix("paddle."))
+        data = t.detach()
+        if data.dtype in (paddle.bfloat16, paddle.float16):
+            data = data.astype("float32")  # numpy has no bf16; fp32 holds every bf16 value exactly
+        return Arr(np.array(data.numpy(), copy=True), dtype, not t.stop_gradient)
+
+    def needs_grad(self, t: paddle.Tensor) -> bool:
+        return not t.stop_gradient
+
+    def identity(self, t: paddle.Tensor) -> paddle.Tensor:
+        return paddle.assign(t)
+
+    def on_grad(self, t: paddle.Tensor, fn) -> None:
+        def hook(g):
+            fn(self.record(g).data)  # must return None: paddle crashes on any other non-tensor
+
+        t.register_hook(hook)
+
+    def modules(self, root: paddle.nn.Layer) -> Iterator[tuple[str, paddle.nn.Layer]]:
+        return iter(root.named_sublayers(include_self=True))
+
+    def submodule(self, root: paddle.nn.Layer, path: str) -> paddle.nn.Layer:
+        if path == ROOT:
+            return root
+        return dict(root.named_sublayers())[path]
+
+    def pre_hook(self, module, fn):
+        return module.register_forward_pre_hook(fn, with_kwargs=True)
+
+    def post_hook(self, module, fn):
+        return module.register_forward_post_hook(fn)
+
+    def parameters(self, root: paddle.nn.Layer) -> dict[str, paddle.Tensor]:
+        return dict(root.named_parameters())
+
+    def direct_parameters(self, module: paddle.nn.Layer) -> dict[str, paddle.Tensor]:
+        return dict(module.named_parameters(include_sublayers=False))
+
+    def grad(self, param: paddle.Tensor) -> np.ndarray | None:
+        return None if param.grad is None else self.record(param.grad).data
+
+    def backward(self, loss: paddle.Tensor) -> None:
+        loss.backward()
+
+    def tensor(self, arr: Arr, requires_grad: bool) -> paddle.Tensor:
+        t = paddle.to_tensor(np.array(arr.data)).astype(arr.dtype)
+        t.stop_gradient = not requires_grad
+        return t
+
+    def is_float(self, t: paddle.Tensor) -> bool:
+        return t.is_floating_point()
+
+    def accepted_kwargs(self, module: paddle.nn.Layer) -> set[str] | None:
+        return accepted_kwargs(module.forward)
+
+    def vjp(self, outputs: list, seeds: list[np.ndarray], inputs: list) -> list[np.ndarray | None]:
+        seeds_t = [paddle.to_tensor(np.array(s)).astype(o.dtype) for o, s in zip(outputs, seeds)]
+        grads = paddle.grad(outputs, inputs, seeds_t, allow_unused=True)
+        return [None if g is None else self.record(g).data for g in grads]
+
+    def set_seed(self, seed: int) -> None:
+        paddle.seed(seed)

@@ -1,0 +1,305 @@
+"""The orchestrator: spec -> build -> weights -> capture -> pair -> compare -> Report.
+
+Each step is one call into the module that owns it; this file only joins them.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from align import weights as W
+from align.capture import ROOT, Trace, flatten, run_and_record
+from align.compare import (
+    FREE_RUNNING,
+    TEACHER_FORCED,
+    LayerResult,
+    RunResult,
+    TensorResult,
+    Tolerances,
+    compare_named,
+    first_divergence,
+)
+from align.metrics import combine, compare_arrays, missing
+from align.pair import Pairing, pair_calls
+from align.replay import Unreplayable, run_local
+from align.spec import ConfigError, ModelSpec
+
+SCHEMA_VERSION = 1
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything report.json holds; renderers read the JSON, never this object."""
+
+    model: str
+    config: str
+    port: str
+    runs: tuple[RunResult, ...]
+    outputs: tuple[TensorResult, ...]
+    param_grads: tuple[TensorResult, ...]
+    weights: W.WeightMap
+    unpaired: tuple
+    env: dict[str, Any]
+    command: str
+    created: str
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def verdict(self) -> str:
+        ran = [r for r in self.runs if r.status == "ran"]
+        if not ran:
+            return "error"
+        gated = [r for r in ran if r.gated]
+        ok = (
+            all(r.passed for r in gated)
+            and bool(self.outputs) and all(o.passed for o in self.outputs)
+            and bool(self.param_grads) and all(p.passed for p in self.param_grads)
+            and not self.unpaired
+            and self.weights.all_exact
+        )
+        return "pass" if ok else "fail"
+
+    def first_divergence(self) -> dict:
+        """The gated run's first divergence (the first gated run that has one)."""
+        for r in self.runs:
+            if r.gated and r.status == "ran" and (r.first_divergence.forward or r.first_divergence.backward):
+                return {"dtype": r.dtype, "mode": r.mode, **r.first_divergence.to_dict()}
+        return {"dtype": None, "mode": None, "forward": None, "backward": None}
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "verdict": self.verdict,
+            "model": self.model,
+            "config": self.config,
+            "port": self.port,
+            "created": self.created,
+            "command": self.command,
+            "first_divergence": self.first_divergence(),
+            "runs": [r.to_dict() for r in self.runs],
+            "outputs": [o.to_dict() for o in self.outputs],
+            "param_grads": [p.to_dict() for p in self.param_grads],
+            "weights": [e.to_dict() for e in self.weights.entries],
+            "unpaired": [u.to_dict() for u in self.unpaired],
+            "warnings": list(self.warnings),
+            "env": self.env,
+        }
+
+
+def bf16_support() -> str | None:
+    """None if the port backend can run bf16 matmuls, else why not (Paddle CPU cannot)."""
+    import paddle
+
+    try:
+        a = paddle.ones([2, 2], dtype="bfloat16")
+        paddle.matmul(a, a)
+    except Exception as e:  # paddle raises its own NotFoundError family
+        first = str(e).strip().splitlines()[0][:200]
+        return f"Paddle {paddle.__version__} on {paddle.device.get_device()} has no bfloat16 kernels: {first}"
+    return None
+
+
+def environment(seed_init: int, seed_inputs: int) -> dict[str, Any]:
+    import paddle
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "paddle": paddle.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "device": {"torch": "cpu", "paddle": paddle.device.get_device()},
+        "threads": {"torch": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
+        "seeds": {"init": seed_init, "inputs": seed_inputs},
+    }
+
+
+def _seed(fw) -> Callable[[Any], Any]:
+    """What backward differentiates: the model's loss. A model without one is refused
+    rather than differentiated through an arbitrary stand-in."""
+
+    def pick(output):
+        leaves = dict(flatten(output, fw))
+        if "loss" not in leaves or leaves["loss"] is None:
+            raise ConfigError("align.toml", "inputs.labels", "the model returned no loss; set labels = \"causal_lm\"")
+        return leaves["loss"]
+
+    return pick
+
+
+def align_model(spec: ModelSpec, config: str = "tiny", dtypes: tuple[str, ...] | None = None,
+                checkpoint: Path | None = None, progress: Progress = lambda s: None,
+                command: str = "") -> Report:
+    """Align one model: every step from the spec to a Report (nothing is written here)."""
+    from align import build
+    from align.paddle_side import PaddleSide
+    from align.torch_side import TorchSide
+
+    ts, ps = TorchSide(), PaddleSide()
+    rules = W.load_rules(spec.weights_file)
+    cfg = build.reference_config(spec, config)
+
+    progress("building the reference and the port")
+    ref = build.build_reference(spec, cfg, checkpoint)
+    port = build.build_port(spec, cfg)
+
+    progress("mapping weights")
+    source = {k: ts.record(v).data for k, v in ref.state_dict().items()}
+    port_state = port.state_dict()
+    owners = dict(port.named_sublayers(include_self=True))
+    wmap = W.plan(rules, source, W.describe_slots(port_state, owners))
+    for key, arr in W.convert(wmap, source).items():
+        port_state[key].set_value(arr)
+    wmap = W.verify(wmap, source, lambda k: ps.record(port_state[k]).data)
+
+    inputs = build.make_inputs(spec, cfg)
+    tolerances = Tolerances(spec.tolerance, spec.overrides)
+    runs: list[RunResult] = []
+    outputs: tuple[TensorResult, ...] = ()
+    param_grads: tuple[TensorResult, ...] = ()
+    unpaired: tuple = ()
+    warnings: list[str] = []
+    for dtype in dtypes or spec.dtypes:
+        if dtype == "bfloat16":
+            reason = bf16_support()
+            if reason:
+                for mode in (TEACHER_FORCED, FREE_RUNNING):
+                    runs.append(RunResult(dtype, mode, spec.tolerance, spec.bf16.describe(),
+                                          status="not_run", reason=reason))
+                warnings.append(f"bfloat16 was NOT run: {reason}")
+                continue
+            raise NotImplementedError("bfloat16 on a backend with bf16 kernels is not implemented yet")
+
+        progress(f"{dtype}: running the reference with hooks")
+        ref_trace = run_and_record(ts, ref, {k: ts.tensor(a, False) for k, a in inputs.items()}, _seed(ts),
+                                   keep_inputs=True)
+        progress(f"{dtype}: running the port with hooks")
+        port_trace = run_and_record(ps, port, {k: ps.tensor(a, False) for k, a in inputs.items()}, _seed(ps),
+                                    keep_inputs=False)
+
+        pairing = pair_calls(
+            [(n, c.module) for n, c in ref_trace.calls.items()],
+            {ROOT} | {n for n, _ in port.named_sublayers()},
+            rules.rename,
+            [(n, c.module) for n, c in port_trace.calls.items()],
+        )
+        unpaired = pairing.unpaired
+        names = [p.ref for p in pairing.pairs] + list(ref_trace.param_grads)
+        bad_globs = tolerances.unmatched(names)
+        if bad_globs:
+            raise ConfigError(spec.source, f"models.{spec.name}.tolerance.overrides",
+                              f"glob {bad_globs[0]!r} matches no module or parameter")
+
+        progress(f"{dtype}: teacher-forced replay of {len(pairing.pairs)} modules")
+        tf_layers = _teacher_forced(ts, ps, ref, port, ref_trace, pairing, wmap, tolerances)
+        fr_layers = _free_running(ref_trace, port_trace, pairing, tolerances)
+        fwd_order = ref_trace.completion_order()
+        bwd_order = ref_trace.start_order()[::-1]
+        for mode, layers in ((TEACHER_FORCED, tf_layers), (FREE_RUNNING, fr_layers)):
+            runs.append(RunResult(dtype, mode, spec.tolerance, spec.tolerance.describe(), tuple(layers),
+                                  first_divergence(tuple(layers), fwd_order, bwd_order),
+                                  gated=mode == TEACHER_FORCED))
+        outputs = tuple(
+            TensorResult(k, compare_arrays(port_trace.outputs[k].data, a.data, tolerances.for_name(k), k)
+                         if k in port_trace.outputs else missing(f"the port returned no {k!r}", k),
+                         tolerances.for_name(k))
+            for k, a in ref_trace.outputs.items()
+        )
+        param_grads = _param_grads(ref_trace, port_trace, wmap, tolerances)
+
+    return Report(
+        model=spec.name, config=config, port="hand", runs=tuple(runs), outputs=outputs,
+        param_grads=param_grads, weights=wmap, unpaired=unpaired,
+        env=environment(spec.init.seed, spec.inputs.seed), command=command or f"align run {spec.name}",
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), warnings=tuple(warnings),
+    )
+
+
+def _qualified(module: str, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Direct-parameter names ("weight") -> full keys ("model.norm.weight")."""
+    return {(k if module == ROOT else f"{module}.{k}"): g for k, g in grads.items()}
+
+
+def _as_reference(port_grads: dict[str, np.ndarray], wmap: W.WeightMap) -> dict[str, np.ndarray]:
+    """Port parameter grads renamed and laid out as the reference's (a transposed Linear
+    weight's grad is transposed back). A port-only parameter keeps its name, marked."""
+    out = {}
+    for key, g in port_grads.items():
+        try:
+            ref_key, g_ref = wmap.to_reference(key, g)
+        except KeyError:
+            ref_key, g_ref = f"{key} (port only)", g
+        out[ref_key] = g_ref
+    return out
+
+
+def _teacher_forced(ts, ps, ref, port, ref_trace: Trace, pairing: Pairing, wmap: W.WeightMap,
+                    tolerances: Tolerances) -> list[LayerResult]:
+    layers = []
+    for p in pairing.pairs:
+        call = ref_trace.calls[p.ref]
+        tol = tolerances.for_name(p.ref)
+        ref_local = run_local(ts, ref, p.ref_module, call, filter_kwargs=False)
+        try:
+            port_local = run_local(ps, port, p.port_module, call, filter_kwargs=True)
+        except Unreplayable as e:
+            layers.append(LayerResult(p.ref, p.port, call.type, missing(f"could not replay: {e}"), None, tol))
+            continue
+        forward = compare_named({k: a.data for k, a in port_local.outputs.items()},
+                                {k: a.data for k, a in call.outputs.items()}, tol, "output")
+        ref_grads = {**ref_local.input_grads, **_qualified(p.ref_module, ref_local.param_grads)}
+        port_grads = {**port_local.input_grads,
+                      **_as_reference(_qualified(p.port_module, port_local.param_grads), wmap)}
+        backward = compare_named(port_grads, ref_grads, tol, "grad")
+        if port_local.ungradded:
+            cut = missing(f"no gradient flows from the port's output(s) {', '.join(port_local.ungradded)} "
+                          f"(detached or non-differentiable), while the reference's do", "grad")
+            backward = combine([cut] if backward is None else [backward, cut])
+        layers.append(LayerResult(p.ref, p.port, call.type,
+                                  forward or missing("the module returned no tensor"), backward, tol,
+                                  port_local.ignored))
+    return layers
+
+
+def _free_running(ref_trace: Trace, port_trace: Trace, pairing: Pairing, tolerances: Tolerances) -> list[LayerResult]:
+    layers = []
+    for p in pairing.pairs:
+        call = ref_trace.calls[p.ref]
+        tol = tolerances.for_name(p.ref)
+        port_call = port_trace.calls.get(p.port)
+        if port_call is None:
+            layers.append(LayerResult(p.ref, p.port, call.type, missing("the port never called this module"), None, tol))
+            continue
+        forward = compare_named({k: a.data for k, a in port_call.outputs.items()},
+                                {k: a.data for k, a in call.outputs.items()}, tol, "output")
+        backward = compare_named(port_call.grads, call.grads, tol, "grad of output")
+        layers.append(LayerResult(p.ref, p.port, call.type, forward or missing("the module returned no tensor"),
+                                  backward, tol))
+    return layers
+
+
+def _param_grads(ref_trace: Trace, port_trace: Trace, wmap: W.WeightMap, tolerances: Tolerances) -> tuple[TensorResult, ...]:
+    port = _as_reference(port_trace.param_grads, wmap)
+    results = []
+    for key, g in ref_trace.param_grads.items():
+        tol = tolerances.for_name(key)
+        m = compare_arrays(port[key], g, tol, key) if key in port else missing("the port parameter got no gradient", key)
+        results.append(TensorResult(key, m, tol))
+    for key in port:
+        if key not in ref_trace.param_grads:
+            results.append(TensorResult(key, missing("the reference parameter got no gradient", key),
+                                        tolerances.for_name(key)))
+    return tuple(results)
+

@@ -1,0 +1,297 @@
+"""align.toml -> frozen ModelSpec.
+
+This module never imports torch or paddle: a registry typo must be reported in
+milliseconds, with the file and the dotted key, before any framework loads.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DTYPES = ("float32", "bfloat16")
+LABEL_RECIPES = ("causal_lm", "none")
+
+
+class ConfigError(Exception):
+    """A mistake in align.toml or a rules file: names the file and the dotted key."""
+
+    def __init__(self, file: Path | str, key: str, message: str):
+        self.file, self.key, self.message = str(file), key, message
+        super().__init__(f"{self.file}: {key}: {message}" if key else f"{self.file}: {message}")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Elementwise allowance |port - ref| <= atol + rtol * |ref|."""
+
+    atol: float
+    rtol: float
+
+    def describe(self) -> str:
+        return f"|port - ref| <= {self.atol:g} + {self.rtol:g} * |ref| elementwise; NaN/Inf never pass"
+
+
+@dataclass(frozen=True)
+class Bf16Policy:
+    """The port's bf16 error vs fp32 ref may not exceed max(factor * ref's own bf16 error, floor)."""
+
+    factor: float
+    floor: float
+
+    def describe(self) -> str:
+        return (
+            f"port bf16 error vs fp32 reference <= max({self.factor:g} x the reference's own "
+            f"bf16 error, {self.floor:g}) elementwise-max; NaN/Inf never pass"
+        )
+
+
+@dataclass(frozen=True)
+class Override:
+    """A per-module tolerance, addressed by glob over reference module names."""
+
+    glob: str
+    tolerance: Tolerance
+
+
+@dataclass(frozen=True)
+class InitRecipe:
+    seed: int
+    std: float
+
+
+@dataclass(frozen=True)
+class InputsRecipe:
+    seed: int
+    batch: int
+    seq_len: int
+    left_pad: tuple[int, ...]
+    labels: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    description: str
+    ci: bool
+    source: Path  # the align.toml this came from
+    weights_file: Path
+    reference_class: str  # "module:attr"
+    reference_config_class: str
+    attn_implementation: str | None
+    port_class: str
+    port_config_class: str
+    init: InitRecipe
+    inputs: InputsRecipe
+    configs: dict[str, dict[str, Any]]
+    dtypes: tuple[str, ...]
+    tolerance: Tolerance
+    bf16: Bf16Policy
+    overrides: tuple[Override, ...] = field(default=())
+
+    @property
+    def root(self) -> Path:
+        return self.source.parent
+
+
+@dataclass(frozen=True)
+class Registry:
+    source: Path
+    models: dict[str, ModelSpec]
+
+    def get(self, name: str) -> ModelSpec:
+        if name not in self.models:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise ConfigError(self.source, f"models.{name}", f"unknown model (known: {known})")
+        return self.models[name]
+
+
+class _Table:
+    """One TOML table with its dotted path; every read is type-checked and remembered,
+    so that whatever was not read can be reported as an unknown key."""
+
+    def __init__(self, file: Path, path: str, data: Any):
+        if not isinstance(data, dict):
+            raise ConfigError(file, path, f"expected a table, got {_type_name(data)}")
+        self.file, self.path, self.data, self.read = file, path, data, set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        self.read.add(name)
+        if name not in self.data:
+            if default is ...:
+                raise ConfigError(self.file, self.key(name), "missing key")
+            return default
+        value = self.data[name]
+        if not _is(value, kind):
+            raise ConfigError(
+                self.file, self.key(name), f"expected {_kind_name(kind)}, got {_type_name(value)} {value!r}"
+            )
+        return float(value) if kind is float else value
+
+    def table(self, name: str, default: Any = ...) -> _Table:
+        self.read.add(name)
+        if name not in self.data:
+            if default is ...:
+                raise ConfigError(self.file, self.key(name), "missing table")
+            return _Table(self.file, self.key(name), default)
+        return _Table(self.file, self.key(name), self.data[name])
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.read)
+        if unknown:
+            expected = ", ".join(sorted(self.read))
+            raise ConfigError(self.file, self.key(unknown[0]), f"unknown key (expected one of: {expected})")
+
+
+def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool):  # TOML booleans are not numbers
+        return bool in kinds
+    if float in kinds and isinstance(value, int):
+        return True
+    return isinstance(value, kinds)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join({"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
+                        "list": "an array", "dict": "a table"}[k.__name__] for k in kinds)
+
+
+def _type_name(value: Any) -> str:
+    return _kind_name(type(value)) if type(value) in (str, int, float, bool, list, dict) else type(value).__name__
+
+
+def _tolerance(t: _Table) -> Tolerance:
+    atol, rtol = t.get("atol", float), t.get("rtol", float)
+    for k, v in (("atol", atol), ("rtol", rtol)):
+        if not v >= 0:
+            raise ConfigError(t.file, t.key(k), f"must be >= 0, got {v!r}")
+    t.done()
+    return Tolerance(atol, rtol)
+
+
+def _bf16(t: _Table) -> Bf16Policy:
+    policy = Bf16Policy(t.get("factor", float), t.get("floor", float))
+    t.done()
+    return policy
+
+
+def _class_ref(t: _Table, name: str) -> str:
+    value = t.get(name, str)
+    if value.count(":") != 1 or not all(value.split(":")):
+        raise ConfigError(t.file, t.key(name), f"expected 'module:Class', got {value!r}")
+    return value
+
+
+def _dtypes(t: _Table, default: tuple[str, ...]) -> tuple[str, ...]:
+    values = t.get("dtypes", list, list(default))
+    for v in values:
+        if v not in DTYPES:
+            raise ConfigError(t.file, t.key("dtypes"), f"unknown dtype {v!r} (known: {', '.join(DTYPES)})")
+    if not values:
+        raise ConfigError(t.file, t.key("dtypes"), "empty: name at least one dtype")
+    return tuple(values)
+
+
+def _model(file: Path, name: str, t: _Table, defaults: dict[str, Any]) -> ModelSpec:
+    ref, port = t.table("reference"), t.table("port")
+    init, inputs = t.table("init"), t.table("inputs")
+    spec_init = InitRecipe(seed=init.get("seed", int), std=init.get("std", float))
+    left_pad = inputs.get("left_pad", list, [])
+    batch = inputs.get("batch", int)
+    seq_len = inputs.get("seq_len", int)
+    if left_pad and (len(left_pad) != batch or not all(isinstance(p, int) and 0 <= p < seq_len for p in left_pad)):
+        raise ConfigError(file, inputs.key("left_pad"),
+                          f"expected {batch} integers in [0, {seq_len}) (one per sample), got {left_pad!r}")
+    labels = inputs.get("labels", str, "none")
+    if labels not in LABEL_RECIPES:
+        raise ConfigError(file, inputs.key("labels"), f"unknown recipe {labels!r} (known: {', '.join(LABEL_RECIPES)})")
+    spec_inputs = InputsRecipe(seed=inputs.get("seed", int), batch=batch, seq_len=seq_len,
+                               left_pad=tuple(left_pad), labels=labels)
+    configs_t = t.table("configs")
+    configs = {}
+    for cname in configs_t.data:
+        configs[cname] = dict(configs_t.table(cname).data)
+    configs_t.done()
+    if not configs:
+        raise ConfigError(file, configs_t.path, "no configs: add at least [models.NAME.configs.tiny]")
+
+    tol_t = t.table("tolerance", {})
+    tolerance = _tolerance(tol_t.table("float32")) if "float32" in tol_t.data else defaults["float32"]
+    bf16 = _bf16(tol_t.table("bfloat16")) if "bfloat16" in tol_t.data else defaults["bfloat16"]
+    overrides = []
+    for i, o in enumerate(tol_t.get("overrides", list, [])):
+        o_t = _Table(file, f"{tol_t.key('overrides')}[{i}]", o)
+        glob = o_t.get("glob", str)
+        overrides.append(Override(glob, _tolerance(_Table(file, o_t.path, {k: v for k, v in o.items() if k != "glob"}))))
+    tol_t.done()
+
+    weights = t.get("weights", str)
+    weights_file = (file.parent / weights).resolve()
+    if not weights_file.is_file():
+        raise ConfigError(file, t.key("weights"), f"no such file: {weights}")
+
+    spec = ModelSpec(
+        name=name,
+        description=t.get("description", str, ""),
+        ci=t.get("ci", bool, False),
+        source=file,
+        weights_file=weights_file,
+        reference_class=_class_ref(ref, "class"),
+        reference_config_class=_class_ref(ref, "config_class"),
+        attn_implementation=ref.get("attn_implementation", str, None),
+        port_class=_class_ref(port, "class"),
+        port_config_class=_class_ref(port, "config_class"),
+        init=spec_init,
+        inputs=spec_inputs,
+        configs=configs,
+        dtypes=_dtypes(t, defaults["dtypes"]),
+        tolerance=tolerance,
+        bf16=bf16,
+        overrides=tuple(overrides),
+    )
+    for sub in (ref, port, init, inputs):
+        sub.done()
+    t.done()
+    return spec
+
+
+def load_registry(path: Path | str) -> Registry:
+    """Parse and validate align.toml. Raises ConfigError naming the file and key."""
+    file = Path(path).resolve()
+    try:
+        data = tomllib.loads(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(file, "", "no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(file, "", f"not valid TOML: {e}") from None
+    top = _Table(file, "", data)
+    d = top.table("defaults")
+    d_tol = d.table("tolerance")
+    defaults = {
+        "dtypes": _dtypes(d, DTYPES),
+        "float32": _tolerance(d_tol.table("float32")),
+        "bfloat16": _bf16(d_tol.table("bfloat16")),
+    }
+    d_tol.done()
+    d.done()
+    models_t = top.table("models")
+    models = {name: _model(file, name, models_t.table(name), defaults) for name in models_t.data}
+    models_t.done()
+    top.done()
+    return Registry(file, models)
+
+
+def find_registry(start: Path | None = None) -> Path:
+    """The nearest align.toml at or above `start` (default: the working directory)."""
+    here = (start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / "align.toml").is_file():
+            return d / "align.toml"
+    raise ConfigError(here / "align.toml", "", "no align.toml here or in any parent directory")

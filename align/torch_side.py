@@ -1,0 +1,84 @@
+"""The torch adapter used by capture and replay (the reference side)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from align.capture import ROOT, Arr, accepted_kwargs
+
+_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
+           torch.float64: "float64", torch.int64: "int64", torch.int32: "int32", torch.bool: "bool"}
+_BY_NAME = {v: k for k, v in _DTYPES.items()}
+
+
+class TorchSide:
+    name = "torch"
+
+    def is_tensor(self, x: Any) -> bool:
+        return isinstance(x, torch.Tensor)
+
+    def record(self, t: torch.Tensor) -> Arr:
+        dtype = _DTYPES.get(t.dtype, str(t.dtype).removeprefix("torch."))
+        t = t.detach()
+        if t.dtype in (torch.bfloat16, torch.float16):
+            t = t.float()  # numpy has no bf16; fp32 holds every bf16 value exactly
+        return Arr(t.cpu().numpy().copy(), dtype, bool(t.requires_grad))
+
+    def needs_grad(self, t: torch.Tensor) -> bool:
+        return bool(t.requires_grad)
+
+    def identity(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view_as(t)
+
+    def on_grad(self, t: torch.Tensor, fn) -> None:
+        def hook(g):
+            fn(self.record(g).data)  # returns None: the gradient passes on unchanged
+
+        t.register_hook(hook)
+
+    def modules(self, root: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+        return iter(root.named_modules())
+
+    def submodule(self, root: torch.nn.Module, path: str) -> torch.nn.Module:
+        return root if path == ROOT else root.get_submodule(path)
+
+    def pre_hook(self, module, fn):
+        return module.register_forward_pre_hook(fn, with_kwargs=True)
+
+    def post_hook(self, module, fn):
+        return module.register_forward_hook(fn)
+
+    def parameters(self, root: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return dict(root.named_parameters())
+
+    def direct_parameters(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return dict(module.named_parameters(recurse=False))
+
+    def grad(self, param: torch.Tensor) -> np.ndarray | None:
+        return None if param.grad is None else self.record(param.grad).data
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def tensor(self, arr: Arr, requires_grad: bool) -> torch.Tensor:
+        t = torch.from_numpy(np.array(arr.data)).to(_BY_NAME[arr.dtype])
+        return t.requires_grad_(True) if requires_grad else t
+
+    def is_float(self, t: torch.Tensor) -> bool:
+        return t.is_floating_point()
+
+    def accepted_kwargs(self, module: torch.nn.Module) -> set[str] | None:
+        return accepted_kwargs(module.forward)
+
+    def vjp(self, outputs: list, seeds: list[np.ndarray], inputs: list) -> list[np.ndarray | None]:
+        seeds_t = [torch.from_numpy(np.array(s)).to(o.dtype) for o, s in zip(outputs, seeds)]
+        grads = torch.autograd.grad(outputs, inputs, seeds_t, allow_unused=True)
+        return [None if g is None else self.record(g).data for g in grads]
+
+    def set_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
