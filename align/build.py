@@ -96,7 +96,7 @@ def build_reference(spec: ModelSpec, cfg: Any, checkpoint: Path | None = None) -
 
 def build_port(spec: ModelSpec, cfg: Any) -> Any:
     """The Paddle port in eval mode, built from the same config values as the reference."""
-    import paddle
+    from align.paddle_side import paddle
 
     cls = import_object(spec.port_class, spec.source, f"models.{spec.name}.port.class")
     cfg_cls = import_object(spec.port_config_class, spec.source, f"models.{spec.name}.port.config_class")

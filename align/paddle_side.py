@@ -5,8 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import warnings
+
 import numpy as np
-import paddle
+
+with warnings.catch_warnings():
+    # Paddle warns on import that ccache is missing; it only matters for building extensions.
+    warnings.filterwarnings("ignore", message="No ccache found")
+    import paddle
 
 from align.capture import ROOT, Arr, accepted_kwargs
 

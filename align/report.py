@@ -1,0 +1,210 @@
+"""report.json is the only truth; the console summary and the HTML are rendered from it.
+
+Files are written to a temporary name in the same directory and renamed into place, so a
+crash never leaves a half-written report that looks complete.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from align.compare import mismatch_message
+from align.metrics import Metrics
+from align.spec import Tolerance
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a report is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
+    """Write report.json and report.html into out_dir; returns both paths."""
+    json_path, html_path = out_dir / "report.json", out_dir / "report.html"
+    write_atomic(json_path, dumps(report))
+    write_atomic(html_path, render_html(report))
+    return json_path, html_path
+
+
+def _layer_message(report_run: dict, name: str, direction: str) -> str:
+    layer = next(layer for layer in report_run["layers"] if layer["name"] == name)
+    m = Metrics(**layer[direction])
+    return mismatch_message(name, direction, m, Tolerance(**layer["tolerance"]), report_run["dtype"], report_run["mode"])
+
+
+def failure_messages(report: dict) -> list[str]:
+    """Mismatch messages for each gated run's first divergences, outputs and parameter grads."""
+    messages = []
+    for run in report["runs"]:
+        if run["status"] != "ran" or not run["gated"]:
+            continue
+        for direction in ("forward", "backward"):
+            name = run["first_divergence"][direction]
+            if name is not None:
+                messages.append(_layer_message(run, name, direction))
+    for kind, items in (("model output", report["outputs"]), ("parameter gradient", report["param_grads"])):
+        bad = [i for i in items if not i["passed"]]
+        for item in bad[:3]:
+            m = Metrics(**{k: v for k, v in item.items() if k not in ("name", "tolerance")})
+            messages.append(mismatch_message(f"{kind} {item['name']}", "forward" if kind == "model output" else "backward",
+                                             m, Tolerance(**item["tolerance"]), "float32", "free_running"))
+        if len(bad) > 3:
+            messages.append(f"... and {len(bad) - 3} more failing {kind}s")
+    return messages
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2e}"
+
+
+def _worst(layers: list[dict], direction: str) -> float | None:
+    values = [layer[direction]["max_abs"] for layer in layers if layer[direction] is not None]
+    return max(values) if values else None
+
+
+def render_console(report: dict, console: Console, paths: tuple[Path, ...] = ()) -> None:
+    verdict = report["verdict"]
+    style = {"pass": "bold green", "fail": "bold red"}.get(verdict, "bold yellow")
+    console.print(f"[bold]{report['model']}[/] ({report['config']} config, {report['port']} port): "
+                  f"[{style}]{verdict.upper()}[/]")
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("dtype", "mode", "gate", "result", "layers", "worst fwd", "worst bwd", "first divergence"):
+        table.add_column(col, no_wrap=col != "first divergence")
+    for run in report["runs"]:
+        mode = run["mode"].replace("_", "-")
+        if run["status"] != "ran":
+            table.add_row(run["dtype"], mode, "yes" if run["gated"] else "info", "[yellow]NOT RUN[/]",
+                          "-", "-", "-", "(see warnings)")
+            continue
+        layers = run["layers"]
+        ok = sum(layer["passed"] for layer in layers)
+        fd = run["first_divergence"]
+        where = " / ".join(f"{d}: {fd[d]}" for d in ("forward", "backward") if fd[d]) or "-"
+        result = "[green]pass[/]" if run["passed"] else "[red]FAIL[/]"
+        table.add_row(run["dtype"], mode, "yes" if run["gated"] else "info", result, f"{ok}/{len(layers)}",
+                      _fmt(_worst(layers, "forward")), _fmt(_worst(layers, "backward")), where)
+    console.print(table)
+    for kind, items in (("outputs", report["outputs"]), ("param grads", report["param_grads"])):
+        if items:
+            worst = max(items, key=lambda i: i["max_abs"])
+            bad = sum(not i["passed"] for i in items)
+            state = "[green]pass[/]" if not bad else f"[red]{bad} FAIL[/]"
+            console.print(f"{kind}: {state}, {len(items)} compared, worst {worst['name']} max abs {_fmt(worst['max_abs'])}")
+    gated = next((r for r in report["runs"] if r["status"] == "ran" and r["gated"]), None)
+    if gated:
+        worst_layers = sorted(gated["layers"], key=lambda layer: -max(
+            layer["forward"]["needed_atol"], (layer["backward"] or {"needed_atol": 0.0})["needed_atol"]))[:5]
+        console.print("worst teacher-forced layers (smallest passing atol): " + ", ".join(
+            f"{layer['name']} {_fmt(max(layer['forward']['needed_atol'], (layer['backward'] or {'needed_atol': 0})['needed_atol']))}"
+            for layer in worst_layers))
+    for u in report["unpaired"]:
+        console.print(f"[red]unpaired[/] {u['side']} module {u['name']}: {u['reason']}")
+    for w in report["warnings"]:
+        console.print(f"[yellow]warning[/] {w}")
+    for msg in failure_messages(report):
+        console.print(msg, markup=False, highlight=False)
+    for p in paths:
+        console.print(f"wrote {p}")
+
+
+def render_html(report: dict) -> str:
+    """A plain, self-contained HTML page (every model-derived string escaped)."""
+    e = html.escape
+    rows = []
+    for run in report["runs"]:
+        head = f"{e(run['dtype'])} / {e(run['mode'])}"
+        if run["status"] != "ran":
+            rows.append(f"<h2>{head}: NOT RUN</h2><p>{e(run['reason'])}</p>")
+            continue
+        rows.append(f"<h2>{head}: {'pass' if run['passed'] else 'FAIL'}{'' if run['gated'] else ' (not gated)'}</h2>")
+        rows.append(f"<p>first divergence: forward {e(str(run['first_divergence']['forward']))}, "
+                    f"backward {e(str(run['first_divergence']['backward']))}</p>")
+        rows.append("<table><tr><th>module</th><th>type</th><th>fwd max abs</th><th>fwd max rel</th><th>fwd cos</th>"
+                    "<th>bwd max abs</th><th>bwd max rel</th><th>bwd cos</th><th>headroom atol</th><th></th></tr>")
+        for layer in run["layers"]:
+            f, b = layer["forward"], layer["backward"]
+            need = max(f["needed_atol"], b["needed_atol"] if b else 0.0)
+            cls = "ok" if layer["passed"] else "bad"
+            rows.append(
+                f"<tr class={cls}><td>{e(layer['name'])}</td><td>{e(layer['type'])}</td>"
+                f"<td>{_fmt(f['max_abs'])}</td><td>{_fmt(f['max_rel'])}</td><td>{f['cosine']:.6f}</td>"
+                f"<td>{_fmt(b and b['max_abs'])}</td><td>{_fmt(b and b['max_rel'])}</td>"
+                f"<td>{'-' if b is None else format(b['cosine'], '.6f')}</td><td>{_fmt(need)}</td>"
+                f"<td>{'pass' if layer['passed'] else 'FAIL'}</td></tr>")
+        rows.append("</table>")
+    outs = "".join(f"<tr class={'ok' if o['passed'] else 'bad'}><td>{e(o['name'])}</td><td>{_fmt(o['max_abs'])}</td>"
+                   f"<td>{_fmt(o['max_rel'])}</td><td>{'pass' if o['passed'] else 'FAIL'}</td></tr>"
+                   for o in report["outputs"] + report["param_grads"])
+    weights = "".join(f"<tr><td>{e(w['source'])}</td><td>{e(str(w['target']))}</td><td>{e(str(w['source_shape']))}</td>"
+                      f"<td>{e(str(w['target_shape']))}</td><td>{e(w['transform'])}</td><td>{e(str(w['exact']))}</td></tr>"
+                      for w in report["weights"])
+    msgs = "".join(f"<pre>{e(m)}</pre>" for m in failure_messages(report))
+    warns = "".join(f"<li>{e(w)}</li>" for w in report["warnings"])
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>align: {e(report['model'])} {e(report['verdict'])}</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 6px;font-size:13px}} .bad{{background:#fdd}} .ok{{background:#efe}}</style>
+</head><body>
+<h1>{e(report['model'])}: {e(report['verdict'].upper())}</h1>
+<p>config {e(report['config'])}, {e(report['port'])} port, {e(report['created'])}.
+Rerun: <code>{e(report['command'])}</code></p>
+<ul>{warns}</ul>{msgs}
+{''.join(rows)}
+<h2>Model outputs and parameter gradients (free-running)</h2>
+<table><tr><th>name</th><th>max abs</th><th>max rel</th><th></th></tr>{outs}</table>
+<h2>Weight map</h2>
+<table><tr><th>source</th><th>target</th><th>source shape</th><th>target shape</th><th>transform</th><th>bit-exact</th></tr>{weights}</table>
+<h2>Environment</h2><pre>{e(json.dumps(report['env'], indent=1))}</pre>
+</body></html>
+"""
+
+
+# Metric fields that may be infinite (a missing tensor) or NaN. Strict JSON has no such
+# numbers, so they are written as the strings "inf", "-inf" and "nan" and read back.
+_FLOAT_FIELDS = frozenset({"max_abs", "mean_abs", "max_rel", "cosine", "needed_atol"})
+
+
+def _encode(obj: Any) -> Any:
+    if isinstance(obj, float) and obj != obj:
+        return "nan"
+    if isinstance(obj, float) and obj in (float("inf"), float("-inf")):
+        return "inf" if obj > 0 else "-inf"
+    if isinstance(obj, dict):
+        return {k: _encode(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v) for v in obj]
+    return obj
+
+
+def _decode(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: float(v) if k in _FLOAT_FIELDS and isinstance(v, str) else _decode(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v) for v in obj]
+    return obj
+
+
+def dumps(report: dict) -> str:
+    return json.dumps(_encode(report), indent=1, allow_nan=False) + "\n"
+
+
+def load_report(path: Path) -> dict[str, Any]:
+    return _decode(json.loads(Path(path).read_text()))

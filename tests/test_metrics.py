@@ -1,0 +1,80 @@
+"""Metrics against numbers worked out by hand."""
+
+import math
+
+import numpy as np
+import pytest
+
+from align.metrics import combine, compare_arrays, cosine, needed_atol, rel_diff
+from align.spec import Tolerance
+
+TOL = Tolerance(atol=1e-5, rtol=1e-5)
+
+
+def test_exact_match_passes_with_zero_error():
+    a = np.array([1.0, -2.0, 3.0], dtype=np.float32)
+    m = compare_arrays(a, a.copy(), TOL)
+    assert m.passed and m.max_abs == 0.0 and m.max_rel == 0.0 and m.cosine == 1.0 and m.needed_atol == 0.0
+
+
+def test_worked_example():
+    ref = np.array([1.0, 2.0, 0.0, -4.0])
+    port = np.array([1.0, 2.00004, 0.0, -4.0])
+    m = compare_arrays(port, ref, TOL)
+    # |d| = 4e-5 at index 1; allowed there: 1e-5 + 1e-5 * 2 = 3e-5.
+    assert m.max_abs == pytest.approx(4e-5)
+    assert m.mean_abs == pytest.approx(1e-5)
+    assert m.max_rel == pytest.approx(2e-5)
+    assert m.needed_atol == pytest.approx(4e-5 - 2e-5)
+    assert not m.passed and m.mismatched == 1 and m.numel == 4
+    assert m.worst == "[1]"
+
+
+def test_rtol_term_scales_with_reference():
+    ref = np.array([1000.0])
+    assert compare_arrays(ref + 0.009, ref, TOL).passed  # allowed 1e-5 + 1e-2
+    assert not compare_arrays(ref + 0.011, ref, TOL).passed
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_and_inf_never_pass(bad):
+    ref = np.array([1.0, 2.0])
+    m = compare_arrays(np.array([1.0, bad]), ref, TOL)
+    assert not m.passed and "NaN or Inf" in m.note
+    # Even when both sides agree on the non-finite value.
+    both = np.array([1.0, bad])
+    assert not compare_arrays(both, both.copy(), TOL).passed
+
+
+def test_shape_mismatch_and_empty_fail():
+    assert "shape mismatch" in compare_arrays(np.zeros(3), np.zeros(4), TOL).note
+    m = compare_arrays(np.zeros(0), np.zeros(0), TOL)
+    assert not m.passed and "empty" in m.note
+
+
+def test_relative_error_of_zero_reference():
+    assert list(rel_diff(np.array([0.0, 1e-9]), np.array([0.0, 0.0]))) == [0.0, math.inf]
+
+
+def test_cosine_by_hand():
+    assert cosine(np.array([1.0, 0.0]), np.array([0.0, 1.0])) == 0.0
+    assert cosine(np.array([1.0, 1.0]), np.array([1.0, 0.0])) == pytest.approx(1 / math.sqrt(2))
+    assert cosine(np.zeros(2), np.zeros(2)) == 1.0
+    assert cosine(np.zeros(2), np.ones(2)) == 0.0
+
+
+def test_needed_atol_is_the_passing_threshold():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=100)
+    port = ref + rng.normal(size=100) * 1e-4
+    need = needed_atol(port, ref, 1e-5)
+    assert compare_arrays(port, ref, Tolerance(need, 1e-5)).passed
+    assert not compare_arrays(port, ref, Tolerance(need * 0.99, 1e-5)).passed
+
+
+def test_combine_takes_the_worst_and_none_for_nothing():
+    good = compare_arrays(np.ones(2), np.ones(2), TOL, "out a")
+    bad = compare_arrays(np.ones(2) * 2, np.ones(2), TOL, "out b")
+    both = combine([good, bad])
+    assert not both.passed and both.max_abs == 1.0 and both.worst.startswith("out b") and both.numel == 4
+    assert combine([]) is None

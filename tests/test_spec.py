@@ -1,0 +1,103 @@
+"""align.toml validation: every mistake is one line naming the file and the key, exit code 2."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from align.cli import main
+from align.spec import ConfigError, load_registry
+from conftest import REGISTRY, ROOT
+
+
+@pytest.fixture
+def registry_copy(tmp_path):
+    """A writable copy of align.toml (with the weights/ it points to)."""
+    shutil.copytree(ROOT / "weights", tmp_path / "weights")
+    path = tmp_path / "align.toml"
+    path.write_text(REGISTRY.read_text())
+    return path
+
+
+def edit(path, old, new):
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_shipped_registry_loads():
+    reg = load_registry(REGISTRY)
+    spec = reg.get("gemma2")
+    assert spec.ci and spec.tolerance.atol == 1e-5 and spec.tolerance.rtol == 1e-5
+    tiny = spec.configs["tiny"]
+    assert tiny["sliding_window"] < spec.inputs.seq_len
+    assert tiny["num_key_value_heads"] < tiny["num_attention_heads"]
+    assert tiny["attn_logit_softcapping"] and tiny["final_logit_softcapping"] and tiny["tie_word_embeddings"]
+    assert set(tiny["layer_types"]) == {"sliding_attention", "full_attention"}
+
+
+@pytest.mark.parametrize(
+    "old,new,key,says",
+    [
+        ("seq_len = 16", "", "models.gemma2.inputs.seq_len", "missing key"),
+        ("seq_len = 16", 'seq_len = "16"', "models.gemma2.inputs.seq_len", "expected an integer, got a string"),
+        ("seq_len = 16", "seq_len = 16\nsequ_len = 3", "models.gemma2.inputs.sequ_len", "unknown key"),
+        ("ci = true", 'ci = "yes"', "models.gemma2.ci", "expected a boolean"),
+        ("atol = 1e-5", "atol = -1.0", "defaults.tolerance.float32.atol", "must be >= 0"),
+        ('class = "ports.gemma2:Gemma2ForCausalLM"', 'class = "ports.gemma2"', "models.gemma2.port.class",
+         "expected 'module:Class'"),
+        ('weights = "weights/gemma2.toml"', 'weights = "weights/nope.toml"', "models.gemma2.weights", "no such file"),
+        ("left_pad = [0, 3]", "left_pad = [0, 3, 1]", "models.gemma2.inputs.left_pad", "one per sample"),
+        ('dtypes = ["float32", "bfloat16"]', 'dtypes = ["float8"]', "defaults.dtypes", "unknown dtype"),
+    ],
+)
+def test_config_mistakes_name_file_and_key(registry_copy, old, new, key, says):
+    edit(registry_copy, old, new)
+    with pytest.raises(ConfigError) as e:
+        load_registry(registry_copy)
+    assert e.value.key == key
+    assert says in e.value.message
+    assert str(registry_copy) in str(e.value)
+
+
+def test_unknown_model_lists_known_ones():
+    with pytest.raises(ConfigError, match=r"models\.nope: unknown model \(known: gemma2\)"):
+        load_registry(REGISTRY).get("nope")
+
+
+def test_bad_toml_names_the_file(tmp_path):
+    bad = tmp_path / "align.toml"
+    bad.write_text("[models\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_registry(bad)
+
+
+def test_unknown_config_field_is_refused(registry_copy, capsys):
+    edit(registry_copy, "sliding_window = 6", "sliding_window = 6\nsliding_windw = 6")
+    code = main(["--registry", str(registry_copy), "run", "gemma2", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == (f"align: error: {registry_copy}: models.gemma2.configs.tiny.sliding_windw: "
+                   "Gemma2Config has no such field")
+
+
+def test_unknown_config_name(capsys):
+    code = main(["--registry", str(REGISTRY), "run", "gemma2", "--config", "huge", "--quiet"])
+    assert code == 2
+    assert "models.gemma2.configs.huge: unknown config (known: full, tiny" in capsys.readouterr().err
+
+
+def test_cli_error_is_one_line_without_traceback(registry_copy):
+    """As a user sees it: a subprocess, exit code 2, a single stderr line."""
+    edit(registry_copy, "seq_len = 16", 'seq_len = "16"')
+    proc = subprocess.run([sys.executable, "-m", "align", "--registry", str(registry_copy), "run", "gemma2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"align: error: {registry_copy}: models.gemma2.inputs.seq_len: expected an integer, got a string '16'"]
+
+
+def test_list(capsys):
+    assert main(["--registry", str(REGISTRY), "list"]) == 0
+    assert capsys.readouterr().out.startswith("gemma2\tci\t")
