@@ -1,6 +1,5 @@
 # make align MODEL=gemma2   align one model (default gemma2) and write reports/<model>/
 # make test                 the test suite (what CI runs)
-# make gate                 align every model marked ci = true; non-zero exit if any fails
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -9,7 +8,7 @@ STAMP  := $(VENV)/.installed
 MODEL  ?= gemma2
 ARGS   ?=
 
-.PHONY: align test gate venv clean
+.PHONY: align test venv clean
 
 venv: $(STAMP)
 
@@ -20,9 +19,6 @@ $(STAMP): pyproject.toml
 
 align: $(STAMP)
 	$(VENV)/bin/align run $(MODEL) $(ARGS)
-
-gate: $(STAMP)
-	$(VENV)/bin/align gate $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
