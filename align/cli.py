@@ -15,6 +15,7 @@ from pathlib import Path
 from rich.console import Console
 
 from align.spec import ConfigError, find_registry, load_registry
+from align.weights import WeightError
 
 
 class ExitCode(IntEnum):
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}\t{'ci' if spec.ci else '-'}\t{spec.description}")
             return ExitCode.ALIGNED
         return _run(args, console)
-    except ConfigError as e:
+    except (ConfigError, WeightError) as e:
         print(f"align: error: {e}", file=sys.stderr)
         return ExitCode.USAGE_ERROR
     except KeyboardInterrupt:

@@ -51,6 +51,7 @@ class Report:
     env: dict[str, Any]
     command: str
     created: str
+    checkpoint: str | None = None
     warnings: tuple[str, ...] = field(default=())
 
     @property
@@ -84,6 +85,7 @@ class Report:
             "port": self.port,
             "created": self.created,
             "command": self.command,
+            "checkpoint": self.checkpoint,
             "first_divergence": self.first_divergence(),
             "runs": [r.to_dict() for r in self.runs],
             "outputs": [o.to_dict() for o in self.outputs],
@@ -224,7 +226,8 @@ def align_model(spec: ModelSpec, config: str = "tiny", dtypes: tuple[str, ...] |
         model=spec.name, config=config, port="hand", runs=tuple(runs), outputs=outputs,
         param_grads=param_grads, weights=wmap, unpaired=unpaired,
         env=environment(spec.init.seed, spec.inputs.seed), command=command or f"align run {spec.name}",
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), warnings=tuple(warnings),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        checkpoint=None if checkpoint is None else str(checkpoint), warnings=tuple(warnings),
     )
 
 
