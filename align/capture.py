@@ -49,6 +49,7 @@ class Framework(Protocol):
 
     def is_tensor(self, x: Any) -> bool: ...
     def record(self, t: Any) -> Arr: ...
+    def dtype_name(self, t: Any) -> str: ...
     def needs_grad(self, t: Any) -> bool: ...
     def identity(self, t: Any) -> Any: ...
     def on_grad(self, t: Any, fn: Any) -> None: ...
@@ -72,6 +73,10 @@ class Call:
     end: int = -1  # position among forward completions
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
+    arg_names: tuple[str, ...] = ()  # forward's parameter name for each positional arg
+
+    def arg_path(self, i: int) -> str:
+        return self.arg_names[i] if i < len(self.arg_names) else f"args[{i}]"
     outputs: dict[str, Arr] = field(default_factory=dict)
     grads: dict[str, np.ndarray] = field(default_factory=dict)  # external d(loss)/d(output)
 
@@ -91,6 +96,31 @@ class Trace:
 
     def start_order(self) -> list[str]:
         return sorted(self.calls, key=lambda n: self.calls[n].start)
+
+
+def float_inputs(call: Call, positional_names: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """A call's recorded floating inputs by path ("hidden_states", "position_embeddings.1", ...).
+
+    `positional_names` names positional arguments by another forward's parameter names (the
+    reference's), so that `input` and `x` at position 0 are one input.
+    """
+    out: dict[str, np.ndarray] = {}
+
+    def walk(obj: Any, path: str) -> None:
+        if isinstance(obj, Arr):
+            if obj.dtype.startswith(("float", "bfloat")):
+                out[path] = obj.data
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{path}.{k}" if path else k)
+        elif isinstance(obj, (tuple, list)):
+            for i, v in enumerate(obj):
+                walk(v, f"{path}.{i}")
+
+    for i, a in enumerate(call.args):
+        walk(a, positional_names[i] if i < len(positional_names) else call.arg_path(i))
+    walk(call.kwargs, "")
+    return out
 
 
 def flatten(obj: Any, fw: Framework, prefix: str = "") -> list[tuple[str, Any]]:
@@ -161,6 +191,7 @@ def recording(fw: Framework, model: Any, keep_inputs: bool) -> Iterator[dict[str
             clock["start"] += 1
             if keep_inputs:
                 call.args, call.kwargs = _snapshot(tuple(args), fw), _snapshot(dict(kwargs), fw)
+                call.arg_names = positional_names(module.forward)[: len(args)]
             open_calls.setdefault(id(module), []).append(call)
 
         return hook
@@ -202,6 +233,7 @@ def run_and_record(fw: Framework, model: Any, inputs: dict[str, Any], seed_fn: A
 
     `seed_fn(outputs) -> scalar` picks what to differentiate (the loss, when there is one).
     """
+    fw.clear_grads(model)
     with recording(fw, model, keep_inputs) as calls:
         output = model(**inputs)
         fw.backward(seed_fn(output))
@@ -211,9 +243,16 @@ def run_and_record(fw: Framework, model: Any, inputs: dict[str, Any], seed_fn: A
         framework=fw.name,
         calls={n: calls[n] for n in sorted(calls, key=lambda n: calls[n].end)},
         param_grads={k: g for k, p in params.items() if (g := fw.grad(p)) is not None},
-        params_dtype={k: fw.record(p).dtype for k, p in params.items()},
+        params_dtype={k: fw.dtype_name(p) for k, p in params.items()},
         outputs=dict(root.outputs),
     )
+
+
+def positional_names(forward: Any) -> tuple[str, ...]:
+    """Names of a forward's positional parameters, so inputs are keyed the same whether a
+    caller passed them by position or by keyword."""
+    return tuple(p.name for p in inspect.signature(forward).parameters.values()
+                 if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
 
 
 def accepted_kwargs(forward: Any) -> set[str] | None:

@@ -59,8 +59,11 @@ def _run(args: argparse.Namespace, console: Console) -> ExitCode:
             if not args.quiet:
                 status.update(f"{spec.name}: {step}")
 
-        report = align_model(spec, args.config, dtypes, args.checkpoint, progress, command).to_dict()
+        result = align_model(spec, args.config, dtypes, args.checkpoint, progress, command)
     out = args.out or registry.source.parent / "reports" / spec.name
+    report = result.to_dict()
+    if result.repro is not None:
+        report["repro"] = str(result.repro.write(out / "repro").relative_to(out))
     paths = write_report(report, out)
     render_console(report, console, paths)
     return ExitCode.ALIGNED if report["verdict"] == "pass" else ExitCode.NOT_ALIGNED

@@ -11,11 +11,55 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from align.capture import ROOT
 from align.metrics import Metrics, combine, compare_arrays, missing
 from align.spec import Override, Tolerance
 
 FORWARD, BACKWARD = "forward", "backward"
 TEACHER_FORCED, FREE_RUNNING = "teacher_forced", "free_running"
+
+
+@dataclass(frozen=True)
+class Amplification:
+    """Free-running: how much a module grows the error it was handed (relative L2 errors)."""
+
+    input_error: float  # worst over the module's floating inputs; 0 when it has none
+    output_error: float  # worst over its outputs
+    flagged: bool  # its output error is well beyond what its input error explains
+
+    @property
+    def ratio(self) -> float:
+        return self.output_error / self.input_error if self.input_error > 0 else float("inf")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ratio": self.ratio}
+
+
+# A module is flagged when its relative output error exceeds AMPLIFICATION_FLOOR and is more
+# than AMPLIFICATION_FACTOR times its relative input error. The floor keeps fp32 rounding
+# (1e-7 relative, from an exact input) from being flagged as infinite amplification.
+AMPLIFICATION_FACTOR = 10.0
+AMPLIFICATION_FLOOR = 1e-5
+
+
+def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
+    """||actual - expected|| / ||expected||; inf for a non-finite or shape-mismatched pair."""
+    if actual.shape != expected.shape:
+        return float("inf")
+    a, e = actual.astype(np.float64), expected.astype(np.float64)
+    if not (np.isfinite(a).all() and np.isfinite(e).all()):
+        return float("inf")
+    num, den = float(np.linalg.norm(a - e)), float(np.linalg.norm(e))
+    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+def amplification(port_in: Mapping[str, np.ndarray], ref_in: Mapping[str, np.ndarray],
+                  port_out: Mapping[str, np.ndarray], ref_out: Mapping[str, np.ndarray]) -> Amplification:
+    """Compare the error at a module's output with the error at its input (shared keys only)."""
+    in_err = max((rel_l2(port_in[k], ref_in[k]) for k in ref_in if k in port_in), default=0.0)
+    out_err = max((rel_l2(port_out[k], ref_out[k]) for k in ref_out if k in port_out), default=0.0)
+    flagged = out_err > AMPLIFICATION_FLOOR and out_err > AMPLIFICATION_FACTOR * in_err
+    return Amplification(in_err, out_err, flagged)
 
 
 @dataclass(frozen=True)
@@ -27,6 +71,8 @@ class LayerResult:
     backward: Metrics | None  # None: no gradient flows through this module on either side
     tolerance: Tolerance
     ignored_inputs: tuple[str, ...] = ()
+    module: str = ""  # module path (the call name without a "#n" repeat suffix)
+    amplification: Amplification | None = None  # free-running only
 
     @property
     def passed(self) -> bool:
@@ -42,6 +88,7 @@ class LayerResult:
             "passed": self.passed,
             "tolerance": asdict(self.tolerance),
             "ignored_inputs": list(self.ignored_inputs),
+            "amplification": None if self.amplification is None else self.amplification.to_dict(),
         }
 
 
@@ -71,6 +118,17 @@ class Divergence:
 
 
 @dataclass(frozen=True)
+class Culprits:
+    """The deepest failing modules: each fails on its own while every module inside it passes."""
+
+    forward: tuple[str, ...]
+    backward: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {"forward": list(self.forward), "backward": list(self.backward)}
+
+
+@dataclass(frozen=True)
 class RunResult:
     """One dtype in one mode."""
 
@@ -80,6 +138,7 @@ class RunResult:
     policy: str  # the tolerance rule in words
     layers: tuple[LayerResult, ...] = ()
     first_divergence: Divergence = field(default_factory=lambda: Divergence(None, None))
+    culprits: Culprits = field(default_factory=lambda: Culprits((), ()))
     status: str = "ran"  # "ran" or "not_run"
     reason: str = ""  # why it did not run
     gated: bool = True
@@ -100,6 +159,9 @@ class RunResult:
             "passed": self.passed,
             "tolerance": {**asdict(self.tolerance), "policy": self.policy},
             "first_divergence": self.first_divergence.to_dict(),
+            "culprits": self.culprits.to_dict(),
+            "amplifying": list(deepest([layer for layer in self.layers
+                                        if layer.amplification and layer.amplification.flagged])),
             "layers": [layer.to_dict() for layer in self.layers],
         }
 
@@ -149,6 +211,35 @@ def first_divergence(layers: tuple[LayerResult, ...], forward_order: list[str], 
     bwd = next((n for n in backward_order if n in by_name and by_name[n].backward is not None
                 and not by_name[n].backward.passed), None)
     return Divergence(fwd, bwd)
+
+
+def _failed(layer: LayerResult, direction: str) -> bool:
+    m = layer.forward if direction == FORWARD else layer.backward
+    return m is not None and not m.passed
+
+
+def _inside(child: str, parent: str) -> bool:
+    return child != parent and (parent == ROOT or child.startswith(parent + "."))
+
+
+def culprits(layers: tuple[LayerResult, ...], forward_order: list[str], backward_order: list[str]) -> Culprits:
+    """Failing modules none of whose submodules fail, in the same direction.
+
+    Under teacher forcing every module sees the reference's inputs, so a module that fails
+    while all of its children pass holds the bug in its own code: a functional attention
+    core, a mask built in forward, a loss. Listed in forward (or backward) order.
+    """
+    found = {}
+    for direction, order in ((FORWARD, forward_order), (BACKWARD, backward_order)):
+        rank = {n: i for i, n in enumerate(order)}
+        names = deepest([layer for layer in layers if _failed(layer, direction)])
+        found[direction] = tuple(sorted(names, key=lambda n: rank.get(n, len(rank))))
+    return Culprits(found[FORWARD], found[BACKWARD])
+
+
+def deepest(layers: list[LayerResult]) -> tuple[str, ...]:
+    """The layers none of whose submodules are also in `layers` (input order kept)."""
+    return tuple(f.name for f in layers if not any(_inside(o.module, f.module) for o in layers))
 
 
 def mismatch_message(name: str, direction: str, m: Metrics, tol: Tolerance, dtype: str, mode: str) -> str:

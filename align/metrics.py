@@ -33,7 +33,8 @@ class Metrics:
 
 
 def abs_diff(actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
-    return np.abs(actual.astype(np.float64) - expected.astype(np.float64))
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is NaN, by design
+        return np.abs(actual.astype(np.float64) - expected.astype(np.float64))
 
 
 def rel_diff(actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
@@ -77,7 +78,7 @@ def compare_arrays(actual: np.ndarray, expected: np.ndarray, tol: Tolerance, lab
     a = actual.astype(np.float64)
     e = expected.astype(np.float64)
     finite = np.isfinite(a) & np.isfinite(e)
-    diff = np.where(finite, np.abs(a - e), np.inf)
+    diff = np.where(finite, abs_diff(a, e), np.inf)
     allowed = tol.atol + tol.rtol * np.where(finite, np.abs(e), 0.0)
     ok = diff <= allowed
     mismatched = int(ok.size - ok.sum())

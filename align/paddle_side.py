@@ -27,11 +27,14 @@ class PaddleSide:
         return isinstance(x, paddle.Tensor)
 
     def record(self, t: paddle.Tensor) -> Arr:
-        dtype = _DTYPES.get(t.dtype, str(t.dtype).removeprefix("paddle."))
+        dtype = self.dtype_name(t)
         data = t.detach()
         if data.dtype in (paddle.bfloat16, paddle.float16):
             data = data.astype("float32")  # numpy has no bf16; fp32 holds every bf16 value exactly
         return Arr(np.array(data.numpy(), copy=True), dtype, not t.stop_gradient)
+
+    def dtype_name(self, t) -> str:
+        return _DTYPES.get(t.dtype, str(t.dtype).removeprefix("paddle."))
 
     def needs_grad(self, t: paddle.Tensor) -> bool:
         return not t.stop_gradient
@@ -64,6 +67,12 @@ class PaddleSide:
 
     def direct_parameters(self, module: paddle.nn.Layer) -> dict[str, paddle.Tensor]:
         return dict(module.named_parameters(include_sublayers=False))
+
+    def buffers(self, root) -> dict:
+        return dict(root.named_buffers())
+
+    def clear_grads(self, model) -> None:
+        model.clear_gradients()
 
     def grad(self, param: paddle.Tensor) -> np.ndarray | None:
         return None if param.grad is None else self.record(param.grad).data

@@ -59,7 +59,7 @@ def run_local(fw: Any, model: Any, module_path: str, call: Call, filter_kwargs: 
     accepted = fw.accepted_kwargs(module) if filter_kwargs else None
     ignored = [k for k, v in call.kwargs.items() if accepted is not None and k not in accepted and v is not None]
     leaves: list[tuple[str, Any]] = []
-    args = tuple(_materialize(v, fw, f"args[{i}]", leaves, differentiate) for i, v in enumerate(call.args))
+    args = tuple(_materialize(v, fw, call.arg_path(i), leaves, differentiate) for i, v in enumerate(call.args))
     kwargs = {
         k: _materialize(v, fw, k, leaves, differentiate)
         for k, v in call.kwargs.items()

@@ -115,6 +115,23 @@ def render_console(report: dict, console: Console, paths: tuple[Path, ...] = ())
         console.print("worst teacher-forced layers (smallest passing atol): " + ", ".join(
             f"{layer['name']} {_fmt(max(layer['forward']['needed_atol'], (layer['backward'] or {'needed_atol': 0})['needed_atol']))}"
             for layer in worst_layers))
+    c = report.get("culprits") or {}
+    for direction in ("forward", "backward"):
+        if c.get(direction):
+            console.print(f"[bold red]culprit[/] ({direction}, {c['mode'].replace('_', '-')}): "
+                          + ", ".join(c[direction]))
+    for run in report["runs"]:
+        if run["status"] == "ran" and run.get("amplifying"):
+            console.print(f"[yellow]amplifies error[/] ({run['dtype']}, {run['mode'].replace('_', '-')}): "
+                          + ", ".join(run["amplifying"][:8]))
+    for f in report.get("findings", []):
+        if f["fails"]:
+            console.print(f"[red]finding[/] {f['kind']}: {f['message']}")
+    for o in report.get("observer", []):
+        state = "identical" if o["outputs_identical"] and o["grads_identical"] else "[red]DIFFERENT[/]"
+        console.print(f"observer check ({o['framework']}): outputs and grads with hooks vs without: {state}")
+    if report.get("repro"):
+        console.print(f"repro of the first culprit: {report['repro']}/repro.py")
     for u in report["unpaired"]:
         console.print(f"[red]unpaired[/] {u['side']} module {u['name']}: {u['reason']}")
     for w in report["warnings"]:

@@ -5,8 +5,6 @@ Each step is one call into the module that owns it; this file only joins them.
 
 from __future__ import annotations
 
-import os
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -16,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from align import weights as W
-from align.capture import ROOT, Trace, flatten, run_and_record
+from align.capture import ROOT, Trace, float_inputs, flatten, run_and_record
 from align.compare import (
     FREE_RUNNING,
     TEACHER_FORCED,
@@ -24,12 +22,16 @@ from align.compare import (
     RunResult,
     TensorResult,
     Tolerances,
+    amplification,
     compare_named,
+    culprits,
     first_divergence,
 )
+from align.diagnose import Finding, Observer, dtype_table, environment, environment_warnings, observer_check
 from align.metrics import combine, compare_arrays, missing
-from align.pair import Pairing, pair_calls
+from align.pair import Pairing, Unpaired, pair_calls
 from align.replay import Unreplayable, run_local
+from align.repro import ReproCase
 from align.spec import ConfigError, ModelSpec
 
 SCHEMA_VERSION = 1
@@ -47,12 +49,16 @@ class Report:
     outputs: tuple[TensorResult, ...]
     param_grads: tuple[TensorResult, ...]
     weights: W.WeightMap
-    unpaired: tuple
+    unpaired: tuple[Unpaired, ...]
     env: dict[str, Any]
     command: str
     created: str
     checkpoint: str | None = None
-    warnings: tuple[str, ...] = field(default=())
+    findings: tuple[Finding, ...] = ()
+    observer: tuple[Observer, ...] = ()
+    dtypes: dict[str, dict] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+    repro: ReproCase | None = None  # tensors for the first culprit; written by the CLI, not JSON
 
     @property
     def verdict(self) -> str:
@@ -65,16 +71,23 @@ class Report:
             and bool(self.outputs) and all(o.passed for o in self.outputs)
             and bool(self.param_grads) and all(p.passed for p in self.param_grads)
             and not self.unpaired
+            and not any(f.fails for f in self.findings)
             and self.weights.all_exact
         )
         return "pass" if ok else "fail"
 
     def first_divergence(self) -> dict:
-        """The gated run's first divergence (the first gated run that has one)."""
+        """The first gated run that diverges: its first divergence and its culprits."""
         for r in self.runs:
             if r.gated and r.status == "ran" and (r.first_divergence.forward or r.first_divergence.backward):
                 return {"dtype": r.dtype, "mode": r.mode, **r.first_divergence.to_dict()}
         return {"dtype": None, "mode": None, "forward": None, "backward": None}
+
+    def culprits(self) -> dict:
+        for r in self.runs:
+            if r.gated and r.status == "ran" and (r.culprits.forward or r.culprits.backward):
+                return {"dtype": r.dtype, "mode": r.mode, **r.culprits.to_dict()}
+        return {"dtype": None, "mode": None, "forward": [], "backward": []}
 
     def to_dict(self) -> dict:
         return {
@@ -87,13 +100,17 @@ class Report:
             "command": self.command,
             "checkpoint": self.checkpoint,
             "first_divergence": self.first_divergence(),
+            "culprits": self.culprits(),
             "runs": [r.to_dict() for r in self.runs],
             "outputs": [o.to_dict() for o in self.outputs],
             "param_grads": [p.to_dict() for p in self.param_grads],
             "weights": [e.to_dict() for e in self.weights.entries],
             "unpaired": [u.to_dict() for u in self.unpaired],
+            "findings": [f.to_dict() for f in self.findings],
+            "observer": [o.to_dict() for o in self.observer],
             "warnings": list(self.warnings),
-            "env": self.env,
+            "repro": None,
+            "env": {**self.env, "dtypes": self.dtypes},
         }
 
 
@@ -112,25 +129,6 @@ def bf16_unavailable() -> str:
             "but this version of align does not yet run the bf16 comparison")
 
 
-def environment(seed_init: int, seed_inputs: int) -> dict[str, Any]:
-    import torch
-    import transformers
-
-    from align.paddle_side import paddle
-
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "paddle": paddle.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-        "device": {"torch": "cpu", "paddle": paddle.device.get_device()},
-        "threads": {"torch": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
-        "seeds": {"init": seed_init, "inputs": seed_inputs},
-    }
-
-
 def _seed(fw) -> Callable[[Any], Any]:
     """What backward differentiates: the model's loss. A model without one is refused
     rather than differentiated through an arbitrary stand-in."""
@@ -142,6 +140,17 @@ def _seed(fw) -> Callable[[Any], Any]:
         return leaves["loss"]
 
     return pick
+
+
+def _load_weights(rules: W.Rules, ref: Any, port: Any, ts: Any, ps: Any) -> W.WeightMap:
+    """Plan, convert, load and verify bit-exact: the port gets the reference's weights."""
+    source = {k: ts.record(v).data for k, v in ref.state_dict().items()}
+    port_state = port.state_dict()
+    owners = dict(port.named_sublayers(include_self=True))
+    wmap = W.plan(rules, source, W.describe_slots(port_state, owners))
+    for key, arr in W.convert(wmap, source).items():
+        port_state[key].set_value(arr)
+    return W.verify(wmap, source, lambda k: ps.record(port_state[k]).data)
 
 
 def align_model(spec: ModelSpec, config: str = "tiny", dtypes: tuple[str, ...] | None = None,
@@ -159,23 +168,29 @@ def align_model(spec: ModelSpec, config: str = "tiny", dtypes: tuple[str, ...] |
     progress("building the reference and the port")
     ref = build.build_reference(spec, cfg, checkpoint)
     port = build.build_port(spec, cfg)
-
     progress("mapping weights")
-    source = {k: ts.record(v).data for k, v in ref.state_dict().items()}
-    port_state = port.state_dict()
-    owners = dict(port.named_sublayers(include_self=True))
-    wmap = W.plan(rules, source, W.describe_slots(port_state, owners))
-    for key, arr in W.convert(wmap, source).items():
-        port_state[key].set_value(arr)
-    wmap = W.verify(wmap, source, lambda k: ps.record(port_state[k]).data)
+    wmap = _load_weights(rules, ref, port, ts, ps)
+
+    def to_port(key: str) -> str | None:
+        for e in wmap.entries:
+            if e.source == key:
+                return e.target
+        return rules.rename(key)[0]
+
+    dtypes_seen, findings = dtype_table({**ts.parameters(ref), **ts.buffers(ref)},
+                                        {**ps.parameters(port), **ps.buffers(port)}, ts, ps, to_port)
+    findings = list(findings)
+    env = environment(spec.init.seed, spec.inputs.seed)
+    warnings = environment_warnings(env)
 
     inputs = build.make_inputs(spec, cfg)
     tolerances = Tolerances(spec.tolerance, spec.overrides)
     runs: list[RunResult] = []
     outputs: tuple[TensorResult, ...] = ()
     param_grads: tuple[TensorResult, ...] = ()
-    unpaired: tuple = ()
-    warnings: list[str] = []
+    unpaired: tuple[Unpaired, ...] = ()
+    observers: list[Observer] = []
+    repro: ReproCase | None = None
     for dtype in dtypes or spec.dtypes:
         if dtype == "bfloat16":
             reason = bf16_unavailable()
@@ -185,12 +200,21 @@ def align_model(spec: ModelSpec, config: str = "tiny", dtypes: tuple[str, ...] |
             warnings.append(f"bfloat16 was NOT run: {reason}")
             continue
 
+        ref_inputs = {k: ts.tensor(a, False) for k, a in inputs.items()}
+        port_inputs = {k: ps.tensor(a, False) for k, a in inputs.items()}
         progress(f"{dtype}: running the reference with hooks")
-        ref_trace = run_and_record(ts, ref, {k: ts.tensor(a, False) for k, a in inputs.items()}, _seed(ts),
-                                   keep_inputs=True)
+        ref_trace = run_and_record(ts, ref, ref_inputs, _seed(ts), keep_inputs=True)
         progress(f"{dtype}: running the port with hooks")
-        port_trace = run_and_record(ps, port, {k: ps.tensor(a, False) for k, a in inputs.items()}, _seed(ps),
-                                    keep_inputs=False)
+        port_trace = run_and_record(ps, port, port_inputs, _seed(ps), keep_inputs=True)
+        progress(f"{dtype}: checking that hooks change nothing")
+        observers = [observer_check(ts, ref, ref_inputs, _seed(ts), ref_trace),
+                     observer_check(ps, port, port_inputs, _seed(ps), port_trace)]
+        for o in observers:
+            if not (o.outputs_identical and o.grads_identical):
+                msg = (f"observer effect: the {o.framework} model's outputs or gradients differ with hooks "
+                       f"installed ({', '.join(o.differing[:5])})")
+                warnings.append(msg)
+                findings.append(Finding("observer_effect", o.framework, msg, fails=False))
 
         pairing = pair_calls(
             [(n, c.module) for n, c in ref_trace.calls.items()],
@@ -206,14 +230,14 @@ def align_model(spec: ModelSpec, config: str = "tiny", dtypes: tuple[str, ...] |
                               f"glob {bad_globs[0]!r} matches no module or parameter")
 
         progress(f"{dtype}: teacher-forced replay of {len(pairing.pairs)} modules")
-        tf_layers = _teacher_forced(ts, ps, ref, port, ref_trace, pairing, wmap, tolerances)
-        fr_layers = _free_running(ref_trace, port_trace, pairing, tolerances)
+        tf_layers = tuple(_teacher_forced(ts, ps, ref, port, ref_trace, pairing, wmap, tolerances))
+        fr_layers = tuple(_free_running(ref_trace, port_trace, pairing, tolerances))
         fwd_order = ref_trace.completion_order()
         bwd_order = ref_trace.start_order()[::-1]
         for mode, layers in ((TEACHER_FORCED, tf_layers), (FREE_RUNNING, fr_layers)):
-            runs.append(RunResult(dtype, mode, spec.tolerance, spec.tolerance.describe(), tuple(layers),
-                                  first_divergence(tuple(layers), fwd_order, bwd_order),
-                                  gated=mode == TEACHER_FORCED))
+            runs.append(RunResult(dtype, mode, spec.tolerance, spec.tolerance.describe(), layers,
+                                  first_divergence(layers, fwd_order, bwd_order),
+                                  culprits(layers, fwd_order, bwd_order), gated=mode == TEACHER_FORCED))
         outputs = tuple(
             TensorResult(k, compare_arrays(port_trace.outputs[k].data, a.data, tolerances.for_name(k), k)
                          if k in port_trace.outputs else missing(f"the port returned no {k!r}", k),
@@ -221,13 +245,20 @@ def align_model(spec: ModelSpec, config: str = "tiny", dtypes: tuple[str, ...] |
             for k, a in ref_trace.outputs.items()
         )
         param_grads = _param_grads(ref_trace, port_trace, wmap, tolerances)
+        tf_culprits = culprits(tf_layers, fwd_order, bwd_order)
+        first = (tf_culprits.forward or tf_culprits.backward or (None,))[0]
+        if first is not None and repro is None:
+            pair = next(p for p in pairing.pairs if p.ref == first)
+            repro = ReproCase.make(spec, cfg, pair, ref_trace.calls[first], ts, ps, ref, port,
+                                   tolerances.for_name(first), wmap)
 
     return Report(
         model=spec.name, config=config, port="hand", runs=tuple(runs), outputs=outputs,
-        param_grads=param_grads, weights=wmap, unpaired=unpaired,
-        env=environment(spec.init.seed, spec.inputs.seed), command=command or f"align run {spec.name}",
+        param_grads=param_grads, weights=wmap, unpaired=unpaired, env=env,
+        command=command or f"align run {spec.name}",
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        checkpoint=None if checkpoint is None else str(checkpoint), warnings=tuple(warnings),
+        checkpoint=None if checkpoint is None else str(checkpoint), findings=tuple(findings),
+        observer=tuple(observers), dtypes=dtypes_seen, warnings=tuple(warnings), repro=repro,
     )
 
 
@@ -259,7 +290,8 @@ def _teacher_forced(ts, ps, ref, port, ref_trace: Trace, pairing: Pairing, wmap:
         try:
             port_local = run_local(ps, port, p.port_module, call, filter_kwargs=True)
         except Unreplayable as e:
-            layers.append(LayerResult(p.ref, p.port, call.type, missing(f"could not replay: {e}"), None, tol))
+            layers.append(LayerResult(p.ref, p.port, call.type, missing(f"could not replay: {e}"), None, tol,
+                                      module=p.ref_module))
             continue
         forward = compare_named({k: a.data for k, a in port_local.outputs.items()},
                                 {k: a.data for k, a in call.outputs.items()}, tol, "output")
@@ -273,7 +305,7 @@ def _teacher_forced(ts, ps, ref, port, ref_trace: Trace, pairing: Pairing, wmap:
             backward = combine([cut] if backward is None else [backward, cut])
         layers.append(LayerResult(p.ref, p.port, call.type,
                                   forward or missing("the module returned no tensor"), backward, tol,
-                                  port_local.ignored))
+                                  port_local.ignored, module=p.ref_module))
     return layers
 
 
@@ -284,13 +316,16 @@ def _free_running(ref_trace: Trace, port_trace: Trace, pairing: Pairing, toleran
         tol = tolerances.for_name(p.ref)
         port_call = port_trace.calls.get(p.port)
         if port_call is None:
-            layers.append(LayerResult(p.ref, p.port, call.type, missing("the port never called this module"), None, tol))
+            layers.append(LayerResult(p.ref, p.port, call.type, missing("the port never called this module"), None, tol,
+                                      module=p.ref_module))
             continue
         forward = compare_named({k: a.data for k, a in port_call.outputs.items()},
                                 {k: a.data for k, a in call.outputs.items()}, tol, "output")
         backward = compare_named(port_call.grads, call.grads, tol, "grad of output")
+        amp = amplification(float_inputs(port_call, call.arg_names), float_inputs(call),
+                            {k: a.data for k, a in port_call.outputs.items()}, {k: a.data for k, a in call.outputs.items()})
         layers.append(LayerResult(p.ref, p.port, call.type, forward or missing("the module returned no tensor"),
-                                  backward, tol))
+                                  backward, tol, module=p.ref_module, amplification=amp))
     return layers
 
 

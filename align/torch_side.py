@@ -22,11 +22,14 @@ class TorchSide:
         return isinstance(x, torch.Tensor)
 
     def record(self, t: torch.Tensor) -> Arr:
-        dtype = _DTYPES.get(t.dtype, str(t.dtype).removeprefix("torch."))
+        dtype = self.dtype_name(t)
         t = t.detach()
         if t.dtype in (torch.bfloat16, torch.float16):
             t = t.float()  # numpy has no bf16; fp32 holds every bf16 value exactly
         return Arr(t.cpu().numpy().copy(), dtype, bool(t.requires_grad))
+
+    def dtype_name(self, t) -> str:
+        return _DTYPES.get(t.dtype, str(t.dtype).removeprefix("torch."))
 
     def needs_grad(self, t: torch.Tensor) -> bool:
         return bool(t.requires_grad)
@@ -57,6 +60,12 @@ class TorchSide:
 
     def direct_parameters(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         return dict(module.named_parameters(recurse=False))
+
+    def buffers(self, root) -> dict:
+        return dict(root.named_buffers())
+
+    def clear_grads(self, model) -> None:
+        model.zero_grad(set_to_none=True)
 
     def grad(self, param: torch.Tensor) -> np.ndarray | None:
         return None if param.grad is None else self.record(param.grad).data

@@ -1,9 +1,10 @@
 """Weight rules: the reference's state dict -> the port's, and back.
 
 A rules file (weights/<model>.toml) holds renames with regex captures, ties and ignores.
-Transposes are NOT written there: they follow from the type of the port layer that owns
-the target parameter (`paddle.nn.Linear` stores [in, out]; `paddle.compat.nn.Linear` keeps
-torch's [out, in]). A square matrix fits either way, so shapes never decide.
+Transposes normally follow from the type of the port layer that owns the target parameter
+(`paddle.nn.Linear` stores [in, out]; `paddle.compat.nn.Linear` keeps torch's [out, in]);
+a `[transpose]` table can override that by name for a layer whose type does not say.
+Shapes never decide: a square matrix fits either way.
 
 The same renames map reference module names to port module names for pairing.
 """
@@ -47,6 +48,7 @@ class Rules:
     renames: tuple[Rename, ...]
     tie: dict[str, str]  # reference key -> the reference key it shares storage with
     ignore: tuple[str, ...]  # regexes over reference keys that the port does not hold
+    transpose: tuple[tuple[str, bool], ...] = ()  # explicit layout by name, overriding the layer type
 
     def rename(self, name: str) -> tuple[str, str]:
         """(port name, the rule that produced it) for a reference parameter or module name."""
@@ -59,6 +61,9 @@ class Rules:
     def ignored(self, key: str) -> str | None:
         return next((p for p in self.ignore if re.fullmatch(p, key)), None)
 
+    def transpose_override(self, key: str) -> tuple[str, bool] | None:
+        return next(((p, t) for p, t in self.transpose if re.fullmatch(p, key)), None)
+
 
 def load_rules(path: Path) -> Rules:
     """Parse weights/<model>.toml; errors name the file and key."""
@@ -68,9 +73,9 @@ def load_rules(path: Path) -> Rules:
         raise ConfigError(path, "", "no such file") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, "", f"not valid TOML: {e}") from None
-    unknown = sorted(set(data) - {"rename", "tie", "ignore"})
+    unknown = sorted(set(data) - {"rename", "tie", "ignore", "transpose"})
     if unknown:
-        raise ConfigError(path, unknown[0], "unknown key (expected one of: ignore, rename, tie)")
+        raise ConfigError(path, unknown[0], "unknown key (expected one of: ignore, rename, tie, transpose)")
     renames = []
     for i, r in enumerate(data.get("rename", [])):
         if not isinstance(r, dict) or set(r) != {"from", "to"}:
@@ -86,7 +91,10 @@ def load_rules(path: Path) -> Rules:
     ignore = data.get("ignore", [])
     if not isinstance(ignore, list) or not all(isinstance(v, str) for v in ignore):
         raise ConfigError(path, "ignore", "expected an array of regexes")
-    return Rules(path, tuple(renames), dict(tie), tuple(ignore))
+    transpose = data.get("transpose", {})
+    if not isinstance(transpose, dict) or not all(isinstance(v, bool) for v in transpose.values()):
+        raise ConfigError(path, "transpose", "expected a table of 'regex' = true/false")
+    return Rules(path, tuple(renames), dict(tie), tuple(ignore), tuple(transpose.items()))
 
 
 @dataclass(frozen=True)
@@ -172,6 +180,9 @@ def plan(rules: Rules, source: Mapping[str, np.ndarray], port: Mapping[str, Port
         if target in written:
             raise WeightError(f"{target}: written twice, from {written[target]!r} and {key!r} ({rule})")
         transposed = _transposed(slot)
+        if (override := rules.transpose_override(key)) is not None:
+            transposed = override[1]
+            rule = f"{rule}, transpose {override[0]!r} = {str(override[1]).lower()}"
         if transposed and len(shape) != 2:
             raise WeightError(f"{key} -> {target}: transpose needs a matrix, got shape {shape} ({rule})")
         out_shape = shape[::-1] if transposed else shape

@@ -2,10 +2,14 @@
 test-scoped patch, never by editing the port), and asserts that the gate fails and that
 the report names the module where the bug lives as the first divergence."""
 
+import dataclasses
+import fnmatch
+
 import paddle
 import paddle.nn.functional as F
 import pytest
 
+from align import weights as W
 from ports.gemma2 import modeling as M
 
 
@@ -90,32 +94,168 @@ def embedding_padding_idx_zeroed(monkeypatch):
     monkeypatch.setattr(M.Gemma2TextScaledWordEmbedding, "forward", forward)
 
 
-# (bug, where it lives, which direction shows it first)
+def wrong_attention_scale(monkeypatch):
+    init = M.Gemma2Attention.__init__
+
+    def head_dim_scale(self, config, layer_idx):
+        init(self, config, layer_idx)
+        self.scaling = config.head_dim**-0.5  # Gemma2 scales by query_pre_attn_scalar
+
+    monkeypatch.setattr(M.Gemma2Attention, "__init__", head_dim_scale)
+
+
+def rope_table_in_bf16(monkeypatch):
+    """A buffer in the wrong dtype: inverse frequencies kept in bf16, widened when used."""
+    init = M.Gemma2RotaryEmbedding.__init__
+
+    def bf16_buffer(self, config):
+        init(self, config)
+        self.register_buffer("inv_freq", self.inv_freq.astype("bfloat16"), persistable=False)
+
+    def forward(self, x, position_ids):
+        freqs = position_ids[..., None].astype("float32") * self.inv_freq.astype("float32")
+        emb = paddle.concat([freqs, freqs], axis=-1)
+        return emb.cos().astype(x.dtype), emb.sin().astype(x.dtype)
+
+    monkeypatch.setattr(M.Gemma2RotaryEmbedding, "__init__", bf16_buffer)
+    monkeypatch.setattr(M.Gemma2RotaryEmbedding, "forward", paddle.no_grad()(forward))
+
+
+def loss_summed(monkeypatch):
+    correct = M.causal_lm_loss
+
+    def summed(logits, labels):
+        shifted = labels[:, 1:]
+        return correct(logits, labels) * (shifted != -100).astype("float32").sum()
+
+    monkeypatch.setattr(M, "causal_lm_loss", summed)
+
+
+def padding_mask_shifted(monkeypatch):
+    masks = M._additive_masks
+
+    def shifted(mask, T, window, dtype):
+        return masks(paddle.concat([mask[:, 1:], mask[:, -1:]], axis=1), T, window, dtype)
+
+    monkeypatch.setattr(M, "_additive_masks", shifted)
+
+
+def gelu_gradient_of_exact(monkeypatch):
+    """Forward is tanh-GELU to the last bit; backward is exact GELU's derivative."""
+
+    class StraightThrough(paddle.nn.Layer):
+        def forward(self, x):
+            exact = F.gelu(x, approximate=False)
+            return exact + (F.gelu(x, approximate=True) - exact).detach()
+
+    init = M.Gemma2MLP.__init__
+
+    def patched(self, config):
+        init(self, config)
+        self.act_fn = StraightThrough()
+
+    monkeypatch.setattr(M.Gemma2MLP, "__init__", patched)
+
+
+def with_rules(monkeypatch, **changes):
+    """Patch the weight rules the run loads (as if the rules file said so)."""
+    load = W.load_rules
+
+    def patched(path):
+        rules = load(path)
+        return dataclasses.replace(rules, **{k: v(rules) for k, v in changes.items()})
+
+    monkeypatch.setattr(W, "load_rules", patched)
+
+
+def square_weight_untransposed(monkeypatch):
+    with_rules(monkeypatch, transpose=lambda r: ((r"model\.layers\.1\.self_attn\.q_proj\.weight", False),))
+
+
+def norm_weights_of_the_wrong_layer(monkeypatch):
+    swap = (W.Rename(r"model\.layers\.1\.input_layernorm\.weight", "model.layers.2.input_layernorm.weight"),
+            W.Rename(r"model\.layers\.2\.input_layernorm\.weight", "model.layers.1.input_layernorm.weight"))
+    with_rules(monkeypatch, renames=lambda r: swap + r.renames)
+
+
+# bug -> (inject, where it lives (a glob where every layer holds it), the direction that shows it, kind)
 BUGS = {
     "rmsnorm_missing_plus_one": (lambda mp: mp.setattr(M.Gemma2RMSNorm, "forward", rmsnorm_forward(one_plus=False)),
-                                 "model.layers.0.input_layernorm", "forward"),
+                                 "model.layers.0.input_layernorm", "forward", "forward"),
     # paddle's LayerNorm default eps instead of Gemma2's 1e-6. It shows first in the first norm
     # whose input is small enough for eps to matter: the input norm sees embeddings scaled by 8.
     "rmsnorm_wrong_eps": (lambda mp: mp.setattr(M.Gemma2RMSNorm, "forward", rmsnorm_forward(eps=1e-5)),
-                          "model.layers.0.post_attention_layernorm", "forward"),
-    "attention_softcap_removed": (attention_without_softcap, "model.layers.0.self_attn", "forward"),
-    "final_softcap_removed": (final_softcap_removed, "<root>", "forward"),
-    "rope_base_changed": (rope_base_changed, "model.rotary_emb", "forward"),
-    "sliding_window_off_by_one": (window_off_by_one, "model", "forward"),
-    "exact_instead_of_tanh_gelu": (exact_gelu, "model.layers.0.mlp.act_fn", "forward"),
-    "paddle_cross_entropy_mean": (paddle_cross_entropy_mean, "<root>", "forward"),
-    "detached_gradient_path": (detached_up_proj, "model.layers.3.mlp", "backward"),
-    "embedding_padding_idx_zeroed": (embedding_padding_idx_zeroed, "model.embed_tokens", "forward"),
+                          "model.layers.0.post_attention_layernorm", "forward", "forward"),
+    "attention_softcap_removed": (attention_without_softcap, "model.layers.0.self_attn", "forward", "parameter-less"),
+    "wrong_attention_scale": (wrong_attention_scale, "model.layers.0.self_attn", "forward", "parameter-less"),
+    "final_softcap_removed": (final_softcap_removed, "<root>", "forward", "parameter-less"),
+    "rope_base_changed": (rope_base_changed, "model.rotary_emb", "forward", "parameter-less"),
+    "rope_table_in_bf16": (rope_table_in_bf16, "model.rotary_emb", "forward", "buffer dtype"),
+    "sliding_window_off_by_one": (window_off_by_one, "model", "forward", "mask"),
+    "padding_mask_shifted": (padding_mask_shifted, "model", "forward", "mask"),
+    "exact_instead_of_tanh_gelu": (exact_gelu, "model.layers.0.mlp.act_fn", "forward", "parameter-less"),
+    "paddle_cross_entropy_mean": (paddle_cross_entropy_mean, "<root>", "forward", "loss reduction"),
+    "loss_summed_not_averaged": (loss_summed, "<root>", "forward", "loss reduction"),
+    "embedding_padding_idx_zeroed": (embedding_padding_idx_zeroed, "model.embed_tokens", "forward", "forward"),
+    "detached_gradient_path": (detached_up_proj, "model.layers.3.mlp", "backward", "backward"),
+    # Every act_fn holds this bug; the derivative difference is small, so only the layers
+    # whose gradients are large enough break 1e-5 (layers 2 and 0 with these seeds).
+    "gelu_gradient_of_exact": (gelu_gradient_of_exact, "model.layers.*.mlp.act_fn", "backward", "backward"),
+    "square_weight_untransposed": (square_weight_untransposed, "model.layers.1.self_attn.q_proj", "forward",
+                                   "weight mapping"),
+    "norm_weights_of_the_wrong_layer": (norm_weights_of_the_wrong_layer, "model.layers.1.input_layernorm", "forward",
+                                        "weight mapping"),
 }
 
 
 @pytest.mark.parametrize("bug", sorted(BUGS))
-def test_injected_bug_fails_and_is_localized(bug, monkeypatch, run_cli):
-    inject, culprit, direction = BUGS[bug]
+def test_injected_bug_fails_and_is_localized(bug, monkeypatch, run_cli, bug_ledger):
+    inject, culprit, direction, kind = BUGS[bug]
     inject(monkeypatch)
     code, report, err = run_cli("run", "gemma2", "--dtype", "fp32")
-    assert code == 1, f"{bug}: the gate passed a broken port"
-    assert report["verdict"] == "fail"
+    detected = code == 1 and report["verdict"] == "fail"
     fd = report["first_divergence"]
-    assert (fd["mode"], fd[direction]) == ("teacher_forced", culprit), f"{bug}: first divergence {fd}"
-    assert f"{culprit}: {'forward output' if direction == 'forward' else 'gradient'} is not close!" in err
+    culprits = report["culprits"]
+    # `culprit` is a glob where the bug sits in a class used in every layer.
+    localized = (fd["mode"] == "teacher_forced" and fd[direction] is not None
+                 and fnmatch.fnmatchcase(fd[direction], culprit)
+                 and any(fnmatch.fnmatchcase(c, culprit) for c in culprits[direction]))
+    bug_ledger.record(bug, kind, detected, localized)
+    assert detected, f"{bug}: the gate passed a broken port"
+    assert localized, f"{bug}: first divergence {fd}, culprits {culprits}, expected {culprit} ({direction})"
+    assert f"{fd[direction]}: {'forward output' if direction == 'forward' else 'gradient'} is not close!" in err
+    assert report["repro"] == "repro"
+
+
+def test_bug_kinds_cover_the_ground():
+    kinds = {kind for *_, kind in BUGS.values()}
+    assert len(BUGS) >= 12
+    assert {"forward", "backward", "weight mapping", "buffer dtype", "mask", "loss reduction",
+            "parameter-less"} <= kinds
+
+
+def test_buffer_dtype_is_its_own_finding(monkeypatch, run_cli):
+    rope_table_in_bf16(monkeypatch)
+    _, report, err = run_cli("run", "gemma2", "--dtype", "fp32")
+    [finding] = [f for f in report["findings"] if f["kind"] == "dtype_mismatch"]
+    assert finding["name"] == "model.rotary_emb.inv_freq" and finding["fails"]
+    assert "the reference keeps float32, the port's model.rotary_emb.inv_freq is bfloat16" in finding["message"]
+    assert report["env"]["dtypes"]["model.rotary_emb.inv_freq"] == {
+        "reference": "float32", "port_name": "model.rotary_emb.inv_freq", "port": "bfloat16"}
+
+
+@pytest.mark.parametrize("init_seed,input_seed", [(0, 1), (1, 2), (7, 3)])
+def test_no_false_alarm_on_the_correct_port(init_seed, input_seed, bug_ledger):
+    """The correct port at the default tolerances, on several weights and inputs."""
+    from align.run import align_model
+    from align.spec import load_registry
+    from conftest import REGISTRY
+
+    spec = load_registry(REGISTRY).get("gemma2")
+    spec = dataclasses.replace(spec, init=dataclasses.replace(spec.init, seed=init_seed),
+                               inputs=dataclasses.replace(spec.inputs, seed=input_seed))
+    report = align_model(spec, dtypes=("float32",)).to_dict()
+    bug_ledger.record_clean(f"seeds {init_seed}/{input_seed}", false_alarm=report["verdict"] != "pass")
+    assert report["verdict"] == "pass", report["culprits"]
+    assert report["culprits"]["forward"] == [] and report["culprits"]["backward"] == []
+    assert all(not run.get("amplifying") for run in report["runs"] if run["status"] == "ran")

@@ -1,0 +1,132 @@
+"""Self-checks around a run: the observer effect, the environment, and dtype contracts.
+
+- Observer effect: instrumentation must not change what it measures. Each model is run
+  once with no hooks; its outputs and parameter gradients must be bitwise identical to the
+  instrumented run's.
+- Environment: what makes numbers differ between runs or machines (versions, threads,
+  deterministic flags, TF32, seeds), recorded so two reports can be told apart.
+- Dtypes: every parameter and buffer on both sides. A paired tensor whose dtype differs (a
+  bf16 RoPE table where the reference keeps fp32) is a finding of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from align.capture import Trace, flatten
+
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "CUBLAS_WORKSPACE_CONFIG",
+               "FLAGS_cudnn_deterministic", "FLAGS_embedding_deterministic")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Something wrong that is not a numeric mismatch of one module."""
+
+    kind: str  # "dtype_mismatch", "observer_effect", "unpaired", ...
+    name: str
+    message: str
+    fails: bool  # whether it fails the gate on its own
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Observer:
+    framework: str
+    outputs_identical: bool
+    grads_identical: bool
+    differing: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "differing": list(self.differing)}
+
+
+def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def observer_check(fw: Any, model: Any, inputs: dict[str, Any], seed_fn: Callable, trace: Trace) -> Observer:
+    """Run forward and backward with no hooks and compare bitwise with the recorded trace."""
+    fw.clear_grads(model)
+    output = model(**inputs)
+    fw.backward(seed_fn(output))
+    outputs = {p: fw.record(t).data for p, t in flatten(output, fw) if fw.is_tensor(t)}
+    grads = {k: fw.grad(p) for k, p in fw.parameters(model).items()}
+    fw.clear_grads(model)
+    out_diff = [k for k in set(outputs) | set(trace.outputs)
+                if k not in outputs or k not in trace.outputs or not _same(outputs[k], trace.outputs[k].data)]
+    grad_diff = [k for k in grads if not _same(grads[k], trace.param_grads.get(k))]
+    return Observer(fw.name, not out_diff, not grad_diff, tuple(sorted(out_diff) + sorted(grad_diff)))
+
+
+def environment(seed_init: int, seed_inputs: int) -> dict[str, Any]:
+    """Versions, threads, determinism flags and seeds: what two runs must share to agree bitwise."""
+    import torch
+    import transformers
+
+    from align.paddle_side import paddle
+
+    cuda = torch.cuda.is_available()
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "paddle": paddle.__version__,
+        "paddle_commit": getattr(paddle.version, "commit", None),
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "device": {"torch": "cuda" if cuda else "cpu", "paddle": paddle.device.get_device()},
+        "threads": {"torch": torch.get_num_threads(), "torch_interop": torch.get_num_interop_threads(),
+                    "cpu_count": os.cpu_count()},
+        "env_vars": {k: os.environ.get(k) for k in THREAD_VARS},
+        "determinism": {
+            "torch_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "torch_cudnn_deterministic": torch.backends.cudnn.deterministic,
+            "torch_cudnn_benchmark": torch.backends.cudnn.benchmark,
+            # TF32 rounds fp32 matmuls to 10 mantissa bits on Ampere+ GPUs: enough to break 1e-5.
+            "torch_tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            "torch_tf32_cudnn": torch.backends.cudnn.allow_tf32,
+            "paddle_compiled_with_cuda": paddle.is_compiled_with_cuda(),
+        },
+        "seeds": {"init": seed_init, "inputs": seed_inputs},
+    }
+
+
+def environment_warnings(env: dict[str, Any]) -> list[str]:
+    """Settings that make fp32 numbers drift on their own, said plainly."""
+    warnings = []
+    d = env["determinism"]
+    if env["device"]["torch"] == "cuda":
+        if d["torch_tf32_matmul"] or d["torch_tf32_cudnn"]:
+            warnings.append("TF32 is enabled in torch: fp32 matmuls run with 10-bit mantissas on Ampere+ GPUs")
+        if not d["torch_deterministic_algorithms"]:
+            warnings.append("torch deterministic algorithms are off on CUDA: repeated runs may differ")
+    return warnings
+
+
+def dtype_table(ref_tensors: dict[str, Any], port_tensors: dict[str, Any], ref_fw: Any, port_fw: Any,
+                to_port: Callable[[str], str | None]) -> tuple[dict[str, dict], list[Finding]]:
+    """Every reference parameter and buffer with its dtype and its port counterpart's."""
+    table, findings = {}, []
+    port_dtypes = {k: port_fw.dtype_name(t) for k, t in port_tensors.items()}
+    for key, t in ref_tensors.items():
+        ref_dtype = ref_fw.dtype_name(t)
+        port_key = to_port(key)
+        port_dtype = port_dtypes.get(port_key) if port_key else None
+        table[key] = {"reference": ref_dtype, "port_name": port_key, "port": port_dtype}
+        if port_dtype is not None and port_dtype != ref_dtype:
+            findings.append(Finding("dtype_mismatch", key,
+                                    f"{key}: the reference keeps {ref_dtype}, the port's {port_key} is {port_dtype}",
+                                    fails=True))
+    return table, findings

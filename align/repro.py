@@ -1,0 +1,239 @@
+"""A standalone reproduction of the first culprit, for whoever fixes the port.
+
+`reports/<model>/repro/` holds the culprit's recorded reference inputs, outputs and gradients
+(tensors.safetensors), both sides' weights for that module (weights_ref / weights_port),
+a manifest, and repro.py, which rebuilds only that Paddle module, runs it on the saved
+inputs (forward, and backward seeded with the reference's output gradients) and prints
+the diff. repro.py needs paddle, numpy and safetensors, and neither torch nor align.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from align.capture import ROOT, Arr, Call, Opaque
+from align.spec import ModelSpec, Tolerance
+
+
+@dataclass
+class ReproCase:
+    name: str  # the culprit's reference call name
+    port_module: str
+    call: Call
+    tensors: dict[str, np.ndarray]  # input/, ref_output/, output_grad/, ref_input_grad/, ref_param_grad/
+    inputs: dict[str, Any]  # {"args": [...], "kwargs": {...}} with tensor leaves as references into `tensors`
+    ref_weights: dict[str, np.ndarray]
+    port_weights: dict[str, np.ndarray]
+    manifest: dict[str, Any]
+
+    @classmethod
+    def make(cls, spec: ModelSpec, cfg: Any, pair: Any, call: Call, ts: Any, ps: Any, ref: Any, port: Any,
+             tol: Tolerance, wmap: Any) -> ReproCase:
+        from align.replay import run_local
+
+        port_layer = ps.submodule(port, pair.port_module)
+        tensors: dict[str, np.ndarray] = {}
+        accepted = ps.accepted_kwargs(port_layer)
+
+        def encode(obj: Any, path: str) -> Any:
+            if isinstance(obj, Arr):
+                tensors[f"input/{path}"] = np.ascontiguousarray(obj.data)
+                return {"__tensor__": f"input/{path}", "dtype": obj.dtype, "path": path}
+            if isinstance(obj, Opaque):
+                return None
+            if isinstance(obj, dict):
+                return {k: encode(v, f"{path}.{k}" if path else k) for k, v in obj.items()}
+            if isinstance(obj, (tuple, list)):
+                items = [encode(v, f"{path}.{i}") for i, v in enumerate(obj)]
+                return items if isinstance(obj, list) else {"__tuple__": items}
+            return obj
+
+        inputs = {
+            "args": [encode(a, call.arg_path(i)) for i, a in enumerate(call.args)],
+            "kwargs": encode({k: v for k, v in call.kwargs.items() if accepted is None or k in accepted}, ""),
+        }
+        for path, a in call.outputs.items():
+            tensors[f"ref_output/{path}"] = np.ascontiguousarray(a.data)
+        for path, g in call.grads.items():
+            tensors[f"output_grad/{path}"] = np.ascontiguousarray(g)
+        ref_local = run_local(ts, ref, pair.ref_module, call, filter_kwargs=False)
+        for path, g in ref_local.input_grads.items():
+            tensors[f"ref_input_grad/{path}"] = np.ascontiguousarray(g)
+        # Reference parameter grads, renamed and laid out as the port's parameters.
+        for attr, g in ref_local.param_grads.items():
+            key = attr if pair.ref_module == ROOT else f"{pair.ref_module}.{attr}"
+            entry = next((e for e in wmap.entries if e.source == key and e.target), None)
+            if entry is None:
+                continue
+            port_attr = entry.target if pair.port_module == ROOT else entry.target[len(pair.port_module) + 1:]
+            tensors[f"ref_param_grad/{port_attr}"] = np.ascontiguousarray(g.T if entry.transposed else g)
+
+        ref_layer = ts.submodule(ref, pair.ref_module)
+        manifest = {
+            "culprit": call.name,
+            "module_type": call.type,
+            "port_module": pair.port_module,
+            "port_class": spec.port_class,
+            "port_config_class": spec.port_config_class,
+            "config": json.loads(json.dumps(cfg.to_dict(), default=str)),
+            "reference_class": spec.reference_class,
+            "tolerance": {"atol": tol.atol, "rtol": tol.rtol},
+            "project_root": str(spec.root),
+            "inputs": inputs,
+        }
+        return cls(
+            name=call.name, port_module=pair.port_module, call=call, tensors=tensors, inputs=inputs,
+            ref_weights={k: np.ascontiguousarray(ts.record(v).data) for k, v in ref_layer.state_dict().items()},
+            port_weights={k: np.ascontiguousarray(ps.record(v).data) for k, v in port_layer.state_dict().items()},
+            manifest=manifest,
+        )
+
+    def write(self, out_dir: Path) -> Path:
+        """Write the repro folder (whole or not at all) and return its path."""
+        from safetensors.numpy import save_file
+
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".repro."))
+        try:
+            save_file(self.tensors, str(tmp / "tensors.safetensors"))
+            save_file(self.ref_weights, str(tmp / "weights_ref.safetensors"))
+            save_file(self.port_weights, str(tmp / "weights_port.safetensors"))
+            (tmp / "manifest.json").write_text(json.dumps(self.manifest, indent=1) + "\n")
+            (tmp / "repro.py").write_text(SCRIPT)
+            os.chmod(tmp, 0o755)
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out_dir
+
+
+SCRIPT = '''"""Standalone reproduction written by align: one Paddle module against the reference's tensors.
+
+    python repro.py          # exit 1 if the mismatch reproduces, 0 if the module now matches
+
+Needs paddle, numpy and safetensors (not torch). The module is built from the port's own
+config under paddle.LazyGuard, so only its own weights are ever materialized.
+"""
+
+import dataclasses
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import paddle
+from safetensors.numpy import load_file
+
+HERE = Path(__file__).resolve().parent
+
+
+def flatten(obj, prefix=""):
+    join = (lambda k: f"{prefix}.{k}") if prefix else str
+    if isinstance(obj, paddle.Tensor):
+        return [(prefix or "out", obj)]
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in flatten(v, join(k))]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [p for f in dataclasses.fields(obj) for p in flatten(getattr(obj, f.name), join(f.name))]
+    if isinstance(obj, (tuple, list)):
+        return [p for i, v in enumerate(obj) for p in flatten(v, join(i))]
+    return []
+
+
+def build(spec, tensors, leaves):
+    if isinstance(spec, dict) and "__tensor__" in spec:
+        t = paddle.to_tensor(tensors[spec["__tensor__"]]).astype(spec["dtype"])
+        if spec["dtype"].startswith(("float", "bfloat")):
+            t.stop_gradient = False
+            leaves.append((spec["path"], t))
+        return t
+    if isinstance(spec, dict) and "__tuple__" in spec:
+        return tuple(build(v, tensors, leaves) for v in spec["__tuple__"])
+    if isinstance(spec, dict):
+        return {k: build(v, tensors, leaves) for k, v in spec.items()}
+    if isinstance(spec, list):
+        return [build(v, tensors, leaves) for v in spec]
+    return spec
+
+
+def check(what, got, want, atol, rtol):
+    got, want = got.astype(np.float64), want.astype(np.float64)
+    if got.shape != want.shape:
+        print(f"{what}: shape {got.shape}, reference {want.shape}")
+        return False
+    diff = np.abs(got - want)
+    bad = ~(diff <= atol + rtol * np.abs(want))  # NaN counts as bad
+    worst = np.unravel_index(int(np.nanargmax(np.where(np.isnan(diff), np.inf, diff))), diff.shape) if diff.size else ()
+    print(f"{what}: max abs diff {np.nanmax(diff) if diff.size else 0:.3g} at {list(map(int, worst))}, "
+          f"mismatched {int(bad.sum())}/{bad.size} (atol {atol:g}, rtol {rtol:g})")
+    return not bad.any()
+
+
+def main():
+    m = json.loads((HERE / "manifest.json").read_text())
+    sys.path.insert(0, m["project_root"])
+
+    def load(target):
+        module, _, attr = target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    port_cls, cfg_cls = load(m["port_class"]), load(m["port_config_class"])
+    with paddle.LazyGuard():
+        model = port_cls(cfg_cls.from_dict(m["config"]))
+    layer = model if m["port_module"] == "<root>" else dict(model.named_sublayers())[m["port_module"]]
+    state = layer.state_dict()
+    for key, value in load_file(str(HERE / "weights_port.safetensors")).items():
+        state[key].set_value(value)
+    layer.eval()
+
+    tensors = load_file(str(HERE / "tensors.safetensors"))
+    leaves = []
+    args = build(m["inputs"]["args"], tensors, leaves)
+    kwargs = build(m["inputs"]["kwargs"], tensors, leaves)
+    print(f"{m['culprit']} ({m['module_type']}): port module {m['port_module']!r} on the reference's inputs")
+    tol = m["tolerance"]
+    outputs = dict(flatten(layer(*args, **kwargs)))
+    ok = True
+    for key in sorted(k for k in tensors if k.startswith("ref_output/")):
+        path = key.split("/", 1)[1]
+        if path not in outputs:
+            print(f"output {path}: the port module did not return it")
+            ok = False
+            continue
+        ok &= check(f"forward output {path}", outputs[path].astype("float32").numpy(), tensors[key], **tol)
+
+    seeds = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("output_grad/")}
+    seeded = [(outputs[p], g) for p, g in seeds.items() if p in outputs and not outputs[p].stop_gradient]
+    params = dict(layer.named_parameters(include_sublayers=False))
+    targets = [t for _, t in leaves] + list(params.values())
+    if seeded and targets:
+        grads = paddle.grad([o for o, _ in seeded], targets,
+                            [paddle.to_tensor(g).astype(o.dtype) for o, g in seeded], allow_unused=True)
+        names = [f"ref_input_grad/{p}" for p, _ in leaves] + [f"ref_param_grad/{n}" for n in params]
+        for name, g in zip(names, grads):
+            if name not in tensors:
+                continue
+            if g is None:
+                print(f"{name.split('/', 1)[1]}: no gradient reaches it in the port")
+                ok = False
+                continue
+            ok &= check(f"gradient {name.split('/', 1)[1]}", g.astype("float32").numpy(), tensors[name], **tol)
+    print("MATCHES the reference" if ok else "MISMATCH reproduced")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+'''

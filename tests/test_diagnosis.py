@@ -1,0 +1,138 @@
+"""Localization, amplification, the observer check, the environment record, and the repro."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from align.capture import ROOT
+from align.compare import LayerResult, amplification, culprits, deepest
+from align.metrics import compare_arrays
+from align.spec import Tolerance
+from conftest import REGISTRY, ROOT as PROJECT
+
+TOL = Tolerance(1e-5, 1e-5)
+GOOD = compare_arrays(np.ones(2), np.ones(2), TOL)
+BAD = compare_arrays(np.ones(2) * 2, np.ones(2), TOL)
+
+
+def layer(name, fwd=GOOD, bwd=None):
+    return LayerResult(name, name, "T", fwd, bwd, TOL, module=name.split("#")[0])
+
+
+def test_culprit_is_the_deepest_failing_module():
+    layers = (layer("a.b.c"), layer("a.b", BAD), layer("a", BAD), layer(ROOT, BAD), layer("x", GOOD, BAD))
+    order = ["a.b.c", "a.b", "a", "x", ROOT]
+    c = culprits(layers, order, order[::-1])
+    assert c.forward == ("a.b",)  # a and the root fail only because a.b does
+    assert c.backward == ("x",)
+
+
+def test_siblings_are_separate_culprits_and_repeated_calls_count():
+    layers = (layer("m.l0.attn", BAD), layer("m.l1.attn", BAD), layer("m.l0", BAD), layer("m.f#2", BAD))
+    c = culprits(layers, ["m.l0.attn", "m.l0", "m.l1.attn", "m.f#2"], [])
+    assert c.forward == ("m.l0.attn", "m.l1.attn", "m.f#2")
+
+
+def test_nothing_failing_means_no_culprit():
+    assert culprits((layer("a"), layer(ROOT)), ["a", ROOT], [ROOT, "a"]).forward == ()
+    assert deepest([]) == ()
+
+
+def test_amplification_separates_a_local_bug_from_drift():
+    x = np.linspace(1, 2, 10)
+    drifted = x * (1 + 1e-3)
+    # Error in, same error out: drift, not flagged.
+    assert not amplification({"h": drifted}, {"h": x}, {"o": drifted}, {"o": x}).flagged
+    # Exact in, wrong out: a local bug.
+    local = amplification({"h": x}, {"h": x}, {"o": x * 1.01}, {"o": x})
+    assert local.flagged and local.input_error == 0 and local.ratio == float("inf")
+    # fp32 rounding from an exact input stays under the floor.
+    assert not amplification({"h": x}, {"h": x}, {"o": x * (1 + 1e-7)}, {"o": x}).flagged
+    # Small error in, 100x out.
+    amp = amplification({"h": x * (1 + 1e-5)}, {"h": x}, {"o": x * (1 + 1e-3)}, {"o": x})
+    assert amp.flagged and amp.ratio == pytest.approx(100, rel=1e-3)
+
+
+def test_observer_effect_is_caught(monkeypatch, run_cli):
+    """Instrumentation that perturbs what it records must not go unnoticed."""
+    from align.paddle_side import PaddleSide, paddle
+
+    monkeypatch.setattr(PaddleSide, "identity", lambda self, t: t * paddle.to_tensor(1.0 + 1e-6, dtype=t.dtype))
+    _, report, err = run_cli("run", "gemma2", "--dtype", "fp32")
+    by_fw = {o["framework"]: o for o in report["observer"]}
+    assert by_fw["torch"]["outputs_identical"] and by_fw["torch"]["grads_identical"]
+    assert not by_fw["paddle"]["outputs_identical"]
+    assert any(w.startswith("observer effect: the paddle model") for w in report["warnings"])
+    assert "observer check (paddle): outputs and grads with hooks vs without: DIFFERENT" in err
+
+
+def test_correct_run_records_environment_and_observer(run_cli):
+    code, report, _ = run_cli("run", "gemma2", "--dtype", "fp32")
+    assert code == 0
+    assert all(o["outputs_identical"] and o["grads_identical"] for o in report["observer"])
+    env = report["env"]
+    assert {"torch_deterministic_algorithms", "torch_tf32_matmul", "torch_tf32_cudnn"} <= set(env["determinism"])
+    assert env["threads"]["torch"] >= 1 and env["seeds"] == {"init": 0, "inputs": 1}
+    dtypes = env["dtypes"]
+    assert dtypes["model.layers.0.self_attn.q_proj.weight"]["port"] == "float32"
+    assert dtypes["model.rotary_emb.inv_freq"] == {"reference": "float32", "port_name": "model.rotary_emb.inv_freq",
+                                                   "port": "float32"}
+    assert report["findings"] == [] and report["repro"] is None
+
+
+@pytest.fixture
+def buggy_port_registry(tmp_path, monkeypatch):
+    """A copy of the Gemma2 port with RMSNorm's `1 +` removed, registered as its own package,
+    so that a separate process (the repro script) sees the same bug."""
+    pkg = tmp_path / "buggy_gemma2"
+    pkg.mkdir()
+    source = (PROJECT / "ports" / "gemma2" / "modeling.py").read_text()
+    broken = source.replace('h = h * (1.0 + self.weight.astype("float32"))', 'h = h * self.weight.astype("float32")')
+    assert broken != source
+    (pkg / "__init__.py").write_text("")
+    (pkg / "modeling.py").write_text(broken)
+    shutil.copytree(PROJECT / "weights", tmp_path / "weights")
+    registry = tmp_path / "align.toml"
+    registry.write_text(REGISTRY.read_text().replace('class = "ports.gemma2:Gemma2ForCausalLM"',
+                                                     'class = "buggy_gemma2.modeling:Gemma2ForCausalLM"')
+                        .replace('config_class = "ports.gemma2:Gemma2Config"',
+                                 'config_class = "buggy_gemma2.modeling:Gemma2Config"'))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return registry
+
+
+def test_repro_reproduces_the_culprit_without_torch(buggy_port_registry, tmp_path):
+    from align.cli import main
+
+    out = tmp_path / "report"
+    code = main(["--registry", str(buggy_port_registry), "run", "gemma2", "--dtype", "fp32", "--out", str(out), "--quiet"])
+    report = json.loads((out / "report.json").read_text())
+    assert code == 1 and report["culprits"]["forward"][0] == "model.layers.0.input_layernorm"
+    repro = out / report["repro"]
+    assert {p.name for p in repro.iterdir()} == {"manifest.json", "repro.py", "tensors.safetensors",
+                                                  "weights_ref.safetensors", "weights_port.safetensors"}
+    # torch and transformers made unimportable: the repro needs paddle only.
+    block = ("import sys, runpy; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
+             "sys.argv = ['repro.py']; runpy.run_path('repro.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", block], cwd=repro, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "model.layers.0.input_layernorm (Gemma2RMSNorm)" in proc.stdout
+    assert "forward output out: max abs diff" in proc.stdout
+    assert "MISMATCH reproduced" in proc.stdout
+
+
+def test_repro_of_a_fixed_module_matches(buggy_port_registry, tmp_path):
+    """The same repro folder, once the port is fixed, says the module matches (exit 0)."""
+    from align.cli import main
+
+    out = tmp_path / "report"
+    main(["--registry", str(buggy_port_registry), "run", "gemma2", "--dtype", "fp32", "--out", str(out), "--quiet"])
+    modeling = tmp_path / "buggy_gemma2" / "modeling.py"
+    modeling.write_text((PROJECT / "ports" / "gemma2" / "modeling.py").read_text())
+    proc = subprocess.run([sys.executable, "repro.py"], cwd=out / "repro", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "MATCHES the reference" in proc.stdout
