@@ -1,5 +1,6 @@
 # make align MODEL=gemma2   align one model (default gemma2) and write reports/<model>/
 # make test                 the test suite (what CI runs)
+# make gate                 align every model marked ci = true, write reports/junit.xml; exit 1 if any fails
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +9,7 @@ STAMP  := $(VENV)/.installed
 MODEL  ?= gemma2
 ARGS   ?=
 
-.PHONY: align test venv clean
+.PHONY: align test gate venv clean
 
 venv: $(STAMP)
 
@@ -19,6 +20,9 @@ $(STAMP): pyproject.toml
 
 align: $(STAMP)
 	$(VENV)/bin/align run $(MODEL) $(ARGS)
+
+gate: $(STAMP)
+	$(VENV)/bin/align gate --junit reports/junit.xml $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)

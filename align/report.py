@@ -6,7 +6,6 @@ crash never leaves a half-written report that looks complete.
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import tempfile
@@ -38,10 +37,58 @@ def write_atomic(path: Path, text: str) -> None:
 
 def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
     """Write report.json and report.html into out_dir; returns both paths."""
+    from align.html import render_html
+
     json_path, html_path = out_dir / "report.json", out_dir / "report.html"
     write_atomic(json_path, dumps(report))
     write_atomic(html_path, render_html(report))
     return json_path, html_path
+
+
+HISTORY = "history.jsonl"
+
+
+def append_history(report: dict, reports_root: Path) -> None:
+    """One line per run in reports/history.jsonl, so the dashboard can show a regression."""
+    from align.html import worst_teacher_forced
+
+    line = {
+        "model": report["model"], "created": report["created"], "verdict": report["verdict"],
+        "config": report["config"], "port": report["port"],
+        "worst_teacher_forced": worst_teacher_forced(report),
+        "dtypes": {r["dtype"]: (r["status"] if r["status"] != "ran" else ("pass" if r["passed"] else "fail"))
+                   for r in report["runs"] if r["mode"] == "teacher_forced"},
+        "first_divergence": report["first_divergence"],
+    }
+    reports_root.mkdir(parents=True, exist_ok=True)
+    with open(reports_root / HISTORY, "a", encoding="utf-8") as f:
+        f.write(json.dumps(_encode(line)) + "\n")
+
+
+def read_history(reports_root: Path) -> list[dict]:
+    path = reports_root / HISTORY
+    if not path.is_file():
+        return []
+    lines = []
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        try:
+            lines.append(_decode(json.loads(raw)))
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash mid-append; the rest of the history still counts
+    return lines
+
+
+def write_index(reports_root: Path) -> Path:
+    """reports/index.html from every reports/<model>/report.json and the history."""
+    from align.html import render_index
+
+    latest = {}
+    for path in sorted(reports_root.glob("*/report.json")):
+        report = load_report(path)
+        latest[report["model"]] = report
+    out = reports_root / "index.html"
+    write_atomic(out, render_index(latest, read_history(reports_root)))
+    return out
 
 
 def _layer_message(report_run: dict, name: str, direction: str) -> str:
@@ -142,58 +189,6 @@ def render_console(report: dict, console: Console, paths: tuple[Path, ...] = ())
         console.print(f"wrote {p}")
 
 
-def render_html(report: dict) -> str:
-    """A plain, self-contained HTML page (every model-derived string escaped)."""
-    e = html.escape
-    rows = []
-    for run in report["runs"]:
-        head = f"{e(run['dtype'])} / {e(run['mode'])}"
-        if run["status"] != "ran":
-            rows.append(f"<h2>{head}: NOT RUN</h2><p>{e(run['reason'])}</p>")
-            continue
-        rows.append(f"<h2>{head}: {'pass' if run['passed'] else 'FAIL'}{'' if run['gated'] else ' (not gated)'}</h2>")
-        rows.append(f"<p>first divergence: forward {e(str(run['first_divergence']['forward']))}, "
-                    f"backward {e(str(run['first_divergence']['backward']))}</p>")
-        rows.append("<table><tr><th>module</th><th>type</th><th>fwd max abs</th><th>fwd max rel</th><th>fwd cos</th>"
-                    "<th>bwd max abs</th><th>bwd max rel</th><th>bwd cos</th><th>headroom atol</th><th></th></tr>")
-        for layer in run["layers"]:
-            f, b = layer["forward"], layer["backward"]
-            need = max(f["needed_atol"], b["needed_atol"] if b else 0.0)
-            cls = "ok" if layer["passed"] else "bad"
-            rows.append(
-                f"<tr class={cls}><td>{e(layer['name'])}</td><td>{e(layer['type'])}</td>"
-                f"<td>{_fmt(f['max_abs'])}</td><td>{_fmt(f['max_rel'])}</td><td>{f['cosine']:.6f}</td>"
-                f"<td>{_fmt(b and b['max_abs'])}</td><td>{_fmt(b and b['max_rel'])}</td>"
-                f"<td>{'-' if b is None else format(b['cosine'], '.6f')}</td><td>{_fmt(need)}</td>"
-                f"<td>{'pass' if layer['passed'] else 'FAIL'}</td></tr>")
-        rows.append("</table>")
-    outs = "".join(f"<tr class={'ok' if o['passed'] else 'bad'}><td>{e(o['name'])}</td><td>{_fmt(o['max_abs'])}</td>"
-                   f"<td>{_fmt(o['max_rel'])}</td><td>{'pass' if o['passed'] else 'FAIL'}</td></tr>"
-                   for o in report["outputs"] + report["param_grads"])
-    weights = "".join(f"<tr><td>{e(w['source'])}</td><td>{e(str(w['target']))}</td><td>{e(str(w['source_shape']))}</td>"
-                      f"<td>{e(str(w['target_shape']))}</td><td>{e(w['transform'])}</td><td>{e(str(w['exact']))}</td></tr>"
-                      for w in report["weights"])
-    msgs = "".join(f"<pre>{e(m)}</pre>" for m in failure_messages(report))
-    warns = "".join(f"<li>{e(w)}</li>" for w in report["warnings"])
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>align: {e(report['model'])} {e(report['verdict'])}</title>
-<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:2px 6px;font-size:13px}} .bad{{background:#fdd}} .ok{{background:#efe}}</style>
-</head><body>
-<h1>{e(report['model'])}: {e(report['verdict'].upper())}</h1>
-<p>config {e(report['config'])}, {e(report['port'])} port, {e(report['created'])}.
-Rerun: <code>{e(report['command'])}</code></p>
-<ul>{warns}</ul>{msgs}
-{''.join(rows)}
-<h2>Model outputs and parameter gradients (free-running)</h2>
-<table><tr><th>name</th><th>max abs</th><th>max rel</th><th></th></tr>{outs}</table>
-<h2>Weight map</h2>
-<table><tr><th>source</th><th>target</th><th>source shape</th><th>target shape</th><th>transform</th><th>bit-exact</th></tr>{weights}</table>
-<h2>Environment</h2><pre>{e(json.dumps(report['env'], indent=1))}</pre>
-</body></html>
-"""
-
-
 # Metric fields that may be infinite (a missing tensor) or NaN. Strict JSON has no such
 # numbers, so they are written as the strings "inf", "-inf" and "nan" and read back.
 _FLOAT_FIELDS = frozenset({"max_abs", "mean_abs", "max_rel", "cosine", "needed_atol"})
@@ -221,6 +216,12 @@ def _decode(obj: Any) -> Any:
 
 def dumps(report: dict) -> str:
     return json.dumps(_encode(report), indent=1, allow_nan=False) + "\n"
+
+
+def as_json(report: dict) -> dict:
+    """The report exactly as report.json will hold it (tuples become lists, and so on), so
+    that everything rendered at run time equals what a later re-render from the file gives."""
+    return _decode(json.loads(dumps(report)))
 
 
 def load_report(path: Path) -> dict[str, Any]:

@@ -1,0 +1,185 @@
+"""The HTML report, the dashboard, JUnit, the gate and re-rendering, all from report.json."""
+
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from align.cli import main
+from align.html import render_html, render_index
+from align.junit import render_junit
+from conftest import REGISTRY, ROOT
+from test_injected_bugs import attention_without_softcap
+
+
+@pytest.fixture(scope="module")
+def passing(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reports") / "gemma2"
+    assert main(["--registry", str(REGISTRY), "run", "gemma2", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def failing(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    attention_without_softcap(mp)
+    try:
+        out = tmp_path_factory.mktemp("reports") / "gemma2"
+        assert main(["--registry", str(REGISTRY), "run", "gemma2", "--dtype", "fp32", "--out", str(out), "--quiet"]) == 1
+    finally:
+        mp.undo()
+    return out
+
+
+def load(out):
+    from align.report import load_report
+
+    return load_report(out / "report.json")
+
+
+def test_page_shows_what_a_reviewer_needs(passing):
+    page = (passing / "report.html").read_text()
+    report = load(passing)
+    assert '<header class="verdict pass"' in page and "gemma2: PASS" in page
+    assert "torch 2.13.0" in page and "paddle 3.3.1" in page and "transformers 5.23.0" in page
+    assert "|port - ref| &lt;= 1e-05 + 1e-05 * |ref| elementwise" in page  # the policy in words
+    assert "Reproduce: <code>align --registry" in page
+    assert page.count("data-module=") == 66  # every teacher-forced module in the tree
+    assert page.count('class="series"') == 4  # fwd/bwd x teacher-forced/free-running
+    assert 'class="tolerance"' in page
+    assert "Weight map" in page and "model.layers.0.self_attn.q_proj.weight" in page
+    assert "bfloat16 was NOT run" in page and "Observer check" in page
+    assert len(page.encode()) < 2 * 1024 * 1024
+    assert report["schema_version"] == 1
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing from the network
+
+
+def test_failing_page_marks_the_divergence_and_culprits(failing):
+    page = (failing / "report.html").read_text()
+    assert '<header class="verdict fail"' in page
+    assert 'href="#first-divergence-forward"' in page and 'id="first-divergence-forward"' in page
+    marked = re.search(r'<div class="row fail mark" id="([^"]+)" data-module="model.layers.0.self_attn">', page)
+    assert marked, "the first divergence row is not marked"
+    assert page.count("badge b-culprit") == 4  # every layer's self_attn holds the bug
+    assert "model.layers.0.self_attn: forward output is not close!" in page
+
+
+def test_model_strings_are_escaped(passing):
+    report = copy.deepcopy(load(passing))
+    evil = '<script>alert("x")</script>'
+    report["runs"][0]["layers"][3]["name"] = f"model.{evil}"
+    report["runs"][0]["layers"][3]["type"] = evil
+    report["weights"][0]["source"] = evil
+    report["warnings"].append(evil)
+    report["command"] = evil
+    page = render_html(report)
+    assert "<script>" not in page
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
+
+
+def test_rerender_from_json_alone_is_identical(failing, tmp_path):
+    copy_dir = tmp_path / "old"
+    shutil.copytree(failing, copy_dir)
+    (copy_dir / "report.html").unlink()
+    code = main(["report", "render", str(copy_dir)])
+    assert code == 1  # the re-rendered report keeps its verdict
+    assert (copy_dir / "report.html").read_text() == (failing / "report.html").read_text()
+
+
+def test_render_refuses_what_is_not_a_report(tmp_path, capsys):
+    bad = tmp_path / "report.json"
+    bad.write_text('{"hello": 1}')
+    assert main(["report", "render", str(bad)]) == 2
+    assert capsys.readouterr().err.strip() == f"align: error: {bad}: schema_version: missing: not a report.json written by align"
+
+
+def test_junit_one_case_per_model_dtype_mode(passing, failing):
+    ok = ET.fromstring(render_junit([load(passing)]))
+    cases = ok.findall(".//testcase")
+    assert [c.get("name") for c in cases] == ["float32 teacher-forced", "float32 free-running (informational)",
+                                              "bfloat16 teacher-forced", "bfloat16 free-running (informational)"]
+    assert ok.get("failures") == "0" and ok.get("skipped") == "2"
+    assert "no bfloat16 kernels" in cases[2].find("skipped").get("message")
+    bad = ET.fromstring(render_junit([load(failing)]))
+    failure = bad.find(".//testcase[@name='float32 teacher-forced']/failure")
+    assert "forward culprit model.layers.0.self_attn" in failure.get("message")
+    assert bad.get("failures") == "1"
+
+
+def test_dashboard_shows_history(passing, failing, tmp_path):
+    from align.report import append_history, load_report, write_index
+
+    root = tmp_path / "reports"
+    good, bad = load_report(passing / "report.json"), load_report(failing / "report.json")
+    for r in (good, bad):
+        (root / "gemma2").mkdir(parents=True, exist_ok=True)
+        (root / "gemma2" / "report.json").write_text(json.dumps(r, default=str))
+        append_history(r, root)
+    page = write_index(root).read_text()
+    assert '<a href="gemma2/report.html">gemma2</a>' in page
+    assert page.index(">pass</span>") < page.index(">fail</span>")  # oldest to newest: the regression shows
+    assert "float32: FAIL" in page
+
+
+def test_gate_passes_and_writes_junit(tmp_path, capsys):
+    junit = tmp_path / "junit.xml"
+    code = main(["--registry", str(REGISTRY), "gate", "--junit", str(junit), "--reports", str(tmp_path), "--quiet"])
+    assert code == 0
+    assert ET.parse(junit).getroot().get("failures") == "0"
+    assert (tmp_path / "gemma2" / "report.html").is_file() and (tmp_path / "index.html").is_file()
+
+
+def test_gate_fails_when_a_model_fails(tmp_path, monkeypatch):
+    attention_without_softcap(monkeypatch)
+    junit = tmp_path / "junit.xml"
+    code = main(["--registry", str(REGISTRY), "gate", "--junit", str(junit), "--reports", str(tmp_path), "--quiet"])
+    assert code == 1
+    failure = ET.parse(junit).getroot().find(".//failure")
+    assert failure is not None and "model.layers.0.self_attn" in failure.get("message")
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium on this machine: .ci/run installs Debian's "
+                    "chromium (apt-get install chromium); it could not be installed here")
+def test_report_renders_in_a_real_browser(failing):
+    """As a person sees it: headless Chromium loads the page from disk, runs no network, and
+    the DOM it builds has the layer rows, the chart and the first-divergence marker."""
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--hide-scrollbars", f"--user-data-dir={tempfile.mkdtemp()}"]
+    url = (failing / "report.html").resolve().as_uri()
+    dom = subprocess.run([_chromium(), *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("data-module=") == 66
+    assert "<svg" in dom and dom.count('class="series"') == 4
+    assert 'id="first-divergence-forward"' in dom
+    shots = ROOT / "reports" / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    shot = shots / "report-failing.png"
+    shot.unlink(missing_ok=True)
+    subprocess.run([_chromium(), *flags, "--window-size=1400,2400", f"--screenshot={shot}", url],
+                   capture_output=True, timeout=120, check=True)
+    assert shot.stat().st_size > 50_000  # a rendered page, not a blank one
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    print(f"screenshot: {shot}")
+
+
+def test_index_without_reports():
+    assert "align dashboard" in render_index({}, [])
+
+
+def test_empty_gate_is_an_error(tmp_path, capsys):
+    shutil.copytree(ROOT / "weights", tmp_path / "weights")
+    (tmp_path / "align.toml").write_text(REGISTRY.read_text().replace("ci = true", "ci = false"))
+    assert main(["--registry", str(tmp_path / "align.toml"), "gate"]) == 2
+    assert "no model is marked ci = true" in capsys.readouterr().err
+    assert os.path.exists(tmp_path / "align.toml")
