@@ -13,6 +13,7 @@ from align.capture import Arr
 from align.spec import ConfigError, ModelSpec
 
 IGNORE_INDEX = -100
+MASKED_FRACTION = 0.3
 
 
 def import_object(target: str, file: Path, key: str) -> Any:
@@ -85,12 +86,14 @@ def build_reference(spec: ModelSpec, cfg: Any, checkpoint: Path | None = None) -
             raise ConfigError(checkpoint, "", f"does not fit {cls.__name__}: missing {sorted(missing)[:5]}, "
                                               f"unexpected {sorted(unexpected)[:5]}")
         return model
-    # Every parameter drawn from N(0, std), norms included, in name order: the same seed
-    # gives the same weights on every machine, and every weight matters to the output.
+    # The model's own initialisation plus N(0, std) noise on every parameter, in name order.
+    # Norm weights stay around their own scale (1 for LayerNorm, 0 for Gemma's 1 + w) but
+    # differ per channel, biases stop being zero: every weight matters to the output, and the
+    # same seed gives the same weights on every machine.
     gen = torch.Generator().manual_seed(spec.init.seed)
     with torch.no_grad():
         for _, p in sorted(model.named_parameters()):
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * spec.init.std)
+            p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * spec.init.std)
     return model
 
 
@@ -119,4 +122,8 @@ def make_inputs(spec: ModelSpec, cfg: Any) -> dict[str, Arr]:
     inputs = {"input_ids": Arr(ids, "int64"), "attention_mask": Arr(mask, "int64")}
     if r.labels == "causal_lm":
         inputs["labels"] = Arr(np.where(mask == 1, ids, IGNORE_INDEX).astype(np.int64), "int64")
+    elif r.labels == "masked_lm":
+        # About a third of the real tokens carry a label; the rest (and all padding) are ignored.
+        chosen = (rng.random(ids.shape) < MASKED_FRACTION) & (mask == 1)
+        inputs["labels"] = Arr(np.where(chosen, ids, IGNORE_INDEX).astype(np.int64), "int64")
     return inputs

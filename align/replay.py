@@ -79,7 +79,11 @@ def run_local(fw: Any, model: Any, module_path: str, call: Call, filter_kwargs: 
     by_path = dict(flat)
     seeded = [(p, by_path[p], g) for p, g in call.grads.items() if p in by_path and fw.needs_grad(by_path[p])]
     local.ungradded = tuple(p for p in call.grads if p not in by_path or not fw.needs_grad(by_path[p]))
-    params = fw.direct_parameters(module)
+    # Gradients are requested for EVERY parameter of the subtree, though only the module's
+    # own are compared: Paddle 3.3.1's paddle.grad returns a wrong input gradient through
+    # nn.LayerNorm when the norm's weight is not among the requested inputs.
+    own = set(fw.direct_parameters(module))
+    params = fw.parameters(module)
     targets = [t for _, t in leaves] + list(params.values())
     if not seeded or not targets:
         return local
@@ -90,6 +94,6 @@ def run_local(fw: Any, model: Any, module_path: str, call: Call, filter_kwargs: 
             continue
         if i < len(leaves):
             local.input_grads[name] = g
-        else:
+        elif name in own:
             local.param_grads[name] = g
     return local

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 DTYPES = ("float32", "bfloat16")
-LABEL_RECIPES = ("causal_lm", "none")
+LABEL_RECIPES = ("causal_lm", "masked_lm", "none")
 
 
 class ConfigError(Exception):

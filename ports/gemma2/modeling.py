@@ -21,7 +21,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-IGNORE_INDEX = -100
+from ports.common import TorchEmbedding, additive_mask, causal_lm_loss, key_padding, positions, rotate_half
 
 
 @dataclass
@@ -118,11 +118,6 @@ class Gemma2RotaryEmbedding(nn.Layer):
         return emb.cos().astype(x.dtype), emb.sin().astype(x.dtype)
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, axis=-1)
-    return paddle.concat([-x2, x1], axis=-1)
-
-
 def apply_rotary_pos_emb(q, k, cos, sin):
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd), broadcast over heads
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
@@ -185,40 +180,28 @@ class Gemma2DecoderLayer(nn.Layer):
         return residual + self.post_feedforward_layernorm(h)
 
 
-class Gemma2TextScaledWordEmbedding(nn.Embedding):
+class Gemma2TextScaledWordEmbedding(TorchEmbedding):
     """Embedding lookup scaled by sqrt(hidden_size), with torch's padding_idx semantics."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, embed_scale: float):
-        # padding_idx is NOT handed to paddle: paddle returns zeros for that row, while torch
-        # returns the stored row and only withholds its gradient.
-        super().__init__(num_embeddings, embedding_dim)
-        self.padding_idx_torch = padding_idx
+        super().__init__(num_embeddings, embedding_dim, padding_idx)
         self.register_buffer("embed_scale", paddle.to_tensor(embed_scale, dtype="float32"), persistable=False)
 
     def forward(self, input_ids):
-        rows = F.embedding(input_ids, self.weight)
-        if self.padding_idx_torch is not None:
-            rows = paddle.where((input_ids == self.padding_idx_torch).unsqueeze(-1), rows.detach(), rows)
         # The scale is cast to the weight dtype first (in bf16, sqrt(3072) becomes 55.5), as the reference does.
-        return rows * self.embed_scale.astype(self.weight.dtype)
+        return super().forward(input_ids) * self.embed_scale.astype(self.weight.dtype)
 
 
 def _additive_masks(attention_mask, seq_len: int, sliding_window: int, dtype) -> dict:
-    """transformers' eager masks, (B, 1, T, T): 0 where a query may attend a key, finfo.min elsewhere."""
-    q = paddle.arange(seq_len).unsqueeze(1)  # (T, 1)
-    kv = paddle.arange(seq_len).unsqueeze(0)  # (1, T)
+    """transformers' eager masks per layer type, (B, 1, T, T)."""
+    q, kv = positions(seq_len)
     causal = kv <= q
     # A sliding layer sees the current token and the sliding_window - 1 before it.
     window = causal & (kv > q - sliding_window)
-    if attention_mask is None:
-        keys = paddle.ones([1, 1, 1, seq_len], dtype="bool")
-    else:
-        keys = attention_mask.astype("bool")[:, None, None, :]  # (B, 1, 1, T)
-    low = paddle.full([], paddle.finfo(dtype).min, dtype=dtype)
-    zero = paddle.zeros([], dtype=dtype)
+    keys = key_padding(attention_mask, seq_len)
     return {
-        "full_attention": paddle.where(causal[None, None] & keys, zero, low),
-        "sliding_attention": paddle.where(window[None, None] & keys, zero, low),
+        "full_attention": additive_mask(causal[None, None] & keys, dtype),
+        "sliding_attention": additive_mask(window[None, None] & keys, dtype),
     }
 
 
@@ -243,21 +226,6 @@ class Gemma2Model(nn.Layer):
         for layer, layer_type in zip(self.layers, self.config.layer_types):
             hidden_states = layer(hidden_states, position_embeddings, masks[layer_type])
         return BaseModelOutput(last_hidden_state=self.norm(hidden_states))
-
-
-def causal_lm_loss(logits, labels):
-    """Next-token cross-entropy, averaged over the tokens whose label is not IGNORE_INDEX.
-
-    paddle's cross_entropy(ignore_index=-100, reduction="mean") divides by ALL tokens
-    (it honours ignore_index only when it is >= 0), so the mean is taken by hand.
-    """
-    B, T, V = logits.shape
-    shifted = paddle.concat([labels[:, 1:], paddle.full([B, 1], IGNORE_INDEX, dtype=labels.dtype)], axis=1)
-    valid = shifted != IGNORE_INDEX
-    logp = F.log_softmax(logits.astype("float32"), axis=-1)
-    picked = paddle.take_along_axis(logp, paddle.where(valid, shifted, paddle.zeros_like(shifted)).unsqueeze(-1), axis=-1)
-    nll = -picked.squeeze(-1) * valid.astype("float32")
-    return nll.sum() / valid.astype("float32").sum()
 
 
 class Gemma2ForCausalLM(nn.Layer):

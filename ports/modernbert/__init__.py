@@ -1,0 +1,3 @@
+from ports.modernbert.modeling import ModernBertConfig, ModernBertForMaskedLM, ModernBertModel
+
+__all__ = ["ModernBertConfig", "ModernBertForMaskedLM", "ModernBertModel"]
