@@ -25,6 +25,7 @@ class Unpaired:
     name: str
     side: str  # "reference" or "port"
     reason: str
+    allowed: bool = False  # the rules say this module has no counterpart by design
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -180,7 +180,8 @@ def render_console(report: dict, console: Console, paths: tuple[Path, ...] = ())
     if report.get("repro"):
         console.print(f"repro of the first culprit: {report['repro']}/repro.py")
     for u in report["unpaired"]:
-        console.print(f"[red]unpaired[/] {u['side']} module {u['name']}: {u['reason']}")
+        tag = "[dim]unpaired by design[/]" if u.get("allowed") else "[red]unpaired[/]"
+        console.print(f"{tag} {u['side']} module {u['name']}: {u['reason']}")
     for w in report["warnings"]:
         console.print(f"[yellow]warning[/] {w}")
     for msg in failure_messages(report):

@@ -70,7 +70,7 @@ class ReproCase:
         # Reference parameter grads, renamed and laid out as the port's parameters.
         for attr, g in ref_local.param_grads.items():
             key = attr if pair.ref_module == ROOT else f"{pair.ref_module}.{attr}"
-            entry = next((e for e in wmap.entries if e.source == key and e.target), None)
+            entry = next((e for e in wmap.entries if key in e.sources and e.transform in ("copy", "transpose", "tied")), None)
             if entry is None:
                 continue
             port_attr = entry.target if pair.port_module == ROOT else entry.target[len(pair.port_module) + 1:]

@@ -70,7 +70,7 @@ class Report:
             all(r.passed for r in gated)
             and bool(self.outputs) and all(o.passed for o in self.outputs)
             and bool(self.param_grads) and all(p.passed for p in self.param_grads)
-            and not self.unpaired
+            and not any(not u.allowed for u in self.unpaired)
             and not any(f.fails for f in self.findings)
             and self.weights.all_exact
         )
@@ -142,12 +142,13 @@ def _seed(fw) -> Callable[[Any], Any]:
     return pick
 
 
-def _load_weights(rules: W.Rules, ref: Any, port: Any, ts: Any, ps: Any) -> W.WeightMap:
+def _load_weights(rules: W.Rules, ref: Any, port: Any, ts: Any, ps: Any, config: dict) -> W.WeightMap:
     """Plan, convert, load and verify bit-exact: the port gets the reference's weights."""
     source = {k: ts.record(v).data for k, v in ref.state_dict().items()}
     port_state = port.state_dict()
     owners = dict(port.named_sublayers(include_self=True))
-    wmap = W.plan(rules, source, W.describe_slots(port_state, owners))
+    wmap = W.plan(rules, {k: v.shape for k, v in source.items()}, W.describe_slots(port_state, owners), config,
+                  same=lambda a, b: W.same_bytes(source[a], source[b]))
     for key, arr in W.convert(wmap, source).items():
         port_state[key].set_value(arr)
     return W.verify(wmap, source, lambda k: ps.record(port_state[k]).data)
@@ -169,12 +170,12 @@ def align_model(spec: ModelSpec, config: str = "tiny", dtypes: tuple[str, ...] |
     ref = build.build_reference(spec, cfg, checkpoint)
     port = build.build_port(spec, cfg)
     progress("mapping weights")
-    wmap = _load_weights(rules, ref, port, ts, ps)
+    wmap = _load_weights(rules, ref, port, ts, ps, cfg.to_dict())
 
     def to_port(key: str) -> str | None:
         for e in wmap.entries:
-            if e.source == key:
-                return e.target
+            if key in e.sources:
+                return e.targets[0] if len(e.targets) == 1 and e.transform != "merge" else None
         return rules.rename(key)[0]
 
     dtypes_seen, findings = dtype_table({**ts.parameters(ref), **ts.buffers(ref)},
@@ -222,7 +223,9 @@ def align_model(spec: ModelSpec, config: str = "tiny", dtypes: tuple[str, ...] |
             rules.rename,
             [(n, c.module) for n, c in port_trace.calls.items()],
         )
-        unpaired = pairing.unpaired
+        unpaired = tuple(u if u.side != "reference" or not (why := rules.unpaired_reason(u.name.split("#")[0]))
+                         else Unpaired(u.name, u.side, f"{why} ({rules.source.name})", allowed=True)
+                         for u in pairing.unpaired)
         names = [p.ref for p in pairing.pairs] + list(ref_trace.param_grads)
         bad_globs = tolerances.unmatched(names)
         if bad_globs:
@@ -273,10 +276,9 @@ def _as_reference(port_grads: dict[str, np.ndarray], wmap: W.WeightMap) -> dict[
     out = {}
     for key, g in port_grads.items():
         try:
-            ref_key, g_ref = wmap.to_reference(key, g)
+            out.update(wmap.to_reference(key, g))
         except KeyError:
-            ref_key, g_ref = f"{key} (port only)", g
-        out[ref_key] = g_ref
+            out[f"{key} (port only)"] = g
     return out
 
 

@@ -1,12 +1,24 @@
 """Weight rules: the reference's state dict -> the port's, and back.
 
-A rules file (weights/<model>.toml) holds renames with regex captures, ties and ignores.
-Transposes normally follow from the type of the port layer that owns the target parameter
-(`paddle.nn.Linear` stores [in, out]; `paddle.compat.nn.Linear` keeps torch's [out, in]);
-a `[transpose]` table can override that by name for a layer whose type does not say.
-Shapes never decide: a square matrix fits either way.
+A rules file (weights/<model>.toml) holds:
+- `[[rename]]`: `from` regex with captures -> `to`; first match wins; unmatched names stay.
+  Renames also map module paths for pairing, so write them to match both.
+- `[tie]`: reference key = the key it shares storage with.
+- `ignore`: regexes of reference tensors the port does not hold.
+- `[[merge]]`: several reference tensors (regexes that match with the same captures) ->
+  one fused port tensor, concatenated along `axis`; with `groups` (an int or a config key
+  such as "num_key_value_heads") each source is cut into that many equal chunks and the
+  chunks are interleaved group by group: the per-KV-head grouped qkv layout.
+- `[[split]]`: one fused reference tensor -> several port tensors, the inverse.
+- `[transpose]`: "regex" = true/false, overriding the layer type by name.
+- `keep_fp32`: regexes of tensors that stay fp32 when a checkpoint is cast.
+- `[unpaired]`: "regex" = "reason": reference modules with no port counterpart by design
+  (q_proj once q, k and v are fused). They are reported with the reason and do not fail.
 
-The same renames map reference module names to port module names for pairing.
+Transposes follow from the type of the port layer that owns each target (`paddle.nn.Linear`
+stores [in, out]; `paddle.compat.nn.Linear` keeps torch's [out, in]); merges and splits
+happen in the reference's layout, before that transpose. Shapes never decide anything:
+a square matrix fits either way.
 """
 
 from __future__ import annotations
@@ -43,12 +55,30 @@ class Rename:
 
 
 @dataclass(frozen=True)
+class Fuse:
+    """A merge (many sources -> one target) or a split (one source -> many targets)."""
+
+    kind: str  # "merge" or "split"
+    sources: tuple[str, ...]  # regexes (merge) or one regex (split)
+    targets: tuple[str, ...]  # one template (merge) or templates (split)
+    axis: int
+    groups: int | str  # 1, an int, or a config key
+
+    def describe(self) -> str:
+        g = f", grouped by {self.groups}" if self.groups != 1 else ""
+        return f"{self.kind} along axis {self.axis}{g}"
+
+
+@dataclass(frozen=True)
 class Rules:
     source: Path
     renames: tuple[Rename, ...]
     tie: dict[str, str]  # reference key -> the reference key it shares storage with
     ignore: tuple[str, ...]  # regexes over reference keys that the port does not hold
     transpose: tuple[tuple[str, bool], ...] = ()  # explicit layout by name, overriding the layer type
+    fuses: tuple[Fuse, ...] = ()
+    keep_fp32: tuple[str, ...] = ()
+    unpaired: tuple[tuple[str, str], ...] = ()  # (regex over reference module paths, reason)
 
     def rename(self, name: str) -> tuple[str, str]:
         """(port name, the rule that produced it) for a reference parameter or module name."""
@@ -64,6 +94,52 @@ class Rules:
     def transpose_override(self, key: str) -> tuple[str, bool] | None:
         return next(((p, t) for p, t in self.transpose if re.fullmatch(p, key)), None)
 
+    def stays_fp32(self, key: str) -> bool:
+        return any(re.fullmatch(p, key) for p in self.keep_fp32)
+
+    def unpaired_reason(self, module: str) -> str | None:
+        return next((reason for p, reason in self.unpaired if re.fullmatch(p, module)), None)
+
+
+RULE_KEYS = ("ignore", "keep_fp32", "merge", "rename", "split", "tie", "transpose", "unpaired")
+
+
+def _regex(path: Path, key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(path, key, f"expected a regex string, got {value!r}")
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise ConfigError(path, key, f"bad regex {value!r}: {e}") from None
+    return value
+
+
+def _string_table(path: Path, data: dict, key: str, kind: type) -> dict:
+    table = data.get(key, {})
+    if not isinstance(table, dict) or not all(isinstance(v, kind) for v in table.values()):
+        what = {str: "a string", bool: "true/false"}[kind]
+        raise ConfigError(path, key, f"expected a table of 'regex' = {what}")
+    for k in table:
+        _regex(path, f"{key}.{k}", k)
+    return table
+
+
+def _fuse(path: Path, kind: str, i: int, t: Any) -> Fuse:
+    where = f"{kind}[{i}]"
+    if not isinstance(t, dict) or not {"from", "to"} <= set(t) or set(t) - {"from", "to", "axis", "groups"}:
+        raise ConfigError(path, where, "expected a table with 'from', 'to' and optional 'axis', 'groups'")
+    many, one = ("from", "to") if kind == "merge" else ("to", "from")
+    if not isinstance(t[many], list) or len(t[many]) < 2 or not isinstance(t[one], str):
+        raise ConfigError(path, f"{where}.{many}", f"a {kind} needs '{many}' as a list of 2+ and '{one}' as one string")
+    sources = tuple(_regex(path, f"{where}.from", s) for s in (t["from"] if kind == "merge" else [t["from"]]))
+    targets = tuple(t["to"] if kind == "split" else [t["to"]])
+    axis, groups = t.get("axis", 0), t.get("groups", 1)
+    if not isinstance(axis, int) or isinstance(axis, bool):
+        raise ConfigError(path, f"{where}.axis", f"expected an integer, got {axis!r}")
+    if not (isinstance(groups, str) or (isinstance(groups, int) and groups >= 1)):
+        raise ConfigError(path, f"{where}.groups", f"expected a positive integer or a config key, got {groups!r}")
+    return Fuse(kind, sources, targets, axis, groups)
+
 
 def load_rules(path: Path) -> Rules:
     """Parse weights/<model>.toml; errors name the file and key."""
@@ -73,60 +149,79 @@ def load_rules(path: Path) -> Rules:
         raise ConfigError(path, "", "no such file") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, "", f"not valid TOML: {e}") from None
-    unknown = sorted(set(data) - {"rename", "tie", "ignore", "transpose"})
+    unknown = sorted(set(data) - set(RULE_KEYS))
     if unknown:
-        raise ConfigError(path, unknown[0], "unknown key (expected one of: ignore, rename, tie, transpose)")
+        raise ConfigError(path, unknown[0], f"unknown key (expected one of: {', '.join(RULE_KEYS)})")
     renames = []
     for i, r in enumerate(data.get("rename", [])):
         if not isinstance(r, dict) or set(r) != {"from", "to"}:
             raise ConfigError(path, f"rename[{i}]", "expected a table with exactly 'from' and 'to'")
-        try:
-            re.compile(r["from"])
-        except re.error as e:
-            raise ConfigError(path, f"rename[{i}].from", f"bad regex {r['from']!r}: {e}") from None
-        renames.append(Rename(r["from"], r["to"]))
+        renames.append(Rename(_regex(path, f"rename[{i}].from", r["from"]), r["to"]))
     tie = data.get("tie", {})
     if not isinstance(tie, dict) or not all(isinstance(v, str) for v in tie.values()):
         raise ConfigError(path, "tie", "expected a table of 'key' = 'key it is tied to'")
-    ignore = data.get("ignore", [])
-    if not isinstance(ignore, list) or not all(isinstance(v, str) for v in ignore):
-        raise ConfigError(path, "ignore", "expected an array of regexes")
-    transpose = data.get("transpose", {})
-    if not isinstance(transpose, dict) or not all(isinstance(v, bool) for v in transpose.values()):
-        raise ConfigError(path, "transpose", "expected a table of 'regex' = true/false")
-    return Rules(path, tuple(renames), dict(tie), tuple(ignore), tuple(transpose.items()))
+    lists = {}
+    for key in ("ignore", "keep_fp32"):
+        value = data.get(key, [])
+        if not isinstance(value, list):
+            raise ConfigError(path, key, "expected an array of regexes")
+        lists[key] = tuple(_regex(path, f"{key}[{i}]", v) for i, v in enumerate(value))
+    fuses = [_fuse(path, kind, i, t) for kind in ("merge", "split") for i, t in enumerate(data.get(kind, []))]
+    return Rules(path, tuple(renames), dict(tie), lists["ignore"],
+                 tuple(_string_table(path, data, "transpose", bool).items()), tuple(fuses), lists["keep_fp32"],
+                 tuple(_string_table(path, data, "unpaired", str).items()))
 
 
 @dataclass(frozen=True)
 class WeightEntry:
-    """One row of the weight map: where a reference tensor went and whether it arrived intact."""
+    """One row of the weight map: which reference tensors make which port tensors, and how."""
 
-    source: str
-    target: str | None
+    source: str  # display: the reference key, or "a + b + c" for a merge
+    target: str | None  # display: the port key, or "x + y + z" for a split
     source_shape: tuple[int, ...]
     target_shape: tuple[int, ...] | None
-    transform: str  # "copy", "transpose", "tied" (shares a port tensor written elsewhere), "ignored"
+    transform: str  # "copy", "transpose", "merge", "split", "tied" (shares a port tensor), "ignored"
     rule: str  # the rule that decided it, in words
     transposed: bool = False  # the port stores it transposed (decided by the port layer's type)
     exact: bool | None = None  # bit-exact after loading; None where nothing was loaded
+    sources: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    axis: int = 0
+    groups: int = 1
+    part_shapes: tuple[tuple[int, ...], ...] = ()  # each source's (merge) or target's (split) shape, reference layout
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for k in ("sources", "targets", "part_shapes"):
+            d.pop(k)
+        return d
+
+    @property
+    def writes(self) -> bool:
+        return self.transform in ("copy", "transpose", "merge", "split")
 
 
 @dataclass(frozen=True)
 class WeightMap:
     entries: tuple[WeightEntry, ...]
+    unmapped: tuple[str, ...] = ()  # source keys that map to nothing (only when planned non-strictly)
+    unwritten: tuple[str, ...] = ()  # port keys never written (idem)
 
     def written(self) -> list[WeightEntry]:
-        """The entries that write a port tensor (not tied aliases, not ignored)."""
-        return [e for e in self.entries if e.transform in ("copy", "transpose")]
+        """The entries that write port tensors (not tied aliases, not ignored)."""
+        return [e for e in self.entries if e.writes]
 
-    def to_reference(self, target: str, array: np.ndarray) -> tuple[str, np.ndarray]:
-        """Bring a port tensor (e.g. a gradient) into the reference's name and layout."""
+    def to_reference(self, target: str, array: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        """Bring a port tensor (e.g. a gradient) into the reference's names and layout.
+        A fused port tensor comes back as its parts."""
         for e in self.entries:
-            if e.target == target:
-                return e.source, (array.T if e.transposed else array)
+            if target in e.targets:
+                back = array.T if e.transposed else array
+                if e.transform == "merge":
+                    return list(zip(e.sources, split_parts(back, e.part_shapes, e.axis, e.groups)))
+                if e.transform == "split":
+                    raise KeyError(f"{target} is one part of {e.source}; compare the merged gradient instead")
+                return [(e.sources[0], back)]
         raise KeyError(target)
 
     @property
@@ -145,70 +240,204 @@ class PortSlot:
     alias_of: str | None = None  # another key holding the very same tensor (a tied parameter)
 
 
-def plan(rules: Rules, source: Mapping[str, np.ndarray], port: Mapping[str, PortSlot]) -> WeightMap:
-    """Decide, for every reference tensor, its port key and transform. Strict: every source
-    key maps somewhere (or is tied/ignored), every port tensor is written, nothing twice."""
+def merge_parts(parts: list[np.ndarray], axis: int, groups: int) -> np.ndarray:
+    """Concatenate along axis; with groups > 1, interleave each part's equal chunks group by group."""
+    if groups == 1:
+        return np.concatenate(parts, axis=axis)
+    chunks = [np.split(p, groups, axis=axis) for p in parts]
+    return np.concatenate([c[g] for g in range(groups) for c in chunks], axis=axis)
+
+
+def split_parts(whole: np.ndarray, shapes: tuple[tuple[int, ...], ...], axis: int, groups: int) -> list[np.ndarray]:
+    """The inverse of merge_parts: cut `whole` into parts of the given shapes."""
+    sizes = [s[axis] // groups for s in shapes]
+    bounds = np.cumsum(sizes)[:-1]
+    if groups == 1:
+        return [np.ascontiguousarray(p) for p in np.split(whole, bounds, axis=axis)]
+    per_group = [np.split(g, bounds, axis=axis) for g in np.split(whole, groups, axis=axis)]
+    return [np.ascontiguousarray(np.concatenate([pg[i] for pg in per_group], axis=axis)) for i in range(len(shapes))]
+
+
+def _transposed(slot: PortSlot) -> bool:
+    return slot.param_name in TRANSPOSED_BY_TYPE.get(slot.owner_type, frozenset())
+
+
+def _groups(f: Fuse, config: Mapping[str, Any], rules: Rules) -> int:
+    if isinstance(f.groups, int):
+        return f.groups
+    value = config.get(f.groups)
+    if not isinstance(value, int) or value < 1:
+        raise WeightError(f"{rules.source.name}: {f.describe()}: config has no positive integer {f.groups!r}")
+    return value
+
+
+def plan(rules: Rules, source: Mapping[str, tuple[int, ...]], port: Mapping[str, PortSlot],
+         config: Mapping[str, Any] | None = None, same: Callable[[str, str], bool] | None = None,
+         strict: bool = True) -> WeightMap:
+    """Decide, for every reference tensor, its port tensor(s) and transform, from shapes only.
+
+    Strict (the default): every source key maps somewhere (or is tied or ignored), every port
+    tensor is written, nothing twice, shapes agree; the first problem raises WeightError.
+    Non-strict: unmapped source keys and unwritten port keys are returned instead (for verify).
+    `same(a, b)` checks that two tied reference tensors hold the same bytes.
+    """
+    config = config or {}
     entries: list[WeightEntry] = []
     written: dict[str, str] = {}
-    for key, arr in source.items():
-        shape = tuple(arr.shape)
-        if (pattern := rules.ignored(key)) is not None:
-            entries.append(WeightEntry(key, None, shape, None, "ignored", f"ignore {pattern!r}"))
-            continue
-        target, rule = rules.rename(key)
+    consumed: set[str] = set()
+    unmapped: list[str] = []
+
+    def layout(target: str, key: str, rule: str) -> tuple[PortSlot, bool, str]:
         slot = port.get(target)
         if slot is None:
-            raise WeightError(
-                f"{key}: unmapped reference tensor ({rule} gives {target!r}, which the port does not have); "
-                f"add a rename or an ignore rule to {rules.source.name}"
-            )
-        if key in rules.tie:
-            partner = rules.tie[key]
-            if partner not in source:
-                raise WeightError(f"{key}: tied to {partner!r} by {rules.source.name}, but the reference has no {partner!r}")
-            if not _same_bytes(arr, source[partner]):
-                raise WeightError(f"{key}: tied to {partner!r} by {rules.source.name}, but the reference tensors differ")
-            if slot.alias_of is not None:
-                entries.append(WeightEntry(key, target, shape, slot.shape, "tied", f"tie to {partner}",
-                                           _transposed(slot)))
-                continue
-        elif slot.alias_of is not None:
-            raise WeightError(
-                f"{key} -> {target}: the port shares this tensor with {slot.alias_of!r}, "
-                f"but {rules.source.name} has no tie for {key!r}"
-            )
-        if target in written:
-            raise WeightError(f"{target}: written twice, from {written[target]!r} and {key!r} ({rule})")
+            raise WeightError(f"{key}: unmapped reference tensor ({rule} gives {target!r}, which the port does not "
+                              f"have); add a rename or an ignore rule to {rules.source.name}")
         transposed = _transposed(slot)
         if (override := rules.transpose_override(key)) is not None:
             transposed = override[1]
             rule = f"{rule}, transpose {override[0]!r} = {str(override[1]).lower()}"
+        return slot, transposed, rule
+
+    def claim(target: str, key: str, rule: str) -> None:
+        if target in written:
+            raise WeightError(f"{target}: written twice, from {written[target]!r} and {key!r} ({rule})")
+        written[target] = key
+
+    def check_shape(key: str, target: str, shape: tuple[int, ...], slot: PortSlot, transposed: bool, rule: str) -> None:
         if transposed and len(shape) != 2:
             raise WeightError(f"{key} -> {target}: transpose needs a matrix, got shape {shape} ({rule})")
-        out_shape = shape[::-1] if transposed else shape
-        if out_shape != slot.shape:
-            raise WeightError(
-                f"{key} -> {target}: shape mismatch ({rule}, {'transpose' if transposed else 'copy'}): "
-                f"reference {shape} gives {out_shape}, port expects {slot.shape}"
-            )
-        written[target] = key
-        entries.append(WeightEntry(key, target, shape, slot.shape, "transpose" if transposed else "copy", rule,
-                                   transposed))
+        out = shape[::-1] if transposed else shape
+        if out != slot.shape:
+            raise WeightError(f"{key} -> {target}: shape mismatch ({rule}, {'transpose' if transposed else 'copy'}): "
+                              f"reference {shape} gives {out}, port expects {slot.shape}")
+
+    def fused(key: str) -> bool:
+        for f in rules.fuses:
+            m = re.fullmatch(f.sources[0], key)
+            if not m:
+                continue
+            groups = _groups(f, config, rules)
+            rule = f"{f.describe()} ({rules.source.name})"
+            if f.kind == "merge":
+                parts = [key] + [_partner(p, m.groups(), source, key, rules) for p in f.sources[1:]]
+                target = m.expand(f.targets[0])
+                slot, transposed, rule = layout(target, key, rule)
+                shapes = tuple(tuple(source[p]) for p in parts)
+                whole = list(shapes[0])
+                whole[f.axis] = sum(s[f.axis] for s in shapes)
+                for p, s in zip(parts, shapes):
+                    if s[f.axis] % groups:
+                        raise WeightError(f"{p}: {s[f.axis]} along axis {f.axis} does not split into {groups} groups ({rule})")
+                check_shape(" + ".join(parts), target, tuple(whole), slot, transposed, rule)
+                claim(target, key, rule)
+                consumed.update(parts)
+                entries.append(WeightEntry(" + ".join(parts), target, tuple(whole), slot.shape, "merge", rule,
+                                           transposed, sources=tuple(parts), targets=(target,), axis=f.axis,
+                                           groups=groups, part_shapes=shapes))
+            else:
+                targets = [m.expand(t) for t in f.targets]
+                slots, flags = [], set()
+                for t in targets:
+                    slot, transposed, rule = layout(t, key, rule)
+                    slots.append(slot)
+                    flags.add(transposed)
+                if len(flags) != 1:
+                    raise WeightError(f"{key}: split into tensors of different layouts ({', '.join(targets)})")
+                transposed = flags.pop()
+                shapes = tuple((s.shape[::-1] if transposed else s.shape) for s in slots)
+                total = sum(s[f.axis] for s in shapes)
+                if total != source[key][f.axis]:
+                    raise WeightError(f"{key}: shape mismatch ({rule}): reference {tuple(source[key])} along axis "
+                                      f"{f.axis} is {source[key][f.axis]}, the parts {[list(s) for s in shapes]} add up to {total}")
+                for t in targets:
+                    claim(t, key, rule)
+                consumed.add(key)
+                entries.append(WeightEntry(key, " + ".join(targets), tuple(source[key]), None, "split", rule,
+                                           transposed, sources=(key,), targets=tuple(targets), axis=f.axis,
+                                           groups=groups, part_shapes=shapes))
+            return True
+        return False
+
+    for key, shape in source.items():
+        shape = tuple(shape)
+        if key in consumed:
+            continue
+        if (pattern := rules.ignored(key)) is not None:
+            entries.append(WeightEntry(key, None, shape, None, "ignored", f"ignore {pattern!r}", sources=(key,)))
+            continue
+        try:
+            if fused(key):
+                continue
+            target, rule = rules.rename(key)
+            slot = port.get(target)
+            if slot is None and not strict:
+                unmapped.append(key)
+                continue
+            slot, transposed, rule = layout(target, key, rule)
+            if key in rules.tie:
+                partner = rules.tie[key]
+                if partner not in source:
+                    raise WeightError(f"{key}: tied to {partner!r} by {rules.source.name}, but the reference has no {partner!r}")
+                if same is not None and not same(key, partner):
+                    raise WeightError(f"{key}: tied to {partner!r} by {rules.source.name}, but the reference tensors differ")
+                if slot.alias_of is not None:
+                    entries.append(WeightEntry(key, target, shape, slot.shape, "tied", f"tie to {partner}",
+                                               transposed, sources=(key,), targets=(target,)))
+                    continue
+            elif slot.alias_of is not None:
+                raise WeightError(f"{key} -> {target}: the port shares this tensor with {slot.alias_of!r}, "
+                                  f"but {rules.source.name} has no tie for {key!r}")
+            claim(target, key, rule)
+            check_shape(key, target, shape, slot, transposed, rule)
+            entries.append(WeightEntry(key, target, shape, slot.shape, "transpose" if transposed else "copy", rule,
+                                       transposed, sources=(key,), targets=(target,)))
+        except WeightError:
+            if strict:
+                raise
+            unmapped.append(key)
     never = sorted(k for k, s in port.items() if s.alias_of is None and k not in written)
-    if never:
-        raise WeightError(
-            f"port tensor(s) never written by {rules.source.name}: {', '.join(never)} "
-            f"(reference has no tensor mapping to them)"
-        )
-    return WeightMap(tuple(entries))
+    if never and strict:
+        raise WeightError(f"port tensor(s) never written by {rules.source.name}: {', '.join(never)} "
+                          f"(reference has no tensor mapping to them)")
+    return WeightMap(tuple(entries), tuple(unmapped), tuple(never))
+
+
+def _partner(pattern: str, captures: tuple, source: Mapping[str, Any], anchor: str, rules: Rules) -> str:
+    found = [k for k in source if (m := re.fullmatch(pattern, k)) and m.groups() == captures]
+    if len(found) != 1:
+        raise WeightError(f"{anchor}: merge in {rules.source.name} needs exactly one reference tensor matching "
+                          f"{pattern!r} with captures {list(captures)}, found {len(found)}")
+    return found[0]
+
+
+def build_targets(e: WeightEntry, get: Callable[[str], np.ndarray]) -> dict[str, np.ndarray]:
+    """The port tensors of one entry, from the reference tensors `get` returns."""
+    if e.transform == "merge":
+        outs = {e.targets[0]: merge_parts([get(s) for s in e.sources], e.axis, e.groups)}
+    elif e.transform == "split":
+        outs = dict(zip(e.targets, split_parts(get(e.sources[0]), e.part_shapes, e.axis, e.groups)))
+    else:
+        outs = {e.targets[0]: get(e.sources[0])}
+    return {k: np.ascontiguousarray(v.T) if e.transposed else v for k, v in outs.items()}
+
+
+def build_sources(e: WeightEntry, get: Callable[[str], np.ndarray]) -> dict[str, np.ndarray]:
+    """The reference tensors of one entry, from the port tensors `get` returns (the inverse)."""
+    if e.transform == "merge":
+        whole = get(e.targets[0])
+        whole = whole.T if e.transposed else whole
+        return dict(zip(e.sources, split_parts(whole, e.part_shapes, e.axis, e.groups)))
+    parts = [get(t).T if e.transposed else get(t) for t in e.targets]
+    if e.transform == "split":
+        return {e.sources[0]: merge_parts(parts, e.axis, e.groups)}
+    return {e.sources[0]: np.ascontiguousarray(parts[0])}
 
 
 def convert(wmap: WeightMap, source: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The port's state dict (numpy) under the planned transforms."""
-    out = {}
+    out: dict[str, np.ndarray] = {}
     for e in wmap.written():
-        arr = source[e.source]
-        out[e.target] = np.ascontiguousarray(arr.T) if e.transposed else arr
+        out.update(build_targets(e, source.__getitem__))
     return out
 
 
@@ -219,10 +448,13 @@ def verify(wmap: WeightMap, source: Mapping[str, np.ndarray], read_back: Callabl
         if e.target is None:
             checked.append(e)
             continue
-        got = read_back(e.target)
-        expected = source[e.source].T if e.transposed else source[e.source]
-        checked.append(WeightEntry(**{**asdict(e), "exact": _same_bytes(got, expected)}))
-    result = WeightMap(tuple(checked))
+        if e.transform == "tied":
+            expected = {e.targets[0]: source[e.sources[0]].T if e.transposed else source[e.sources[0]]}
+        else:
+            expected = build_targets(e, source.__getitem__)
+        exact = all(same_bytes(read_back(t), arr) for t, arr in expected.items())
+        checked.append(WeightEntry(**{**asdict(e), "exact": exact}))
+    result = WeightMap(tuple(checked), wmap.unmapped, wmap.unwritten)
     bad = [e for e in result.entries if e.exact is False]
     if bad:
         names = ", ".join(f"{e.source} -> {e.target}" for e in bad)
@@ -230,12 +462,9 @@ def verify(wmap: WeightMap, source: Mapping[str, np.ndarray], read_back: Callabl
     return result
 
 
-def _transposed(slot: PortSlot) -> bool:
-    return slot.param_name in TRANSPOSED_BY_TYPE.get(slot.owner_type, frozenset())
-
-
-def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+def same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes())
 
 
 def describe_slots(named_tensors: Mapping[str, Any], owners: Mapping[str, Any]) -> dict[str, PortSlot]:
@@ -253,3 +482,15 @@ def describe_slots(named_tensors: Mapping[str, Any], owners: Mapping[str, Any]) 
             alias_of=None if alias == key else alias,
         )
     return slots
+
+
+def render_rules(port_slots: Mapping[str, PortSlot], header: str) -> str:
+    """A rules file written out from a port's structure: one explicit transpose line per
+    tensor whose layout the port's layer type decides, ready to edit by hand."""
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+    lines += ["", "# Layouts from the port's layer types (true: the port stores it transposed).", "[transpose]"]
+    for key, slot in port_slots.items():
+        if slot.alias_of is None and len(slot.shape) == 2:
+            lines.append(f"'{re.escape(key)}' = {str(_transposed(slot)).lower()}")  # a TOML literal string
+    return "\n".join(lines) + "\n"
+
