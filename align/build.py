@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from align.capture import Arr
-from align.spec import ConfigError, ModelSpec
+from align.spec import ConfigError, ModelSpec, resolve_path
 
 IGNORE_INDEX = -100
 MASKED_FRACTION = 0.3
@@ -34,9 +35,9 @@ def config_values(spec: ModelSpec, config: str) -> tuple[dict[str, Any], Path, s
 
     `config` names a table under [models.NAME.configs] or is the path of a config.json.
     """
-    if config in spec.configs:
+    if config in spec.configs and isinstance(spec.configs[config], dict):
         return dict(spec.configs[config]), spec.source, f"models.{spec.name}.configs.{config}."
-    path = Path(config)
+    path = resolve_path(spec.configs[config], spec.source) if config in spec.configs else Path(config)
     if path.suffix == ".json":
         try:
             return json.loads(path.read_text()), path, ""
@@ -54,12 +55,16 @@ _CONFIG_JSON_EXTRAS = ("architectures", "model_type", "transformers_version", "t
 
 
 def reference_config(spec: ModelSpec, config: str) -> Any:
-    """The transformers config object. Keys the config class does not define are refused:
-    transformers would keep them silently as attributes that nothing reads."""
+    """The transformers config object.
+
+    In an align.toml table, keys the config class does not define are refused: transformers
+    would keep a typo silently as an attribute that nothing reads. A checkpoint's own
+    config.json is taken as transformers takes it, legacy keys included.
+    """
     values, file, prefix = config_values(spec, config)
     cls = import_object(spec.reference_config_class, spec.source, f"models.{spec.name}.reference.config_class")
     defaults = cls()
-    for key in values:
+    for key in values if file == spec.source else ():
         if not hasattr(defaults, key) and key not in _CONFIG_JSON_EXTRAS:
             raise ConfigError(file, prefix + key, f"{cls.__name__} has no such field")
     kwargs = {k: v for k, v in values.items() if k not in _CONFIG_JSON_EXTRAS}
@@ -68,8 +73,10 @@ def reference_config(spec: ModelSpec, config: str) -> Any:
     return cls(**kwargs)
 
 
-def build_reference(spec: ModelSpec, cfg: Any, checkpoint: Path | None = None) -> Any:
-    """The torch reference in eval mode, with seeded random weights or a checkpoint's."""
+def build_reference(spec: ModelSpec, cfg: Any, checkpoint: Path | None = None,
+                    ignore: Callable[[str], Any] = lambda k: None) -> Any:
+    """The torch reference in eval mode, with seeded random weights or a checkpoint's
+    (whose tensors the weight rules ignore are skipped)."""
     import torch
 
     cls = import_object(spec.reference_class, spec.source, f"models.{spec.name}.reference.class")
@@ -78,7 +85,7 @@ def build_reference(spec: ModelSpec, cfg: Any, checkpoint: Path | None = None) -
     if checkpoint is not None:
         from align.checkpoint import load_safetensors
 
-        state = {k: torch.from_numpy(v) for k, v in load_safetensors(checkpoint).items()}
+        state = {k: torch.from_numpy(v) for k, v in load_safetensors(checkpoint, skip=ignore).items()}
         missing, unexpected = model.load_state_dict(state, strict=False)
         tied = set(getattr(model, "_tied_weights_keys", None) or {})
         missing = [k for k in missing if k not in tied]
@@ -109,9 +116,51 @@ def build_port(spec: ModelSpec, cfg: Any) -> Any:
     return model
 
 
-def make_inputs(spec: ModelSpec, cfg: Any) -> dict[str, Arr]:
-    """Seeded token ids, the padding mask and causal-LM labels, framework-free."""
+def port_slots(spec: ModelSpec, cfg: Any) -> dict:
+    """The port's tensors (shapes, owning layer types, ties) without allocating its weights."""
+    from align.paddle_side import paddle
+    from align.weights import describe_slots
+
+    cls = import_object(spec.port_class, spec.source, f"models.{spec.name}.port.class")
+    cfg_cls = import_object(spec.port_config_class, spec.source, f"models.{spec.name}.port.config_class")
+    with paddle.LazyGuard():
+        model = cls(cfg_cls.from_dict(cfg.to_dict()))
+    return describe_slots(model.state_dict(), dict(model.named_sublayers(include_self=True)))
+
+
+def reference_shapes(spec: ModelSpec, cfg: Any) -> dict[str, tuple[int, ...]]:
+    """The reference's state-dict shapes, built on torch's meta device (no memory)."""
+    import torch
+
+    cls = import_object(spec.reference_class, spec.source, f"models.{spec.name}.reference.class")
+    with torch.device("meta"):
+        model = cls(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _tokenize(spec: ModelSpec, cfg: Any) -> dict[str, Arr]:
+    """Real sentences through the model's own tokenizer (tokenizer.json), right-padded."""
+    from tokenizers import Tokenizer
+
     r = spec.inputs
+    path = resolve_path(r.tokenizer, spec.source)
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exceptions for missing or bad files
+        raise ConfigError(spec.source, f"models.{spec.name}.inputs.tokenizer", f"cannot load {path}: {e}") from None
+    tok.enable_truncation(r.seq_len)
+    tok.enable_padding(length=r.seq_len, pad_id=getattr(cfg, "pad_token_id", 0) or 0)
+    enc = tok.encode_batch(list(r.sentences))
+    as_arr = lambda rows: Arr(np.array(rows, dtype=np.int64), "int64")  # noqa: E731
+    return {"input_ids": as_arr([e.ids for e in enc]), "attention_mask": as_arr([e.attention_mask for e in enc]),
+            "token_type_ids": as_arr([e.type_ids for e in enc])}
+
+
+def make_inputs(spec: ModelSpec, cfg: Any) -> dict[str, Arr]:
+    """Seeded token ids (or tokenized sentences), the padding mask and labels, framework-free."""
+    r = spec.inputs
+    if r.sentences:
+        return _tokenize(spec, cfg)
     rng = np.random.default_rng(r.seed)
     pad = getattr(cfg, "pad_token_id", None) or 0
     ids = rng.integers(0, cfg.vocab_size, size=(r.batch, r.seq_len), dtype=np.int64)

@@ -254,3 +254,14 @@ def mismatch_message(name: str, direction: str, m: Metrics, tol: Tolerance, dtyp
         lines.append(f"Greatest relative difference: {m.max_rel:.3g} (up to {tol.rtol:g} allowed)")
         lines.append(f"Cosine {m.cosine:.6f} | smallest passing atol {m.needed_atol:.3g}")
     return "\n".join(lines)
+
+
+def mean_pooled(outputs: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The sentence embedding sentence-transformers computes: the mean of the last hidden
+    state over each sequence's real (mask = 1) tokens, in float64."""
+    h = outputs["last_hidden_state"].astype(np.float64)  # (B, T, H)
+    mask = inputs["attention_mask"].astype(np.float64)[..., None]  # (B, T, 1)
+    return (h * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
+
+
+DERIVED = {"mean_pooled": mean_pooled}

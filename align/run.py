@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from align import weights as W
-from align.capture import ROOT, Trace, float_inputs, flatten, run_and_record
+from align.capture import ROOT, Arr, Trace, float_inputs, flatten, run_and_record
 from align.compare import (
     FREE_RUNNING,
     TEACHER_FORCED,
@@ -22,6 +22,7 @@ from align.compare import (
     RunResult,
     TensorResult,
     Tolerances,
+    DERIVED,
     amplification,
     compare_named,
     culprits,
@@ -129,15 +130,29 @@ def bf16_unavailable() -> str:
             "but this version of align does not yet run the bf16 comparison")
 
 
-def _seed(fw) -> Callable[[Any], Any]:
-    """What backward differentiates: the model's loss. A model without one is refused
-    rather than differentiated through an arbitrary stand-in."""
+def _seed(fw, spec: ModelSpec) -> Callable[[Any], Any]:
+    """What backward differentiates: the model's loss, or, for a model without one
+    (inputs.backward = "projection"), sum(output * R) over its floating outputs, with R a
+    seeded standard-normal array per output, the same in both frameworks."""
 
     def pick(output):
         leaves = dict(flatten(output, fw))
-        if "loss" not in leaves or leaves["loss"] is None:
-            raise ConfigError("align.toml", "inputs.labels", "the model returned no loss; set labels = \"causal_lm\"")
-        return leaves["loss"]
+        if spec.inputs.backward == "loss":
+            if leaves.get("loss") is None:
+                raise ConfigError(spec.source, f"models.{spec.name}.inputs.labels",
+                                  'the model returned no loss; set labels, or backward = "projection"')
+            return leaves["loss"]
+        rng = np.random.default_rng(spec.inputs.seed + 1)
+        total = None
+        for path in sorted(leaves):
+            t = leaves[path]
+            if fw.is_tensor(t) and fw.needs_grad(t):
+                r = rng.standard_normal(tuple(t.shape)).astype(np.float32)
+                term = (t * fw.tensor(Arr(r, "float32"), False)).sum()
+                total = term if total is None else total + term
+        if total is None:
+            raise ConfigError(spec.source, f"models.{spec.name}.inputs.backward", "the model returned no differentiable output")
+        return total
 
     return pick
 
@@ -154,20 +169,28 @@ def _load_weights(rules: W.Rules, ref: Any, port: Any, ts: Any, ps: Any, config:
     return W.verify(wmap, source, lambda k: ps.record(port_state[k]).data)
 
 
-def align_model(spec: ModelSpec, config: str = "tiny", dtypes: tuple[str, ...] | None = None,
+def align_model(spec: ModelSpec, config: str | None = None, dtypes: tuple[str, ...] | None = None,
                 checkpoint: Path | None = None, progress: Progress = lambda s: None,
                 command: str = "") -> Report:
-    """Align one model: every step from the spec to a Report (nothing is written here)."""
+    """Align one model: every step from the spec to a Report (nothing is written here).
+
+    `config` defaults to the model's default_config, and `checkpoint` to the one align.toml
+    names for that config (if any).
+    """
     from align import build
     from align.paddle_side import PaddleSide
+    from align.spec import resolve_path
     from align.torch_side import TorchSide
 
+    config = config or spec.default_config
+    if checkpoint is None and config in spec.checkpoints:
+        checkpoint = resolve_path(spec.checkpoints[config], spec.source)
     ts, ps = TorchSide(), PaddleSide()
     rules = W.load_rules(spec.weights_file)
     cfg = build.reference_config(spec, config)
 
     progress("building the reference and the port")
-    ref = build.build_reference(spec, cfg, checkpoint)
+    ref = build.build_reference(spec, cfg, checkpoint, ignore=rules.ignored)
     port = build.build_port(spec, cfg)
     progress("mapping weights")
     wmap = _load_weights(rules, ref, port, ts, ps, cfg.to_dict())
@@ -204,12 +227,12 @@ def align_model(spec: ModelSpec, config: str = "tiny", dtypes: tuple[str, ...] |
         ref_inputs = {k: ts.tensor(a, False) for k, a in inputs.items()}
         port_inputs = {k: ps.tensor(a, False) for k, a in inputs.items()}
         progress(f"{dtype}: running the reference with hooks")
-        ref_trace = run_and_record(ts, ref, ref_inputs, _seed(ts), keep_inputs=True)
+        ref_trace = run_and_record(ts, ref, ref_inputs, _seed(ts, spec), keep_inputs=True)
         progress(f"{dtype}: running the port with hooks")
-        port_trace = run_and_record(ps, port, port_inputs, _seed(ps), keep_inputs=True)
+        port_trace = run_and_record(ps, port, port_inputs, _seed(ps, spec), keep_inputs=True)
         progress(f"{dtype}: checking that hooks change nothing")
-        observers = [observer_check(ts, ref, ref_inputs, _seed(ts), ref_trace),
-                     observer_check(ps, port, port_inputs, _seed(ps), port_trace)]
+        observers = [observer_check(ts, ref, ref_inputs, _seed(ts, spec), ref_trace),
+                     observer_check(ps, port, port_inputs, _seed(ps, spec), port_trace)]
         for o in observers:
             if not (o.outputs_identical and o.grads_identical):
                 msg = (f"observer effect: the {o.framework} model's outputs or gradients differ with hooks "
@@ -247,6 +270,14 @@ def align_model(spec: ModelSpec, config: str = "tiny", dtypes: tuple[str, ...] |
                          tolerances.for_name(k))
             for k, a in ref_trace.outputs.items()
         )
+        input_arrays = {k: a.data for k, a in inputs.items()}
+        for name in spec.inputs.derived:
+            fn = DERIVED[name]
+            label = f"{name} (derived)"
+            ref_out = fn({k: a.data for k, a in ref_trace.outputs.items()}, input_arrays)
+            port_out = fn({k: a.data for k, a in port_trace.outputs.items()}, input_arrays)
+            outputs += (TensorResult(label, compare_arrays(port_out, ref_out, tolerances.for_name(label), label),
+                                     tolerances.for_name(label)),)
         param_grads = _param_grads(ref_trace, port_trace, wmap, tolerances)
         tf_culprits = culprits(tf_layers, fwd_order, bwd_order)
         first = (tf_culprits.forward or tf_culprits.backward or (None,))[0]

@@ -33,6 +33,10 @@ MAX_HEADER = 100 << 20
 class SafetensorsError(Exception):
     """A file that is not a valid safetensors file; the message names the file and the problem."""
 
+    def __init__(self, path: Path, message: str):
+        self.path, self.message = path, message
+        super().__init__(f"{path}: {message}")
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -55,7 +59,7 @@ class SafetensorsFile:
         try:
             self._file = open(self.path, "rb")
         except OSError as e:
-            raise SafetensorsError(f"{self.path}: cannot open: {e.strerror}") from None
+            raise SafetensorsError(self.path, f"cannot open: {e.strerror}") from None
         try:
             self.tensors, self.metadata = _parse_header(self.path, self._file)
             size = os.fstat(self._file.fileno()).st_size
@@ -83,7 +87,10 @@ class SafetensorsFile:
 
     def close(self) -> None:
         if self._map is not None:
-            self._map.close()
+            try:
+                self._map.close()
+            except BufferError:
+                pass  # numpy views of it are still alive; the mapping goes when they do
         self._file.close()
 
     def __enter__(self) -> SafetensorsFile:
@@ -97,16 +104,16 @@ def _parse_header(path: Path, f) -> tuple[dict[str, TensorInfo], dict[str, str]]
     size = os.fstat(f.fileno()).st_size
     raw = f.read(8)
     if len(raw) < 8:
-        raise SafetensorsError(f"{path}: truncated: {size} bytes, not even the 8-byte header length")
+        raise SafetensorsError(path, f"truncated: {size} bytes, not even the 8-byte header length")
     (n,) = struct.unpack("<Q", raw)
     if n > MAX_HEADER or 8 + n > size:
-        raise SafetensorsError(f"{path}: corrupt or truncated: header of {n} bytes in a file of {size} bytes")
+        raise SafetensorsError(path, f"corrupt or truncated: header of {n} bytes in a file of {size} bytes")
     try:
         header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SafetensorsError(f"{path}: corrupt header: {e}") from None
+        raise SafetensorsError(path, f"corrupt header: {e}") from None
     if not isinstance(header, dict):
-        raise SafetensorsError(f"{path}: corrupt header: not a JSON object")
+        raise SafetensorsError(path, "corrupt header: not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
     base = 8 + n
     tensors: dict[str, TensorInfo] = {}
@@ -114,21 +121,21 @@ def _parse_header(path: Path, f) -> tuple[dict[str, TensorInfo], dict[str, str]]
         try:
             dtype, shape, (lo, hi) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
-            raise SafetensorsError(f"{path}: corrupt header entry for tensor {name!r}") from None
+            raise SafetensorsError(path, f"corrupt header entry for tensor {name!r}") from None
         if dtype not in NUMPY_VIEW:
-            raise SafetensorsError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+            raise SafetensorsError(path, f"tensor {name!r} has unknown dtype {dtype!r}")
         expected = int(np.prod(shape, dtype=np.int64)) * NUMPY_VIEW[dtype].itemsize
         if not (0 <= lo <= hi) or hi - lo != expected:
-            raise SafetensorsError(f"{path}: tensor {name!r}: byte range [{lo}, {hi}) does not fit "
+            raise SafetensorsError(path, f"tensor {name!r}: byte range [{lo}, {hi}) does not fit "
                                    f"{dtype} {list(shape)} ({expected} bytes)")
         if base + hi > size:
-            raise SafetensorsError(f"{path}: truncated: tensor {name!r} ends at byte {base + hi}, "
+            raise SafetensorsError(path, f"truncated: tensor {name!r} ends at byte {base + hi}, "
                                    f"the file has {size}")
         tensors[name] = TensorInfo(name, dtype, shape, base + lo, base + hi)
     spans = sorted((t.start, t.end, t.name) for t in tensors.values() if t.end > t.start)
     for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
         if start_b < end_a:
-            raise SafetensorsError(f"{path}: corrupt: tensors {a!r} and {b!r} overlap")
+            raise SafetensorsError(path, f"corrupt: tensors {a!r} and {b!r} overlap")
     return tensors, metadata
 
 
@@ -138,7 +145,7 @@ def read_header(path: Path | str) -> tuple[dict[str, TensorInfo], dict[str, str]
         with open(path, "rb") as f:
             return _parse_header(path, f)
     except OSError as e:
-        raise SafetensorsError(f"{path}: cannot open: {e.strerror}") from None
+        raise SafetensorsError(path, f"cannot open: {e.strerror}") from None
 
 
 @dataclass(frozen=True)
@@ -175,7 +182,7 @@ def write_streaming(path: Path, tensors: Iterable[Planned], metadata: dict[str, 
         for t in tensors:
             arr = np.ascontiguousarray(t.produce())
             if arr.dtype != NUMPY_VIEW[t.dtype] or tuple(arr.shape) != t.shape:
-                raise SafetensorsError(f"{path}: tensor {t.name!r} came out {arr.dtype} {list(arr.shape)}, "
+                raise SafetensorsError(path, f"tensor {t.name!r} came out {arr.dtype} {list(arr.shape)}, "
                                        f"planned {t.dtype} {list(t.shape)}")
             f.write(memoryview(arr).cast("B"))
             if on_tensor:

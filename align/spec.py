@@ -13,6 +13,8 @@ from typing import Any
 
 DTYPES = ("float32", "bfloat16")
 LABEL_RECIPES = ("causal_lm", "masked_lm", "none")
+BACKWARD_SEEDS = ("loss", "projection")
+DERIVED_OUTPUTS = ("mean_pooled",)
 
 
 class ConfigError(Exception):
@@ -69,6 +71,10 @@ class InputsRecipe:
     seq_len: int
     left_pad: tuple[int, ...]
     labels: str
+    backward: str = "loss"  # what backward differentiates: the model's loss, or a seeded projection of its outputs
+    sentences: tuple[str, ...] = ()  # real text instead of random ids, tokenized with `tokenizer`
+    tokenizer: str | None = None
+    derived: tuple[str, ...] = ()  # outputs computed from the model's outputs and compared too
 
 
 @dataclass(frozen=True)
@@ -85,11 +91,13 @@ class ModelSpec:
     port_config_class: str
     init: InitRecipe
     inputs: InputsRecipe
-    configs: dict[str, dict[str, Any]]
+    configs: dict[str, dict[str, Any] | str]  # a table of values, or the path of a config.json
     dtypes: tuple[str, ...]
     tolerance: Tolerance
     bf16: Bf16Policy
     overrides: tuple[Override, ...] = field(default=())
+    default_config: str = "tiny"
+    checkpoints: dict[str, str] = field(default_factory=dict)  # config name -> its checkpoint
 
     @property
     def root(self) -> Path:
@@ -199,6 +207,27 @@ def _dtypes(t: _Table, default: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(values)
 
 
+def _choice(t: _Table, name: str, choices: tuple[str, ...], default: str) -> str:
+    value = t.get(name, str, default)
+    if value not in choices:
+        raise ConfigError(t.file, t.key(name), f"unknown value {value!r} (known: {', '.join(choices)})")
+    return value
+
+
+def resolve_path(value: str, base: Path) -> Path:
+    """A path from align.toml: relative to the file, or `pkg:module/inner/path` inside an
+    installed package (found without importing it)."""
+    if value.startswith("pkg:"):
+        import importlib.util
+
+        module, _, inner = value[4:].partition("/")
+        found = importlib.util.find_spec(module)
+        if found is None or not found.submodule_search_locations:
+            raise ConfigError(base, "", f"{value}: no installed package {module!r}")
+        return Path(list(found.submodule_search_locations)[0]) / inner
+    return (base.parent / value).resolve() if not Path(value).is_absolute() else Path(value)
+
+
 def _model(file: Path, name: str, t: _Table, defaults: dict[str, Any]) -> ModelSpec:
     ref, port = t.table("reference"), t.table("port")
     init, inputs = t.table("init"), t.table("inputs")
@@ -209,18 +238,39 @@ def _model(file: Path, name: str, t: _Table, defaults: dict[str, Any]) -> ModelS
     if left_pad and (len(left_pad) != batch or not all(isinstance(p, int) and 0 <= p < seq_len for p in left_pad)):
         raise ConfigError(file, inputs.key("left_pad"),
                           f"expected {batch} integers in [0, {seq_len}) (one per sample), got {left_pad!r}")
-    labels = inputs.get("labels", str, "none")
-    if labels not in LABEL_RECIPES:
-        raise ConfigError(file, inputs.key("labels"), f"unknown recipe {labels!r} (known: {', '.join(LABEL_RECIPES)})")
-    spec_inputs = InputsRecipe(seed=inputs.get("seed", int), batch=batch, seq_len=seq_len,
-                               left_pad=tuple(left_pad), labels=labels)
+    labels = _choice(inputs, "labels", LABEL_RECIPES, "none")
+    backward = _choice(inputs, "backward", BACKWARD_SEEDS, "loss")
+    sentences = inputs.get("sentences", list, [])
+    tokenizer = inputs.get("tokenizer", str, None)
+    if bool(sentences) != bool(tokenizer) or not all(isinstance(x, str) for x in sentences):
+        raise ConfigError(file, inputs.key("sentences"), "sentences (strings) and tokenizer go together")
+    if sentences and len(sentences) != batch:
+        raise ConfigError(file, inputs.key("sentences"), f"expected {batch} sentences (batch), got {len(sentences)}")
+    derived = inputs.get("derived", list, [])
+    for d in derived:
+        if d not in DERIVED_OUTPUTS:
+            raise ConfigError(file, inputs.key("derived"), f"unknown output {d!r} (known: {', '.join(DERIVED_OUTPUTS)})")
+    spec_inputs = InputsRecipe(seed=inputs.get("seed", int), batch=batch, seq_len=seq_len, left_pad=tuple(left_pad),
+                               labels=labels, backward=backward, sentences=tuple(sentences), tokenizer=tokenizer,
+                               derived=tuple(derived))
     configs_t = t.table("configs")
-    configs = {}
-    for cname in configs_t.data:
-        configs[cname] = dict(configs_t.table(cname).data)
+    configs: dict[str, dict[str, Any] | str] = {}
+    for cname, value in configs_t.data.items():
+        configs[cname] = value if isinstance(value, str) else dict(configs_t.table(cname).data)
+        configs_t.read.add(cname)
     configs_t.done()
     if not configs:
         raise ConfigError(file, configs_t.path, "no configs: add at least [models.NAME.configs.tiny]")
+    default_config = t.get("default_config", str, "tiny")
+    if default_config not in configs:
+        raise ConfigError(file, t.key("default_config"), f"no config {default_config!r} (known: {', '.join(configs)})")
+    checkpoints_t = t.table("checkpoints", {})
+    checkpoints = {}
+    for cname in list(checkpoints_t.data):
+        if cname not in configs:
+            raise ConfigError(file, checkpoints_t.key(cname), f"no config {cname!r} (known: {', '.join(configs)})")
+        checkpoints[cname] = checkpoints_t.get(cname, str)
+    checkpoints_t.done()
 
     tol_t = t.table("tolerance", {})
     tolerance = _tolerance(tol_t.table("float32")) if "float32" in tol_t.data else defaults["float32"]
@@ -255,6 +305,8 @@ def _model(file: Path, name: str, t: _Table, defaults: dict[str, Any]) -> ModelS
         tolerance=tolerance,
         bf16=bf16,
         overrides=tuple(overrides),
+        default_config=default_config,
+        checkpoints=checkpoints,
     )
     for sub in (ref, port, init, inputs):
         sub.done()

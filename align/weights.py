@@ -395,6 +395,18 @@ def plan(rules: Rules, source: Mapping[str, tuple[int, ...]], port: Mapping[str,
             if strict:
                 raise
             unmapped.append(key)
+    if strict:
+        # A rule that matches nothing is a typo or a rule for another model: say which.
+        keys = list(source)
+        for r in rules.renames:
+            if not any(re.fullmatch(r.pattern, k) for k in keys):
+                raise WeightError(f"{rules.source.name}: rename {r.pattern!r} matches no reference tensor")
+        for f in rules.fuses:
+            if not any(re.fullmatch(f.sources[0], k) for k in keys):
+                raise WeightError(f"{rules.source.name}: {f.kind} from {f.sources[0]!r} matches no reference tensor")
+        for pattern, _ in rules.transpose:
+            if not any(re.fullmatch(pattern, k) for k in keys):
+                raise WeightError(f"{rules.source.name}: transpose {pattern!r} matches no reference tensor")
     never = sorted(k for k, s in port.items() if s.alias_of is None and k not in written)
     if never and strict:
         raise WeightError(f"port tensor(s) never written by {rules.source.name}: {', '.join(never)} "

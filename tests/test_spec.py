@@ -62,7 +62,7 @@ def test_config_mistakes_name_file_and_key(registry_copy, old, new, key, says):
 
 
 def test_unknown_model_lists_known_ones():
-    with pytest.raises(ConfigError, match=r"models\.nope: unknown model \(known: gemma2, modernbert, phi3\)"):
+    with pytest.raises(ConfigError, match=r"models\.nope: unknown model \(known: gemma2, minilm, modernbert, phi3\)"):
         load_registry(REGISTRY).get("nope")
 
 

@@ -1,0 +1,3 @@
+from ports.bert.modeling import BertConfig, BertModel
+
+__all__ = ["BertConfig", "BertModel"]
