@@ -106,12 +106,17 @@ def build_reference(spec: ModelSpec, cfg: Any, checkpoint: Path | None = None,
 
 def build_port(spec: ModelSpec, cfg: Any) -> Any:
     """The Paddle port in eval mode, built from the same config values as the reference."""
+    return build_port_from(spec, cfg.to_dict())
+
+
+def build_port_from(spec: ModelSpec, values: dict[str, Any]) -> Any:
+    """The Paddle port in eval mode, from the reference config's values (no transformers needed)."""
     from align.paddle_side import paddle
 
     cls = import_object(spec.port_class, spec.source, f"models.{spec.name}.port.class")
     cfg_cls = import_object(spec.port_config_class, spec.source, f"models.{spec.name}.port.config_class")
     paddle.seed(spec.init.seed)
-    model = cls(cfg_cls.from_dict(cfg.to_dict()))
+    model = cls(cfg_cls.from_dict(values))
     model.eval()
     return model
 

@@ -69,59 +69,75 @@ def observer_check(fw: Any, model: Any, inputs: dict[str, Any], seed_fn: Callabl
     return Observer(fw.name, not out_diff, not grad_diff, tuple(sorted(out_diff) + sorted(grad_diff)))
 
 
-def environment(seed_init: int, seed_inputs: int) -> dict[str, Any]:
-    """Versions, threads, determinism flags and seeds: what two runs must share to agree bitwise."""
+def _process() -> dict[str, Any]:
+    return {"python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
+            "numpy": np.__version__, "cpu_count": os.cpu_count(),
+            "env_vars": {k: os.environ.get(k) for k in THREAD_VARS}}
+
+
+def reference_environment() -> dict[str, Any]:
+    """The torch side: versions, threads and the flags that change fp32 results."""
     import torch
     import transformers
 
+    return {
+        "process": _process(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "threads": {"intra_op": torch.get_num_threads(), "inter_op": torch.get_num_interop_threads()},
+        "determinism": {
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cudnn_deterministic": torch.backends.cudnn.deterministic,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            # TF32 rounds fp32 matmuls to 10 mantissa bits on Ampere+ GPUs: enough to break 1e-5.
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        },
+    }
+
+
+def port_environment() -> dict[str, Any]:
+    """The Paddle side (never imports torch: it may run where torch is not installed)."""
     from align.paddle_side import paddle
 
-    cuda = torch.cuda.is_available()
     return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "torch": torch.__version__,
+        "process": _process(),
         "paddle": paddle.__version__,
         "paddle_commit": getattr(paddle.version, "commit", None),
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-        "device": {"torch": "cuda" if cuda else "cpu", "paddle": paddle.device.get_device()},
-        "threads": {"torch": torch.get_num_threads(), "torch_interop": torch.get_num_interop_threads(),
-                    "cpu_count": os.cpu_count()},
-        "env_vars": {k: os.environ.get(k) for k in THREAD_VARS},
-        "determinism": {
-            "torch_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-            "torch_cudnn_deterministic": torch.backends.cudnn.deterministic,
-            "torch_cudnn_benchmark": torch.backends.cudnn.benchmark,
-            # TF32 rounds fp32 matmuls to 10 mantissa bits on Ampere+ GPUs: enough to break 1e-5.
-            "torch_tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-            "torch_tf32_cudnn": torch.backends.cudnn.allow_tf32,
-            "paddle_compiled_with_cuda": paddle.is_compiled_with_cuda(),
-        },
-        "seeds": {"init": seed_init, "inputs": seed_inputs},
+        "device": paddle.device.get_device(),
+        "compiled_with_cuda": paddle.is_compiled_with_cuda(),
     }
+
+
+def environment(reference: dict[str, Any], port: dict[str, Any], seeds: dict[str, int]) -> dict[str, Any]:
+    """Both sides' records, plus the headline versions a report shows first."""
+    return {"torch": reference["torch"], "paddle": port["paddle"], "transformers": reference["transformers"],
+            "same_process": reference["process"] == port["process"],
+            "reference": reference, "port": port, "seeds": seeds}
 
 
 def environment_warnings(env: dict[str, Any]) -> list[str]:
     """Settings that make fp32 numbers drift on their own, said plainly."""
     warnings = []
-    d = env["determinism"]
-    if env["device"]["torch"] == "cuda":
-        if d["torch_tf32_matmul"] or d["torch_tf32_cudnn"]:
+    ref = env["reference"]
+    d = ref["determinism"]
+    if ref["device"] == "cuda":
+        if d["tf32_matmul"] or d["tf32_cudnn"]:
             warnings.append("TF32 is enabled in torch: fp32 matmuls run with 10-bit mantissas on Ampere+ GPUs")
-        if not d["torch_deterministic_algorithms"]:
+        if not d["deterministic_algorithms"]:
             warnings.append("torch deterministic algorithms are off on CUDA: repeated runs may differ")
+    if env["reference"]["process"]["numpy"] != env["port"]["process"]["numpy"]:
+        warnings.append(f"numpy differs between the reference ({ref['process']['numpy']}) and the port "
+                        f"({env['port']['process']['numpy']}) processes")
     return warnings
 
 
-def dtype_table(ref_tensors: dict[str, Any], port_tensors: dict[str, Any], ref_fw: Any, port_fw: Any,
+def dtype_table(ref_dtypes: dict[str, str], port_dtypes: dict[str, str],
                 to_port: Callable[[str], str | None]) -> tuple[dict[str, dict], list[Finding]]:
     """Every reference parameter and buffer with its dtype and its port counterpart's."""
     table, findings = {}, []
-    port_dtypes = {k: port_fw.dtype_name(t) for k, t in port_tensors.items()}
-    for key, t in ref_tensors.items():
-        ref_dtype = ref_fw.dtype_name(t)
+    for key, ref_dtype in ref_dtypes.items():
         port_key = to_port(key)
         port_dtype = port_dtypes.get(port_key) if port_key else None
         table[key] = {"reference": ref_dtype, "port_name": port_key, "port": port_dtype}

@@ -35,10 +35,10 @@ class ReproCase:
     manifest: dict[str, Any]
 
     @classmethod
-    def make(cls, spec: ModelSpec, cfg: Any, pair: Any, call: Call, ts: Any, ps: Any, ref: Any, port: Any,
-             tol: Tolerance, wmap: Any) -> ReproCase:
-        from align.replay import run_local
-
+    def make(cls, spec: ModelSpec, config: dict[str, Any], pair: Any, call: Call, ref_local: Any,
+             ref_weights: dict[str, np.ndarray], ps: Any, port: Any, tol: Tolerance, wmap: Any) -> ReproCase:
+        """From the reference's record of the culprit (its call, its own replay, its weights)
+        and the port's module."""
         port_layer = ps.submodule(port, pair.port_module)
         tensors: dict[str, np.ndarray] = {}
         accepted = ps.accepted_kwargs(port_layer)
@@ -64,7 +64,6 @@ class ReproCase:
             tensors[f"ref_output/{path}"] = np.ascontiguousarray(a.data)
         for path, g in call.grads.items():
             tensors[f"output_grad/{path}"] = np.ascontiguousarray(g)
-        ref_local = run_local(ts, ref, pair.ref_module, call, filter_kwargs=False)
         for path, g in ref_local.input_grads.items():
             tensors[f"ref_input_grad/{path}"] = np.ascontiguousarray(g)
         # Reference parameter grads, renamed and laid out as the port's parameters.
@@ -76,14 +75,13 @@ class ReproCase:
             port_attr = entry.target if pair.port_module == ROOT else entry.target[len(pair.port_module) + 1:]
             tensors[f"ref_param_grad/{port_attr}"] = np.ascontiguousarray(g.T if entry.transposed else g)
 
-        ref_layer = ts.submodule(ref, pair.ref_module)
         manifest = {
             "culprit": call.name,
             "module_type": call.type,
             "port_module": pair.port_module,
             "port_class": spec.port_class,
             "port_config_class": spec.port_config_class,
-            "config": json.loads(json.dumps(cfg.to_dict(), default=str)),
+            "config": json.loads(json.dumps(config, default=str)),
             "reference_class": spec.reference_class,
             "tolerance": {"atol": tol.atol, "rtol": tol.rtol},
             "project_root": str(spec.root),
@@ -91,7 +89,7 @@ class ReproCase:
         }
         return cls(
             name=call.name, port_module=pair.port_module, call=call, tensors=tensors, inputs=inputs,
-            ref_weights={k: np.ascontiguousarray(ts.record(v).data) for k, v in ref_layer.state_dict().items()},
+            ref_weights={k: np.ascontiguousarray(v) for k, v in ref_weights.items()},
             port_weights={k: np.ascontiguousarray(ps.record(v).data) for k, v in port_layer.state_dict().items()},
             manifest=manifest,
         )

@@ -28,10 +28,10 @@ from align.compare import (
     culprits,
     first_divergence,
 )
-from align.diagnose import Finding, Observer, dtype_table, environment, environment_warnings, observer_check
+from align.diagnose import Finding, Observer, dtype_table, environment_warnings, observer_check
 from align.metrics import combine, compare_arrays, missing
 from align.pair import Pairing, Unpaired, pair_calls
-from align.replay import Unreplayable, run_local
+from align.replay import Local, Unreplayable, run_local
 from align.repro import ReproCase
 from align.spec import ConfigError, ModelSpec
 
@@ -157,9 +157,8 @@ def _seed(fw, spec: ModelSpec) -> Callable[[Any], Any]:
     return pick
 
 
-def _load_weights(rules: W.Rules, ref: Any, port: Any, ts: Any, ps: Any, config: dict) -> W.WeightMap:
+def _load_weights(rules: W.Rules, source: dict[str, np.ndarray], port: Any, ps: Any, config: dict) -> W.WeightMap:
     """Plan, convert, load and verify bit-exact: the port gets the reference's weights."""
-    source = {k: ts.record(v).data for k, v in ref.state_dict().items()}
     port_state = port.state_dict()
     owners = dict(port.named_sublayers(include_self=True))
     wmap = W.plan(rules, {k: v.shape for k, v in source.items()}, W.describe_slots(port_state, owners), config,
@@ -169,31 +168,102 @@ def _load_weights(rules: W.Rules, ref: Any, port: Any, ts: Any, ps: Any, config:
     return W.verify(wmap, source, lambda k: ps.record(port_state[k]).data)
 
 
-def align_model(spec: ModelSpec, config: str | None = None, dtypes: tuple[str, ...] | None = None,
-                checkpoint: Path | None = None, progress: Progress = lambda s: None,
-                command: str = "") -> Report:
-    """Align one model: every step from the spec to a Report (nothing is written here).
+@dataclass
+class ReferenceRun:
+    """The reference's half of an alignment, framework-free: what `align trace` writes and
+    `align check` reads. Nothing in it needs torch to be used."""
 
-    `config` defaults to the model's default_config, and `checkpoint` to the one align.toml
-    names for that config (if any).
-    """
+    model: str
+    config_name: str
+    config: dict[str, Any]  # the reference config's values, from which the port is built
+    fingerprint: str  # of the registry's config (and rules) the run was made with
+    inputs: dict[str, Arr]
+    trace: Trace
+    locals: dict[str, Local | str]  # per call: the reference module's own replay, or why it has none
+    weights: dict[str, np.ndarray]  # the reference's state dict
+    dtypes: dict[str, str]  # every reference parameter and buffer
+    observer: Observer
+    env: dict[str, Any]
+    checkpoint: str | None
+    created: str
+
+
+def fingerprint(spec: ModelSpec, config: str) -> str:
+    """What a trace must match: the model, the config's values and the weight rules."""
+    import hashlib
+    import json
+
+    from align.build import config_values
+
+    values, _, _ = config_values(spec, config)
+    blob = json.dumps({"model": spec.name, "config": values, "rules": spec.weights_file.read_text(),
+                       "inputs": repr(spec.inputs), "init": repr(spec.init)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_reference(spec: ModelSpec, config: str | None = None, checkpoint: Path | None = None,
+                  progress: Progress = lambda s: None) -> ReferenceRun:
+    """Run only the reference (torch): record every module, replay each on its own inputs."""
     from align import build
-    from align.paddle_side import PaddleSide
+    from align.diagnose import reference_environment
     from align.spec import resolve_path
     from align.torch_side import TorchSide
 
     config = config or spec.default_config
     if checkpoint is None and config in spec.checkpoints:
         checkpoint = resolve_path(spec.checkpoints[config], spec.source)
-    ts, ps = TorchSide(), PaddleSide()
+    ts = TorchSide()
     rules = W.load_rules(spec.weights_file)
     cfg = build.reference_config(spec, config)
-
-    progress("building the reference and the port")
+    progress("building the reference")
     ref = build.build_reference(spec, cfg, checkpoint, ignore=rules.ignored)
-    port = build.build_port(spec, cfg)
+    inputs = build.make_inputs(spec, cfg)
+    ref_inputs = {k: ts.tensor(a, False) for k, a in inputs.items()}
+    progress("running the reference with hooks")
+    trace = run_and_record(ts, ref, ref_inputs, _seed(ts, spec), keep_inputs=True)
+    observer = observer_check(ts, ref, ref_inputs, _seed(ts, spec), trace)
+    progress(f"replaying {len(trace.calls)} reference modules on their own inputs")
+    locals_: dict[str, Local | str] = {}
+    for name, call in trace.calls.items():
+        try:
+            locals_[name] = run_local(ts, ref, call.module, call, filter_kwargs=False)
+        except Unreplayable as e:
+            locals_[name] = str(e)
+    return ReferenceRun(
+        model=spec.name, config_name=config, config=cfg.to_dict(), fingerprint=fingerprint(spec, config),
+        inputs=inputs, trace=trace, locals=locals_,
+        weights={k: ts.record(v).data for k, v in ref.state_dict().items()},
+        dtypes={k: ts.dtype_name(t) for k, t in {**ts.parameters(ref), **ts.buffers(ref)}.items()},
+        observer=observer, env=reference_environment(),
+        checkpoint=None if checkpoint is None else str(checkpoint),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def align_model(spec: ModelSpec, config: str | None = None, dtypes: tuple[str, ...] | None = None,
+                checkpoint: Path | None = None, progress: Progress = lambda s: None,
+                command: str = "") -> Report:
+    """Align one model in one process: the reference's half, then the port's.
+
+    `config` defaults to the model's default_config, and `checkpoint` to the one align.toml
+    names for that config (if any).
+    """
+    return check_port(spec, run_reference(spec, config, checkpoint, progress), dtypes, progress, command)
+
+
+def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | None = None,
+               progress: Progress = lambda s: None, command: str = "") -> Report:
+    """Run only the port (Paddle) against a ReferenceRun, and judge it. Never imports torch."""
+    from align import build
+    from align.diagnose import environment, port_environment
+    from align.paddle_side import PaddleSide
+
+    ps = PaddleSide()
+    rules = W.load_rules(spec.weights_file)
+    progress("building the port")
+    port = build.build_port_from(spec, ref.config)
     progress("mapping weights")
-    wmap = _load_weights(rules, ref, port, ts, ps, cfg.to_dict())
+    wmap = _load_weights(rules, ref.weights, port, ps, ref.config)
 
     def to_port(key: str) -> str | None:
         for e in wmap.entries:
@@ -201,19 +271,19 @@ def align_model(spec: ModelSpec, config: str | None = None, dtypes: tuple[str, .
                 return e.targets[0] if len(e.targets) == 1 and e.transform != "merge" else None
         return rules.rename(key)[0]
 
-    dtypes_seen, findings = dtype_table({**ts.parameters(ref), **ts.buffers(ref)},
-                                        {**ps.parameters(port), **ps.buffers(port)}, ts, ps, to_port)
+    port_dtypes = {k: ps.dtype_name(t) for k, t in {**ps.parameters(port), **ps.buffers(port)}.items()}
+    dtypes_seen, findings = dtype_table(ref.dtypes, port_dtypes, to_port)
     findings = list(findings)
-    env = environment(spec.init.seed, spec.inputs.seed)
+    env = environment(ref.env, port_environment(), {"init": spec.init.seed, "inputs": spec.inputs.seed})
     warnings = environment_warnings(env)
 
-    inputs = build.make_inputs(spec, cfg)
     tolerances = Tolerances(spec.tolerance, spec.overrides)
+    ref_trace = ref.trace
     runs: list[RunResult] = []
     outputs: tuple[TensorResult, ...] = ()
     param_grads: tuple[TensorResult, ...] = ()
     unpaired: tuple[Unpaired, ...] = ()
-    observers: list[Observer] = []
+    observers: list[Observer] = [ref.observer]
     repro: ReproCase | None = None
     for dtype in dtypes or spec.dtypes:
         if dtype == "bfloat16":
@@ -224,15 +294,11 @@ def align_model(spec: ModelSpec, config: str | None = None, dtypes: tuple[str, .
             warnings.append(f"bfloat16 was NOT run: {reason}")
             continue
 
-        ref_inputs = {k: ts.tensor(a, False) for k, a in inputs.items()}
-        port_inputs = {k: ps.tensor(a, False) for k, a in inputs.items()}
-        progress(f"{dtype}: running the reference with hooks")
-        ref_trace = run_and_record(ts, ref, ref_inputs, _seed(ts, spec), keep_inputs=True)
+        port_inputs = {k: ps.tensor(a, False) for k, a in ref.inputs.items()}
         progress(f"{dtype}: running the port with hooks")
         port_trace = run_and_record(ps, port, port_inputs, _seed(ps, spec), keep_inputs=True)
         progress(f"{dtype}: checking that hooks change nothing")
-        observers = [observer_check(ts, ref, ref_inputs, _seed(ts, spec), ref_trace),
-                     observer_check(ps, port, port_inputs, _seed(ps, spec), port_trace)]
+        observers = [ref.observer, observer_check(ps, port, port_inputs, _seed(ps, spec), port_trace)]
         for o in observers:
             if not (o.outputs_identical and o.grads_identical):
                 msg = (f"observer effect: the {o.framework} model's outputs or gradients differ with hooks "
@@ -256,7 +322,7 @@ def align_model(spec: ModelSpec, config: str | None = None, dtypes: tuple[str, .
                               f"glob {bad_globs[0]!r} matches no module or parameter")
 
         progress(f"{dtype}: teacher-forced replay of {len(pairing.pairs)} modules")
-        tf_layers = tuple(_teacher_forced(ts, ps, ref, port, ref_trace, pairing, wmap, tolerances))
+        tf_layers = tuple(_teacher_forced(ps, port, ref, pairing, wmap, tolerances))
         fr_layers = tuple(_free_running(ref_trace, port_trace, pairing, tolerances))
         fwd_order = ref_trace.completion_order()
         bwd_order = ref_trace.start_order()[::-1]
@@ -270,7 +336,7 @@ def align_model(spec: ModelSpec, config: str | None = None, dtypes: tuple[str, .
                          tolerances.for_name(k))
             for k, a in ref_trace.outputs.items()
         )
-        input_arrays = {k: a.data for k, a in inputs.items()}
+        input_arrays = {k: a.data for k, a in ref.inputs.items()}
         for name in spec.inputs.derived:
             fn = DERIVED[name]
             label = f"{name} (derived)"
@@ -281,17 +347,19 @@ def align_model(spec: ModelSpec, config: str | None = None, dtypes: tuple[str, .
         param_grads = _param_grads(ref_trace, port_trace, wmap, tolerances)
         tf_culprits = culprits(tf_layers, fwd_order, bwd_order)
         first = (tf_culprits.forward or tf_culprits.backward or (None,))[0]
-        if first is not None and repro is None:
+        if first is not None and repro is None and isinstance(ref.locals.get(first), Local):
             pair = next(p for p in pairing.pairs if p.ref == first)
-            repro = ReproCase.make(spec, cfg, pair, ref_trace.calls[first], ts, ps, ref, port,
-                                   tolerances.for_name(first), wmap)
+            prefix = "" if pair.ref_module == ROOT else pair.ref_module + "."
+            module_weights = {k[len(prefix):]: v for k, v in ref.weights.items() if k.startswith(prefix)}
+            repro = ReproCase.make(spec, ref.config, pair, ref_trace.calls[first], ref.locals[first], module_weights,
+                                   ps, port, tolerances.for_name(first), wmap)
 
     return Report(
-        model=spec.name, config=config, port="hand", runs=tuple(runs), outputs=outputs,
+        model=spec.name, config=ref.config_name, port="hand", runs=tuple(runs), outputs=outputs,
         param_grads=param_grads, weights=wmap, unpaired=unpaired, env=env,
         command=command or f"align run {spec.name}",
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        checkpoint=None if checkpoint is None else str(checkpoint), findings=tuple(findings),
+        checkpoint=ref.checkpoint, findings=tuple(findings),
         observer=tuple(observers), dtypes=dtypes_seen, warnings=tuple(warnings), repro=repro,
     )
 
@@ -313,14 +381,16 @@ def _as_reference(port_grads: dict[str, np.ndarray], wmap: W.WeightMap) -> dict[
     return out
 
 
-def _teacher_forced(ts, ps, ref, port, ref_trace: Trace, pairing: Pairing, wmap: W.WeightMap,
+def _teacher_forced(ps, port, ref: ReferenceRun, pairing: Pairing, wmap: W.WeightMap,
                     tolerances: Tolerances) -> list[LayerResult]:
     layers = []
     for p in pairing.pairs:
-        call = ref_trace.calls[p.ref]
+        call = ref.trace.calls[p.ref]
         tol = tolerances.for_name(p.ref)
-        ref_local = run_local(ts, ref, p.ref_module, call, filter_kwargs=False)
+        ref_local = ref.locals[p.ref]
         try:
+            if isinstance(ref_local, str):
+                raise Unreplayable(f"(the reference cannot replay it either) {ref_local}")
             port_local = run_local(ps, port, p.port_module, call, filter_kwargs=True)
         except Unreplayable as e:
             layers.append(LayerResult(p.ref, p.port, call.type, missing(f"could not replay: {e}"), None, tol,

@@ -33,7 +33,7 @@ def test_report_keys_are_stable(passing):
         for layer in run["layers"]:
             assert {"name", "forward", "backward"} <= set(layer)
             assert {"max_abs", "mean_abs", "max_rel", "cosine", "passed"} <= set(layer["forward"])
-    assert {"torch", "paddle", "transformers", "threads", "seeds"} <= set(report["env"])
+    assert {"torch", "paddle", "transformers", "reference", "port", "seeds"} <= set(report["env"])
 
 
 def test_fp32_both_modes_forward_and_backward_all_paired(passing):
