@@ -47,6 +47,21 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="report directory (default: reports/<model>/ beside align.toml)")
     run.add_argument("--quiet", action="store_true", help="no progress display")
 
+    trace = sub.add_parser("trace", help="run only the reference and save a trace for `align check`")
+    trace.add_argument("model")
+    trace.add_argument("--config", help="a config of the model (default: the model's default_config)")
+    trace.add_argument("--checkpoint", type=Path, help="reference weights (safetensors) instead of seeded random ones")
+    trace.add_argument("--out", type=Path, required=True, help="the trace directory to write")
+    trace.add_argument("--force", action="store_true", help="replace an existing trace")
+    trace.add_argument("--quiet", action="store_true", help="no progress display")
+
+    check = sub.add_parser("check", help="run only the port against a saved trace; same report as `align run`")
+    check.add_argument("model")
+    check.add_argument("--trace", type=Path, required=True, help="a directory written by `align trace`")
+    check.add_argument("--dtype", action="append", choices=sorted(DTYPE_ALIASES))
+    check.add_argument("--out", type=Path, help="report directory (default: reports/<model>/ beside align.toml)")
+    check.add_argument("--quiet", action="store_true", help="no progress display")
+
     gate = sub.add_parser("gate", help="align every model marked ci = true; exit 1 if any is not aligned")
     gate.add_argument("--junit", type=Path, help="also write JUnit XML here (one test case per model, dtype and mode)")
     gate.add_argument("--reports", type=Path, help="reports directory (default: reports/ beside align.toml)")
@@ -86,20 +101,32 @@ def _registry(args: argparse.Namespace) -> Registry:
     return load_registry(args.registry or find_registry())
 
 
+def _progress(console: Console, name: str, quiet: bool):
+    """A rich status line for long steps, as a context manager yielding progress(step)."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def show():
+        with console.status("aligning", spinner="dots") as status:
+            yield (lambda step: None) if quiet else (lambda step: status.update(f"{name}: {step}"))
+
+    return show()
+
+
 def _align_and_write(spec: ModelSpec, out: Path, console: Console, quiet: bool, command: str,
                      config: str | None = None, dtypes: tuple[str, ...] | None = None,
-                     checkpoint: Path | None = None) -> dict:
-    """Align one model; write report.json, report.html, the repro, the history line and the dashboard."""
+                     checkpoint: Path | None = None, reference=None) -> dict:
+    """Align one model (against a saved `reference` run, if given); write report.json,
+    report.html, the repro, the history line and the dashboard."""
     from align.report import append_history, as_json, render_console, write_index, write_report
-    from align.run import align_model
+    from align.run import align_model, check_port
 
     started = time.perf_counter()
-    with console.status("aligning", spinner="dots") as status:
-        def progress(step: str) -> None:
-            if not quiet:
-                status.update(f"{spec.name}: {step}")
-
-        result = align_model(spec, config, dtypes, checkpoint, progress, command)
+    with _progress(console, spec.name, quiet) as progress:
+        if reference is None:
+            result = align_model(spec, config, dtypes, checkpoint, progress, command)
+        else:
+            result = check_port(spec, reference, dtypes, progress, command)
     report = result.to_dict()
     report["duration_s"] = round(time.perf_counter() - started, 3)
     if result.repro is not None:
@@ -121,6 +148,36 @@ def _run(args: argparse.Namespace, argv: list[str], console: Console) -> ExitCod
     out = args.out or registry.source.parent / "reports" / spec.name
     report = _align_and_write(spec, out, console, args.quiet, "align " + " ".join(shlex.quote(a) for a in argv),
                               args.config, dtypes, args.checkpoint)
+    return ExitCode.ALIGNED if report["verdict"] == "pass" else ExitCode.NOT_ALIGNED
+
+
+def _trace(args: argparse.Namespace, console: Console) -> ExitCode:
+    from align.run import run_reference
+    from align.trace_io import write_trace
+
+    spec = _registry(args).get(args.model)
+    if args.out.exists() and not args.force:
+        raise ConfigError(args.out, "", "already exists (pass --force to replace it)")
+    with _progress(console, spec.name, args.quiet) as progress:
+        run = run_reference(spec, args.config, args.checkpoint, progress)
+        path = write_trace(run, args.out, force=args.force)
+    console.print(f"traced {spec.name} ({run.config_name} config): {len(run.trace.calls)} module calls, "
+                  f"torch {run.env['torch']}, transformers {run.env['transformers']} -> {path}")
+    return ExitCode.ALIGNED
+
+
+def _check(args: argparse.Namespace, argv: list[str], console: Console) -> ExitCode:
+    from align.run import fingerprint
+    from align.trace_io import check_matches, read_trace
+
+    registry = _registry(args)
+    spec = registry.get(args.model)
+    run = read_trace(args.trace)
+    check_matches(run, spec, fingerprint(spec, run.config_name), run.config_name)
+    dtypes = tuple(dict.fromkeys(DTYPE_ALIASES[d] for d in args.dtype)) if args.dtype else None
+    out = args.out or registry.source.parent / "reports" / spec.name
+    report = _align_and_write(spec, out, console, args.quiet, "align " + " ".join(shlex.quote(a) for a in argv),
+                              dtypes=dtypes, reference=run)
     return ExitCode.ALIGNED if report["verdict"] == "pass" else ExitCode.NOT_ALIGNED
 
 
@@ -249,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
             return _render(args, console)
         if args.command == "weights":
             return _weights(args, console)
+        if args.command == "trace":
+            return _trace(args, console)
+        if args.command == "check":
+            return _check(args, argv, console)
         return _run(args, argv, console)
     except (ConfigError, WeightError) as e:
         print(f"align: error: {e}", file=sys.stderr)

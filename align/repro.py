@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from align.capture import ROOT, Arr, Call, Opaque
+from align.safetensors_io import contiguous
 from align.spec import ModelSpec, Tolerance
 
 
@@ -45,7 +46,7 @@ class ReproCase:
 
         def encode(obj: Any, path: str) -> Any:
             if isinstance(obj, Arr):
-                tensors[f"input/{path}"] = np.ascontiguousarray(obj.data)
+                tensors[f"input/{path}"] = contiguous(obj.data)
                 return {"__tensor__": f"input/{path}", "dtype": obj.dtype, "path": path}
             if isinstance(obj, Opaque):
                 return None
@@ -61,11 +62,11 @@ class ReproCase:
             "kwargs": encode({k: v for k, v in call.kwargs.items() if accepted is None or k in accepted}, ""),
         }
         for path, a in call.outputs.items():
-            tensors[f"ref_output/{path}"] = np.ascontiguousarray(a.data)
+            tensors[f"ref_output/{path}"] = contiguous(a.data)
         for path, g in call.grads.items():
-            tensors[f"output_grad/{path}"] = np.ascontiguousarray(g)
+            tensors[f"output_grad/{path}"] = contiguous(g)
         for path, g in ref_local.input_grads.items():
-            tensors[f"ref_input_grad/{path}"] = np.ascontiguousarray(g)
+            tensors[f"ref_input_grad/{path}"] = contiguous(g)
         # Reference parameter grads, renamed and laid out as the port's parameters.
         for attr, g in ref_local.param_grads.items():
             key = attr if pair.ref_module == ROOT else f"{pair.ref_module}.{attr}"
@@ -73,7 +74,7 @@ class ReproCase:
             if entry is None:
                 continue
             port_attr = entry.target if pair.port_module == ROOT else entry.target[len(pair.port_module) + 1:]
-            tensors[f"ref_param_grad/{port_attr}"] = np.ascontiguousarray(g.T if entry.transposed else g)
+            tensors[f"ref_param_grad/{port_attr}"] = contiguous(g.T if entry.transposed else g)
 
         manifest = {
             "culprit": call.name,
@@ -89,8 +90,8 @@ class ReproCase:
         }
         return cls(
             name=call.name, port_module=pair.port_module, call=call, tensors=tensors, inputs=inputs,
-            ref_weights={k: np.ascontiguousarray(v) for k, v in ref_weights.items()},
-            port_weights={k: np.ascontiguousarray(ps.record(v).data) for k, v in port_layer.state_dict().items()},
+            ref_weights={k: contiguous(v) for k, v in ref_weights.items()},
+            port_weights={k: contiguous(ps.record(v).data) for k, v in port_layer.state_dict().items()},
             manifest=manifest,
         )
 

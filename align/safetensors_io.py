@@ -180,7 +180,7 @@ def write_streaming(path: Path, tensors: Iterable[Planned], metadata: dict[str, 
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for t in tensors:
-            arr = np.ascontiguousarray(t.produce())
+            arr = contiguous(t.produce())
             if arr.dtype != NUMPY_VIEW[t.dtype] or tuple(arr.shape) != t.shape:
                 raise SafetensorsError(path, f"tensor {t.name!r} came out {arr.dtype} {list(arr.shape)}, "
                                        f"planned {t.dtype} {list(t.shape)}")
@@ -189,6 +189,11 @@ def write_streaming(path: Path, tensors: Iterable[Planned], metadata: dict[str, 
                 on_tensor(t, arr.nbytes)
             del arr
     return offset
+
+
+def contiguous(a: np.ndarray) -> np.ndarray:
+    """C-contiguous without changing the shape (np.ascontiguousarray turns a scalar into (1,))."""
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
 def bf16_from_f32(words: np.ndarray) -> np.ndarray:
