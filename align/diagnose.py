@@ -113,7 +113,7 @@ def port_environment() -> dict[str, Any]:
 def environment(reference: dict[str, Any], port: dict[str, Any], seeds: dict[str, int]) -> dict[str, Any]:
     """Both sides' records, plus the headline versions a report shows first."""
     return {"torch": reference["torch"], "paddle": port["paddle"], "transformers": reference["transformers"],
-            "same_process": reference["process"] == port["process"],
+            "same_environment": reference["process"] == port["process"],
             "reference": reference, "port": port, "seeds": seeds}
 
 

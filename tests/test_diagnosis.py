@@ -77,7 +77,7 @@ def test_correct_run_records_environment_and_observer(run_cli):
     env = report["env"]
     assert {"deterministic_algorithms", "tf32_matmul", "tf32_cudnn"} <= set(env["reference"]["determinism"])
     assert env["reference"]["threads"]["intra_op"] >= 1 and env["seeds"] == {"init": 0, "inputs": 1}
-    assert env["same_process"] and env["port"]["paddle"] == env["paddle"] == "3.3.1"
+    assert env["same_environment"] and env["port"]["paddle"] == env["paddle"] == "3.3.1"
     dtypes = env["dtypes"]
     assert dtypes["model.layers.0.self_attn.q_proj.weight"]["port"] == "float32"
     assert dtypes["model.rotary_emb.inv_freq"] == {"reference": "float32", "port_name": "model.rotary_emb.inv_freq",

@@ -1,0 +1,80 @@
+"""Split execution: `align trace` runs only the reference, `align check` only the port."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from align.cli import main
+from conftest import REGISTRY, ROOT
+from test_injected_bugs import attention_without_softcap
+
+
+@pytest.fixture(scope="module")
+def trace(tmp_path_factory):
+    path = tmp_path_factory.mktemp("trace") / "gemma2"
+    assert main(["--registry", str(REGISTRY), "trace", "gemma2", "--out", str(path), "--quiet"]) == 0
+    return path
+
+
+def layers(report, mode):
+    run = next(r for r in report["runs"] if r["dtype"] == "float32" and r["mode"] == mode)
+    return {layer["name"]: (layer["forward"], layer["backward"]) for layer in run["layers"]}
+
+
+def test_check_gives_the_in_process_report(trace, run_cli):
+    _, split, _ = run_cli("check", "gemma2", "--trace", str(trace), "--dtype", "fp32")
+    _, joint, _ = run_cli("run", "gemma2", "--dtype", "fp32")
+    assert split["verdict"] == joint["verdict"] == "pass"
+    for mode in ("teacher_forced", "free_running"):
+        assert layers(split, mode) == layers(joint, mode)  # the very same numbers
+    assert split["param_grads"] == joint["param_grads"] and split["outputs"] == joint["outputs"]
+    assert split["env"]["reference"]["torch"].startswith("2.13.0")  # the trace records its versions
+
+
+def test_check_runs_without_torch(trace, tmp_path):
+    """The port side in its own process, where torch and transformers cannot even be imported."""
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+            "from align.cli import main\n"
+            f"sys.exit(main(['--registry', {str(REGISTRY)!r}, 'check', 'gemma2', '--trace', {str(trace)!r}, "
+            f"'--out', {str(tmp_path)!r}, '--quiet']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["verdict"] == "pass" and report["env"]["same_environment"]  # same venv, other process
+
+
+def test_broken_port_is_caught_through_a_trace(trace, monkeypatch, run_cli):
+    attention_without_softcap(monkeypatch)
+    code, report, _ = run_cli("check", "gemma2", "--trace", str(trace), "--dtype", "fp32")
+    assert code == 1 and report["first_divergence"]["forward"] == "model.layers.0.self_attn"
+
+
+def test_trace_for_another_model_is_refused(trace, capsys):
+    assert main(["--registry", str(REGISTRY), "check", "phi3", "--trace", str(trace)]) == 2
+    assert "the trace was made for model 'gemma2', not 'phi3'" in capsys.readouterr().err
+
+
+def test_trace_that_no_longer_matches_the_registry_is_refused(trace, tmp_path, capsys):
+    shutil.copytree(ROOT / "weights", tmp_path / "weights")
+    registry = tmp_path / "align.toml"
+    registry.write_text(REGISTRY.read_text().replace("sliding_window = 6", "sliding_window = 5", 1))
+    assert main(["--registry", str(registry), "check", "gemma2", "--trace", str(trace)]) == 2
+    assert "no longer matches this registry's config, rules, inputs or init" in capsys.readouterr().err
+
+
+def test_corrupt_trace_is_refused(trace, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(trace, broken)
+    (broken / "calls" / "00003.safetensors").unlink()
+    assert main(["--registry", str(REGISTRY), "check", "gemma2", "--trace", str(broken)]) == 2
+    assert "corrupt or incomplete trace" in capsys.readouterr().err
+    assert main(["--registry", str(REGISTRY), "check", "gemma2", "--trace", str(tmp_path / "nothing")]) == 2
+    assert "not a trace: no manifest.json" in capsys.readouterr().err
+
+
+def test_existing_trace_needs_force(trace, capsys):
+    assert main(["--registry", str(REGISTRY), "trace", "gemma2", "--out", str(trace)]) == 2
+    assert "already exists (pass --force" in capsys.readouterr().err
