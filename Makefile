@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 MODEL  ?= gemma2
 ARGS   ?=
 
-.PHONY: align test gate venv clean
+.PHONY: align test gate venv venv-paddleformers clean
 
 venv: $(STAMP)
 
@@ -18,7 +18,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
-align: $(STAMP)
+# PaddleFormers pins transformers < 5.4, so its ports run in their own environment, with align
+# installed without its torch-side dependencies.
+PF_VENV  := .venv-paddleformers
+PF_STAMP := $(PF_VENV)/.installed
+
+venv-paddleformers: $(PF_STAMP)
+
+$(PF_STAMP): pyproject.toml
+	test -x $(PF_VENV)/bin/python || $(PYTHON) -m venv $(PF_VENV)
+	$(PF_VENV)/bin/python -m pip install --quiet --disable-pip-version-check paddlepaddle==3.3.1 paddleformers==1.2.0 \
+		rich==15.0.0 safetensors==0.8.0
+	$(PF_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $(PF_STAMP)
+
+align: $(STAMP) $(if $(filter pf-%,$(MODEL)),$(PF_STAMP))
 	$(VENV)/bin/align run $(MODEL) $(ARGS)
 
 gate: $(STAMP)

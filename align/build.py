@@ -121,6 +121,27 @@ def build_port_from(spec: ModelSpec, values: dict[str, Any]) -> Any:
     return model
 
 
+def load_port_pretrained(spec: ModelSpec, values: dict[str, Any], weights: dict[str, np.ndarray]) -> Any:
+    """The port loaded by its OWN checkpoint loader (`from_pretrained(dir, convert_from_hf=True)`,
+    as PaddleFormers has), from an HF-format directory holding the reference's weights."""
+    import json
+    import tempfile
+
+    from safetensors.numpy import save_file
+
+    cls = import_object(spec.port_class, spec.source, f"models.{spec.name}.port.class")
+    cfg_cls = import_object(spec.port_config_class, spec.source, f"models.{spec.name}.port.config_class")
+    if not hasattr(cls, "from_pretrained"):
+        raise ConfigError(spec.source, f"models.{spec.name}.port.class", f"{cls.__name__} has no from_pretrained loader")
+    with tempfile.TemporaryDirectory(prefix="align-hf-") as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(values, default=str))
+        save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(Path(tmp) / "model.safetensors"),
+                  metadata={"format": "pt"})
+        model = cls.from_pretrained(tmp, config=cfg_cls.from_dict(values), convert_from_hf=True)
+    model.eval()
+    return model
+
+
 def port_slots(spec: ModelSpec, cfg: Any) -> dict:
     """The port's tensors (shapes, owning layer types, ties) without allocating its weights."""
     from align.paddle_side import paddle

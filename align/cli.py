@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint", type=Path, help="reference weights (safetensors file or sharded directory) instead of seeded random ones")
     run.add_argument("--out", type=Path, help="report directory (default: reports/<model>/ beside align.toml)")
     run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.add_argument("--weights-from", choices=["rules", "pretrained"], default="rules",
+                     help="load the port's weights with align's rules (default), or with the port's own "
+                          "from_pretrained, checked tensor by tensor against the rules")
 
     trace = sub.add_parser("trace", help="run only the reference and save a trace for `align check`")
     trace.add_argument("model")
@@ -61,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--dtype", action="append", choices=sorted(DTYPE_ALIASES))
     check.add_argument("--out", type=Path, help="report directory (default: reports/<model>/ beside align.toml)")
     check.add_argument("--quiet", action="store_true", help="no progress display")
+    check.add_argument("--as-command", help=argparse.SUPPRESS)  # the command the user typed, when delegated
+    check.add_argument("--weights-from", choices=["rules", "pretrained"], default="rules")
 
     gate = sub.add_parser("gate", help="align every model marked ci = true; exit 1 if any is not aligned")
     gate.add_argument("--junit", type=Path, help="also write JUnit XML here (one test case per model, dtype and mode)")
@@ -115,18 +120,23 @@ def _progress(console: Console, name: str, quiet: bool):
 
 def _align_and_write(spec: ModelSpec, out: Path, console: Console, quiet: bool, command: str,
                      config: str | None = None, dtypes: tuple[str, ...] | None = None,
-                     checkpoint: Path | None = None, reference=None) -> dict:
+                     checkpoint: Path | None = None, reference=None, weights_from: str = "rules") -> dict:
     """Align one model (against a saved `reference` run, if given); write report.json,
     report.html, the repro, the history line and the dashboard."""
     from align.report import append_history, as_json, render_console, write_index, write_report
     from align.run import align_model, check_port
 
+    if spec.port_environment and reference is None:
+        return _align_across(spec, out, console, quiet, command, config, dtypes, checkpoint, weights_from)
     started = time.perf_counter()
     with _progress(console, spec.name, quiet) as progress:
-        if reference is None:
+        if reference is None and weights_from == "rules":
             result = align_model(spec, config, dtypes, checkpoint, progress, command)
         else:
-            result = check_port(spec, reference, dtypes, progress, command)
+            from align.run import run_reference
+
+            reference = reference or run_reference(spec, config, checkpoint, progress)
+            result = check_port(spec, reference, dtypes, progress, command, weights_from)
     report = result.to_dict()
     report["duration_s"] = round(time.perf_counter() - started, 3)
     if result.repro is not None:
@@ -141,13 +151,45 @@ def _align_and_write(spec: ModelSpec, out: Path, console: Console, quiet: bool, 
     return report
 
 
+def _align_across(spec: ModelSpec, out: Path, console: Console, quiet: bool, command: str,
+                  config: str | None, dtypes: tuple[str, ...] | None, checkpoint: Path | None,
+                  weights_from: str = "rules") -> dict:
+    """The reference here, the port in its own environment: trace, then `align check` there."""
+    import subprocess
+    import tempfile
+
+    from align.report import load_report
+    from align.run import run_reference
+    from align.trace_io import write_trace
+
+    env_dir = (spec.source.parent / spec.port_environment).resolve()
+    python = env_dir / "bin" / "python"
+    if not python.is_file():
+        raise ConfigError(spec.source, f"models.{spec.name}.port.environment",
+                          f"{env_dir} does not exist; create it with `make venv-paddleformers`")
+    with _progress(console, spec.name, quiet) as progress:
+        run = run_reference(spec, config, checkpoint, progress)
+    with tempfile.TemporaryDirectory(prefix="align-trace-") as tmp:
+        trace = write_trace(run, Path(tmp) / spec.name)
+        cmd = [str(python), "-m", "align", "--registry", str(spec.source), "check", spec.name, "--trace", str(trace),
+               "--out", str(out), "--as-command", command, "--weights-from", weights_from]
+        cmd += [a for d in dtypes or () for a in ("--dtype", d)] + (["--quiet"] if quiet else [])
+        console.print(f"{spec.name}: reference traced here (torch {run.env['torch']}); "
+                      f"checking the port in {env_dir.name}", highlight=False)
+        proc = subprocess.run(cmd)
+    if proc.returncode == ExitCode.USAGE_ERROR or not (out / "report.json").is_file():
+        raise ConfigError(spec.source, f"models.{spec.name}.port",
+                          f"`align check` in {env_dir.name} failed (exit code {proc.returncode}); see above")
+    return load_report(out / "report.json")
+
+
 def _run(args: argparse.Namespace, argv: list[str], console: Console) -> ExitCode:
     registry = _registry(args)
     spec = registry.get(args.model)
     dtypes = tuple(dict.fromkeys(DTYPE_ALIASES[d] for d in args.dtype)) if args.dtype else None
     out = args.out or registry.source.parent / "reports" / spec.name
     report = _align_and_write(spec, out, console, args.quiet, "align " + " ".join(shlex.quote(a) for a in argv),
-                              args.config, dtypes, args.checkpoint)
+                              args.config, dtypes, args.checkpoint, weights_from=args.weights_from)
     return ExitCode.ALIGNED if report["verdict"] == "pass" else ExitCode.NOT_ALIGNED
 
 
@@ -176,8 +218,9 @@ def _check(args: argparse.Namespace, argv: list[str], console: Console) -> ExitC
     check_matches(run, spec, fingerprint(spec, run.config_name), run.config_name)
     dtypes = tuple(dict.fromkeys(DTYPE_ALIASES[d] for d in args.dtype)) if args.dtype else None
     out = args.out or registry.source.parent / "reports" / spec.name
-    report = _align_and_write(spec, out, console, args.quiet, "align " + " ".join(shlex.quote(a) for a in argv),
-                              dtypes=dtypes, reference=run)
+    command = args.as_command or "align " + " ".join(shlex.quote(a) for a in argv)
+    report = _align_and_write(spec, out, console, args.quiet, command, dtypes=dtypes, reference=run,
+                              weights_from=args.weights_from)
     return ExitCode.ALIGNED if report["verdict"] == "pass" else ExitCode.NOT_ALIGNED
 
 

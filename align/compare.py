@@ -71,6 +71,7 @@ class LayerResult:
     backward: Metrics | None  # None: no gradient flows through this module on either side
     tolerance: Tolerance
     ignored_inputs: tuple[str, ...] = ()
+    extra_outputs: tuple[str, ...] = ()  # outputs the port returns beyond the reference's (not compared)
     module: str = ""  # module path (the call name without a "#n" repeat suffix)
     amplification: Amplification | None = None  # free-running only
 
@@ -88,6 +89,7 @@ class LayerResult:
             "passed": self.passed,
             "tolerance": asdict(self.tolerance),
             "ignored_inputs": list(self.ignored_inputs),
+            "extra_outputs": list(self.extra_outputs),
             "amplification": None if self.amplification is None else self.amplification.to_dict(),
         }
 
@@ -185,8 +187,10 @@ class Tolerances:
 
 
 def compare_named(port: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], tol: Tolerance,
-                  what: str) -> Metrics | None:
-    """Compare two dicts of tensors keyed alike; a key on one side only fails. None if both empty."""
+                  what: str, extra_fails: bool = True) -> Metrics | None:
+    """Compare two dicts of tensors keyed alike. A reference key the port lacks fails; a port
+    key the reference lacks fails too unless extra_fails is off (a module's extra outputs,
+    such as attention weights asked for with output_attentions). None if nothing to compare."""
     parts = []
     for key in ref:
         label = f"{what} {key}"
@@ -195,7 +199,7 @@ def compare_named(port: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray],
         else:
             parts.append(compare_arrays(port[key], ref[key], tol, label))
     for key in port:
-        if key not in ref:
+        if key not in ref and extra_fails:
             parts.append(missing(f"the port produced {what} {key!r}, which the reference has not", f"{what} {key}"))
     return combine(parts)
 

@@ -271,7 +271,7 @@ def render_html(report: dict) -> str:
 <title>align: {esc(report['model'])} {esc(verdict)}</title><style>{CSS}</style></head><body>
 <header class="verdict {esc(verdict)}" id="verdict">
 <h1>{esc(report['model'])}: {esc(verdict.upper())}</h1>
-<div class="meta">{esc(report['config'])} config · {esc(report['port'])} port · {esc(report['created'])} ·
+<div class="meta">{esc(report['config'])} config · port {esc(report['port'])}{' (its own loader)' if report.get('weights_from') == 'pretrained' else ''} · {esc(report['created'])} ·
 torch {esc(str(env.get('torch')))} · paddle {esc(str(env.get('paddle')))} · transformers {esc(str(env.get('transformers')))}</div>
 <div class="meta">Reproduce: <code>{esc(report['command'])}</code></div>
 <nav class="meta">{' · '.join(links) or 'no divergence'}</nav>

@@ -48,16 +48,20 @@ def _materialize(obj: Any, fw: Framework, path: str, leaves: list, grad: bool) -
     return obj
 
 
-def run_local(fw: Any, model: Any, module_path: str, call: Call, filter_kwargs: bool) -> Local:
+def run_local(fw: Any, model: Any, module_path: str, call: Call, filter_kwargs: bool,
+              extra_kwargs: dict | None = None) -> Local:
     """Replay `call` (recorded on the reference) on `module_path` of `model`.
 
     With filter_kwargs, recorded keyword inputs the module's forward does not accept are
     dropped and listed in `ignored` (a port need not take the reference's unused extras).
+    `extra_kwargs` (the port's call_kwargs, such as return_dict=True) go to any module whose
+    forward takes them.
     """
     module = fw.submodule(model, module_path)
     differentiate = bool(call.grads)
     accepted = fw.accepted_kwargs(module) if filter_kwargs else None
     ignored = [k for k, v in call.kwargs.items() if accepted is not None and k not in accepted and v is not None]
+    extra = {k: v for k, v in (extra_kwargs or {}).items() if accepted is None or k in accepted}
     leaves: list[tuple[str, Any]] = []
     args = tuple(_materialize(v, fw, call.arg_path(i), leaves, differentiate) for i, v in enumerate(call.args))
     kwargs = {
@@ -66,7 +70,7 @@ def run_local(fw: Any, model: Any, module_path: str, call: Call, filter_kwargs: 
         if accepted is None or k in accepted
     }
     try:
-        output = module(*args, **kwargs)
+        output = module(*args, **{**kwargs, **extra})
     except TypeError as e:
         raise Unreplayable(f"the recorded inputs do not fit {type(module).__name__}.forward: {e}") from None
 

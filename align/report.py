@@ -84,8 +84,12 @@ def write_index(reports_root: Path) -> Path:
 
     latest = {}
     for path in sorted(reports_root.glob("*/report.json")):
-        report = load_report(path)
-        latest[report["model"]] = report
+        try:
+            report = load_report(path)
+        except (OSError, ValueError):
+            continue  # unreadable: not one of ours, or cut short; the dashboard shows the rest
+        if isinstance(report, dict) and "schema_version" in report and "model" in report:
+            latest[report["model"]] = report
     out = reports_root / "index.html"
     write_atomic(out, render_index(latest, read_history(reports_root)))
     return out
@@ -130,7 +134,8 @@ def _worst(layers: list[dict], direction: str) -> float | None:
 def render_console(report: dict, console: Console, paths: tuple[Path, ...] = ()) -> None:
     verdict = report["verdict"]
     style = {"pass": "bold green", "fail": "bold red"}.get(verdict, "bold yellow")
-    console.print(f"[bold]{report['model']}[/] ({report['config']} config, {report['port']} port): "
+    loader = " loaded by its own from_pretrained" if report.get("weights_from") == "pretrained" else ""
+    console.print(f"[bold]{report['model']}[/] ({report['config']} config, {report['port']}{loader}): "
                   f"[{style}]{verdict.upper()}[/]")
     table = Table(show_edge=False, pad_edge=False)
     for col in ("dtype", "mode", "gate", "result", "layers", "worst fwd", "worst bwd", "first divergence"):

@@ -5,6 +5,7 @@ Each step is one call into the module that owns it; this file only joins them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -45,7 +46,7 @@ class Report:
 
     model: str
     config: str
-    port: str
+    port: str  # the port class ("module:Class")
     runs: tuple[RunResult, ...]
     outputs: tuple[TensorResult, ...]
     param_grads: tuple[TensorResult, ...]
@@ -60,6 +61,7 @@ class Report:
     dtypes: dict[str, dict] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
     repro: ReproCase | None = None  # tensors for the first culprit; written by the CLI, not JSON
+    weights_from: str = "rules"  # or "pretrained": the port's own loader, checked against the rules
 
     @property
     def verdict(self) -> str:
@@ -97,6 +99,7 @@ class Report:
             "model": self.model,
             "config": self.config,
             "port": self.port,
+            "weights_from": self.weights_from,
             "created": self.created,
             "command": self.command,
             "checkpoint": self.checkpoint,
@@ -157,12 +160,16 @@ def _seed(fw, spec: ModelSpec) -> Callable[[Any], Any]:
     return pick
 
 
+def _plan(rules: W.Rules, source: dict[str, np.ndarray], port: Any, config: dict) -> W.WeightMap:
+    owners = dict(port.named_sublayers(include_self=True))
+    return W.plan(rules, {k: v.shape for k, v in source.items()}, W.describe_slots(port.state_dict(), owners),
+                  config, same=lambda a, b: W.same_bytes(source[a], source[b]))
+
+
 def _load_weights(rules: W.Rules, source: dict[str, np.ndarray], port: Any, ps: Any, config: dict) -> W.WeightMap:
     """Plan, convert, load and verify bit-exact: the port gets the reference's weights."""
     port_state = port.state_dict()
-    owners = dict(port.named_sublayers(include_self=True))
-    wmap = W.plan(rules, {k: v.shape for k, v in source.items()}, W.describe_slots(port_state, owners), config,
-                  same=lambda a, b: W.same_bytes(source[a], source[b]))
+    wmap = _plan(rules, source, port, config)
     for key, arr in W.convert(wmap, source).items():
         port_state[key].set_value(arr)
     return W.verify(wmap, source, lambda k: ps.record(port_state[k]).data)
@@ -252,18 +259,35 @@ def align_model(spec: ModelSpec, config: str | None = None, dtypes: tuple[str, .
 
 
 def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | None = None,
-               progress: Progress = lambda s: None, command: str = "") -> Report:
-    """Run only the port (Paddle) against a ReferenceRun, and judge it. Never imports torch."""
+               progress: Progress = lambda s: None, command: str = "", weights_from: str = "rules") -> Report:
+    """Run only the port (Paddle) against a ReferenceRun, and judge it. Never imports torch.
+
+    weights_from="rules" loads the port's weights with align's weight rules; "pretrained"
+    lets the port's own loader (from_pretrained) convert the reference's checkpoint, and then
+    checks every tensor it produced against what the rules say it should be.
+    """
     from align import build
     from align.diagnose import environment, port_environment
     from align.paddle_side import PaddleSide
 
     ps = PaddleSide()
     rules = W.load_rules(spec.weights_file)
-    progress("building the port")
-    port = build.build_port_from(spec, ref.config)
-    progress("mapping weights")
-    wmap = _load_weights(rules, ref.weights, port, ps, ref.config)
+    loader_findings = []
+    if weights_from == "pretrained":
+        progress("loading the port with its own from_pretrained")
+        port = build.load_port_pretrained(spec, ref.config, ref.weights)
+        wmap = _plan(rules, ref.weights, port, ref.config)
+        port_state = port.state_dict()
+        wmap = W.verify(wmap, ref.weights, lambda k: ps.record(port_state[k]).data, strict=False)
+        loader_findings = [Finding("loader_mismatch", e.source,
+                                   f"{e.source} -> {e.target}: the port's own loader gives a different tensor "
+                                   f"than the rules ({e.rule})", fails=True)
+                           for e in wmap.entries if e.exact is False]
+    else:
+        progress("building the port")
+        port = build.build_port_from(spec, ref.config)
+        progress("mapping weights")
+        wmap = _load_weights(rules, ref.weights, port, ps, ref.config)
 
     def to_port(key: str) -> str | None:
         for e in wmap.entries:
@@ -273,7 +297,7 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
 
     port_dtypes = {k: ps.dtype_name(t) for k, t in {**ps.parameters(port), **ps.buffers(port)}.items()}
     dtypes_seen, findings = dtype_table(ref.dtypes, port_dtypes, to_port)
-    findings = list(findings)
+    findings = list(findings) + loader_findings
     env = environment(ref.env, port_environment(), {"init": spec.init.seed, "inputs": spec.inputs.seed})
     warnings = environment_warnings(env)
 
@@ -294,7 +318,8 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
             warnings.append(f"bfloat16 was NOT run: {reason}")
             continue
 
-        port_inputs = {k: ps.tensor(a, False) for k, a in ref.inputs.items()}
+        port_inputs = {**{k: ps.tensor(a, False) for k, a in _port_inputs(ref.inputs, spec).items()},
+                       **_call_kwargs_for(spec, ROOT)}
         progress(f"{dtype}: running the port with hooks")
         port_trace = run_and_record(ps, port, port_inputs, _seed(ps, spec), keep_inputs=True)
         progress(f"{dtype}: checking that hooks change nothing")
@@ -309,10 +334,10 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
         pairing = pair_calls(
             [(n, c.module) for n, c in ref_trace.calls.items()],
             {ROOT} | {n for n, _ in port.named_sublayers()},
-            rules.rename,
+            rules.rename_module,
             [(n, c.module) for n, c in port_trace.calls.items()],
         )
-        unpaired = tuple(u if u.side != "reference" or not (why := rules.unpaired_reason(u.name.split("#")[0]))
+        unpaired = tuple(u if not (why := rules.unpaired_reason(u.name.split("#")[0]))
                          else Unpaired(u.name, u.side, f"{why} ({rules.source.name})", allowed=True)
                          for u in pairing.unpaired)
         names = [p.ref for p in pairing.pairs] + list(ref_trace.param_grads)
@@ -322,7 +347,7 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
                               f"glob {bad_globs[0]!r} matches no module or parameter")
 
         progress(f"{dtype}: teacher-forced replay of {len(pairing.pairs)} modules")
-        tf_layers = tuple(_teacher_forced(ps, port, ref, pairing, wmap, tolerances))
+        tf_layers = tuple(_teacher_forced(ps, port, ref, pairing, wmap, tolerances, spec))
         fr_layers = tuple(_free_running(ref_trace, port_trace, pairing, tolerances))
         fwd_order = ref_trace.completion_order()
         bwd_order = ref_trace.start_order()[::-1]
@@ -355,13 +380,36 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
                                    ps, port, tolerances.for_name(first), wmap)
 
     return Report(
-        model=spec.name, config=ref.config_name, port="hand", runs=tuple(runs), outputs=outputs,
+        model=spec.name, config=ref.config_name, port=spec.port_class, weights_from=weights_from,
+        runs=tuple(runs), outputs=outputs,
         param_grads=param_grads, weights=wmap, unpaired=unpaired, env=env,
         command=command or f"align run {spec.name}",
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         checkpoint=ref.checkpoint, findings=tuple(findings),
         observer=tuple(observers), dtypes=dtypes_seen, warnings=tuple(warnings), repro=repro,
     )
+
+
+def _call_kwargs_for(spec: ModelSpec, module: str) -> dict[str, Any]:
+    """The extra keywords the registry asks for when calling this (reference-named) module."""
+    import fnmatch
+
+    out: dict[str, Any] = {}
+    for glob, kwargs in spec.port_call_kwargs.items():
+        if fnmatch.fnmatchcase(module, glob):
+            out.update(kwargs)
+    return out
+
+
+def _port_inputs(values: dict[str, Any], spec: ModelSpec) -> dict[str, Any]:
+    """The model inputs as the port takes them. With port.labels = "shifted", causal-LM labels
+    are handed over already shifted (position t holds the label of t + 1), for ports whose
+    loss does not shift them itself; both sides then score the same targets."""
+    labels = values.get("labels")
+    if spec.port_labels != "shifted" or not isinstance(labels, Arr):
+        return values
+    shifted = np.concatenate([labels.data[:, 1:], np.full_like(labels.data[:, :1], -100)], axis=1)
+    return {**values, "labels": Arr(shifted, labels.dtype)}
 
 
 def _qualified(module: str, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -382,7 +430,7 @@ def _as_reference(port_grads: dict[str, np.ndarray], wmap: W.WeightMap) -> dict[
 
 
 def _teacher_forced(ps, port, ref: ReferenceRun, pairing: Pairing, wmap: W.WeightMap,
-                    tolerances: Tolerances) -> list[LayerResult]:
+                    tolerances: Tolerances, spec: ModelSpec) -> list[LayerResult]:
     layers = []
     for p in pairing.pairs:
         call = ref.trace.calls[p.ref]
@@ -391,13 +439,16 @@ def _teacher_forced(ps, port, ref: ReferenceRun, pairing: Pairing, wmap: W.Weigh
         try:
             if isinstance(ref_local, str):
                 raise Unreplayable(f"(the reference cannot replay it either) {ref_local}")
-            port_local = run_local(ps, port, p.port_module, call, filter_kwargs=True)
+            port_call = call if p.ref != ROOT else dataclasses.replace(call, kwargs=_port_inputs(call.kwargs, spec))
+            port_local = run_local(ps, port, p.port_module, port_call, filter_kwargs=True,
+                                   extra_kwargs=_call_kwargs_for(spec, p.ref_module))
         except Unreplayable as e:
             layers.append(LayerResult(p.ref, p.port, call.type, missing(f"could not replay: {e}"), None, tol,
                                       module=p.ref_module))
             continue
         forward = compare_named({k: a.data for k, a in port_local.outputs.items()},
-                                {k: a.data for k, a in call.outputs.items()}, tol, "output")
+                                {k: a.data for k, a in call.outputs.items()}, tol, "output", extra_fails=False)
+        extra = tuple(k for k in port_local.outputs if k not in call.outputs)
         ref_grads = {**ref_local.input_grads, **_qualified(p.ref_module, ref_local.param_grads)}
         port_grads = {**port_local.input_grads,
                       **_as_reference(_qualified(p.port_module, port_local.param_grads), wmap)}
@@ -408,7 +459,7 @@ def _teacher_forced(ps, port, ref: ReferenceRun, pairing: Pairing, wmap: W.Weigh
             backward = combine([cut] if backward is None else [backward, cut])
         layers.append(LayerResult(p.ref, p.port, call.type,
                                   forward or missing("the module returned no tensor"), backward, tol,
-                                  port_local.ignored, module=p.ref_module))
+                                  port_local.ignored, extra, module=p.ref_module))
     return layers
 
 
@@ -423,12 +474,13 @@ def _free_running(ref_trace: Trace, port_trace: Trace, pairing: Pairing, toleran
                                       module=p.ref_module))
             continue
         forward = compare_named({k: a.data for k, a in port_call.outputs.items()},
-                                {k: a.data for k, a in call.outputs.items()}, tol, "output")
-        backward = compare_named(port_call.grads, call.grads, tol, "grad of output")
+                                {k: a.data for k, a in call.outputs.items()}, tol, "output", extra_fails=False)
+        backward = compare_named(port_call.grads, call.grads, tol, "grad of output", extra_fails=False)
+        extra = tuple(k for k in port_call.outputs if k not in call.outputs)
         amp = amplification(float_inputs(port_call, call.arg_names), float_inputs(call),
                             {k: a.data for k, a in port_call.outputs.items()}, {k: a.data for k, a in call.outputs.items()})
         layers.append(LayerResult(p.ref, p.port, call.type, forward or missing("the module returned no tensor"),
-                                  backward, tol, module=p.ref_module, amplification=amp))
+                                  backward, tol, extra_outputs=extra, module=p.ref_module, amplification=amp))
     return layers
 
 

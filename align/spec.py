@@ -98,6 +98,9 @@ class ModelSpec:
     overrides: tuple[Override, ...] = field(default=())
     default_config: str = "tiny"
     checkpoints: dict[str, str] = field(default_factory=dict)  # config name -> its checkpoint
+    port_environment: str | None = None  # a virtual environment (dir) the port must run in, apart from torch
+    port_call_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # module glob -> extra keywords
+    port_labels: str = "as_reference"  # or "shifted": the port's loss expects next-token labels already shifted
 
     @property
     def root(self) -> Path:
@@ -214,6 +217,16 @@ def _choice(t: _Table, name: str, choices: tuple[str, ...], default: str) -> str
     return value
 
 
+def _call_kwargs(port: _Table) -> dict[str, dict[str, Any]]:
+    """[port.call_kwargs]: module glob ("<root>", "model.layers.*.self_attn") -> keywords."""
+    table = port.get("call_kwargs", dict, {})
+    for glob, kwargs in table.items():
+        if not isinstance(kwargs, dict):
+            raise ConfigError(port.file, f"{port.key('call_kwargs')}.{glob}",
+                              f"expected a table of keyword arguments, got {kwargs!r}")
+    return {glob: dict(kwargs) for glob, kwargs in table.items()}
+
+
 def resolve_path(value: str, base: Path) -> Path:
     """A path from align.toml: relative to the file, or `pkg:module/inner/path` inside an
     installed package (found without importing it)."""
@@ -307,6 +320,9 @@ def _model(file: Path, name: str, t: _Table, defaults: dict[str, Any]) -> ModelS
         overrides=tuple(overrides),
         default_config=default_config,
         checkpoints=checkpoints,
+        port_environment=port.get("environment", str, None),
+        port_call_kwargs=_call_kwargs(port),
+        port_labels=_choice(port, "labels", ("as_reference", "shifted"), "as_reference"),
     )
     for sub in (ref, port, init, inputs):
         sub.done()

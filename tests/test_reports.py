@@ -177,6 +177,18 @@ def test_index_without_reports():
     assert "align dashboard" in render_index({}, [])
 
 
+def test_index_skips_what_is_not_a_report(passing, tmp_path):
+    from align.report import write_index
+
+    shutil.copytree(passing, tmp_path / "gemma2")
+    (tmp_path / "stray").mkdir()
+    (tmp_path / "stray" / "report.json").write_text('{"hello": 1}')
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "report.json").write_text('{"schema_version": 1, "mod')
+    page = write_index(tmp_path).read_text()
+    assert '<a href="gemma2/report.html">gemma2</a>' in page and "stray" not in page
+
+
 def test_empty_gate_is_an_error(tmp_path, capsys):
     shutil.copytree(ROOT / "weights", tmp_path / "weights")
     (tmp_path / "align.toml").write_text(REGISTRY.read_text().replace("ci = true", "ci = false"))

@@ -36,6 +36,7 @@ def test_check_gives_the_in_process_report(trace, run_cli):
 
 def test_check_runs_without_torch(trace, tmp_path):
     """The port side in its own process, where torch and transformers cannot even be imported."""
+    tmp_path = tmp_path / "report"
     code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
             "from align.cli import main\n"
             f"sys.exit(main(['--registry', {str(REGISTRY)!r}, 'check', 'gemma2', '--trace', {str(trace)!r}, "
