@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from align.capture import ROOT
-from align.metrics import Metrics, combine, compare_arrays, missing
+from align.metrics import Metrics, combine, compare_arrays, missing, within_noise
 from align.spec import Override, Tolerance
 
 FORWARD, BACKWARD = "forward", "backward"
@@ -187,7 +187,8 @@ class Tolerances:
 
 
 def compare_named(port: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], tol: Tolerance,
-                  what: str, extra_fails: bool = True) -> Metrics | None:
+                  what: str, extra_fails: bool = True, truth: Mapping[str, np.ndarray] | None = None,
+                  factor: float | None = None) -> Metrics | None:
     """Compare two dicts of tensors keyed alike. A reference key the port lacks fails; a port
     key the reference lacks fails too unless extra_fails is off (a module's extra outputs,
     such as attention weights asked for with output_attentions). None if nothing to compare."""
@@ -197,7 +198,10 @@ def compare_named(port: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray],
         if key not in port:
             parts.append(missing(f"the port produced no {what} {key!r}", label))
         else:
-            parts.append(compare_arrays(port[key], ref[key], tol, label))
+            m = compare_arrays(port[key], ref[key], tol, label)
+            if factor is not None and truth is not None:
+                m = within_noise(m, port[key], ref[key], truth.get(key), tol, factor)
+            parts.append(m)
     for key in port:
         if key not in ref and extra_fails:
             parts.append(missing(f"the port produced {what} {key!r}, which the reference has not", f"{what} {key}"))

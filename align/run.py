@@ -30,7 +30,7 @@ from align.compare import (
     first_divergence,
 )
 from align.diagnose import Finding, Observer, dtype_table, environment_warnings, observer_check
-from align.metrics import combine, compare_arrays, missing
+from align.metrics import combine, compare_arrays, missing, within_noise
 from align.pair import Pairing, Unpaired, pair_calls
 from align.replay import Local, Unreplayable, run_local
 from align.repro import ReproCase
@@ -193,6 +193,7 @@ class ReferenceRun:
     env: dict[str, Any]
     checkpoint: str | None
     created: str
+    fp64: ReferenceRun | None = None  # the same run in float64, when the model judges fp32 by its noise floor
 
 
 def fingerprint(spec: ModelSpec, config: str) -> str:
@@ -236,15 +237,52 @@ def run_reference(spec: ModelSpec, config: str | None = None, checkpoint: Path |
             locals_[name] = run_local(ts, ref, call.module, call, filter_kwargs=False)
         except Unreplayable as e:
             locals_[name] = str(e)
+    fp64 = _fp64_run(spec, ts, ref, inputs, trace, progress) if spec.noise_floor else None
     return ReferenceRun(
         model=spec.name, config_name=config, config=cfg.to_dict(), fingerprint=fingerprint(spec, config),
-        inputs=inputs, trace=trace, locals=locals_,
+        inputs=inputs, trace=trace, locals=locals_, fp64=fp64,
         weights={k: ts.record(v).data for k, v in ref.state_dict().items()},
         dtypes={k: ts.dtype_name(t) for k, t in {**ts.parameters(ref), **ts.buffers(ref)}.items()},
         observer=observer, env=reference_environment(),
         checkpoint=None if checkpoint is None else str(checkpoint),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+def _as_fp64(obj: Any) -> Any:
+    """A recorded structure with its fp32 tensors widened to fp64 (others unchanged)."""
+    if isinstance(obj, Arr):
+        return Arr(obj.data.astype(np.float64), "float64", obj.requires_grad) if obj.dtype == "float32" else obj
+    if isinstance(obj, dict):
+        return {k: _as_fp64(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        items = [_as_fp64(v) for v in obj]
+        return items if isinstance(obj, list) else tuple(items)
+    return obj
+
+
+def _fp64_run(spec: ModelSpec, ts: Any, ref: Any, inputs: dict[str, Arr], trace: Trace,
+              progress: Progress) -> ReferenceRun:
+    """The reference again in float64: its whole run, and each module replayed on the fp32
+    run's recorded inputs (widened), seeded with the fp32 run's output gradients (widened).
+    What an exact computation would give, to measure fp32 noise against."""
+    import copy
+
+    progress("running the reference again in float64 (noise floor)")
+    ref64 = copy.deepcopy(ref).double()
+    run64 = run_and_record(ts, ref64, {k: ts.tensor(a, False) for k, a in _as_fp64(inputs).items()},
+                           _seed(ts, spec), keep_inputs=False)
+    locals64: dict[str, Local | str] = {}
+    for name, call in trace.calls.items():
+        widened = dataclasses.replace(call, args=_as_fp64(call.args), kwargs=_as_fp64(call.kwargs),
+                                      grads={p: g.astype(np.float64) for p, g in call.grads.items()})
+        try:
+            locals64[name] = run_local(ts, ref64, call.module, widened, filter_kwargs=False)
+        except Unreplayable as e:
+            locals64[name] = str(e)
+    return ReferenceRun(model=spec.name, config_name="fp64", config={}, fingerprint="", inputs={}, trace=run64,
+                        locals=locals64, weights={}, dtypes={}, observer=Observer("torch", True, True, ()),
+                        env={}, checkpoint=None, created="")
 
 
 def align_model(spec: ModelSpec, config: str | None = None, dtypes: tuple[str, ...] | None = None,
@@ -303,6 +341,11 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
 
     tolerances = Tolerances(spec.tolerance, spec.overrides)
     ref_trace = ref.trace
+    noise = spec.noise_floor
+    if noise and ref.fp64 is None:
+        raise ConfigError(spec.source, f"models.{spec.name}.tolerance.noise_floor",
+                          "the trace has no float64 run of the reference; trace it again")
+    policy = spec.tolerance.describe() + (f"; {noise.describe()}" if noise else "")
     runs: list[RunResult] = []
     outputs: tuple[TensorResult, ...] = ()
     param_grads: tuple[TensorResult, ...] = ()
@@ -348,28 +391,31 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
 
         progress(f"{dtype}: teacher-forced replay of {len(pairing.pairs)} modules")
         tf_layers = tuple(_teacher_forced(ps, port, ref, pairing, wmap, tolerances, spec))
-        fr_layers = tuple(_free_running(ref_trace, port_trace, pairing, tolerances))
+        fr_layers = tuple(_free_running(ref, port_trace, pairing, tolerances, spec))
         fwd_order = ref_trace.completion_order()
         bwd_order = ref_trace.start_order()[::-1]
         for mode, layers in ((TEACHER_FORCED, tf_layers), (FREE_RUNNING, fr_layers)):
-            runs.append(RunResult(dtype, mode, spec.tolerance, spec.tolerance.describe(), layers,
+            runs.append(RunResult(dtype, mode, spec.tolerance, policy, layers,
                                   first_divergence(layers, fwd_order, bwd_order),
                                   culprits(layers, fwd_order, bwd_order), gated=mode == TEACHER_FORCED))
+        def judged(name: str, port_arr: np.ndarray, ref_arr: np.ndarray, truth: np.ndarray | None) -> TensorResult:
+            tol = tolerances.for_name(name)
+            m = compare_arrays(port_arr, ref_arr, tol, name)
+            return TensorResult(name, within_noise(m, port_arr, ref_arr, truth, tol, noise.factor) if noise else m, tol)
+
+        truth_out = {k: a.data for k, a in ref.fp64.trace.outputs.items()} if noise else {}
         outputs = tuple(
-            TensorResult(k, compare_arrays(port_trace.outputs[k].data, a.data, tolerances.for_name(k), k)
-                         if k in port_trace.outputs else missing(f"the port returned no {k!r}", k),
-                         tolerances.for_name(k))
+            judged(k, port_trace.outputs[k].data, a.data, truth_out.get(k)) if k in port_trace.outputs
+            else TensorResult(k, missing(f"the port returned no {k!r}", k), tolerances.for_name(k))
             for k, a in ref_trace.outputs.items()
         )
         input_arrays = {k: a.data for k, a in ref.inputs.items()}
         for name in spec.inputs.derived:
             fn = DERIVED[name]
-            label = f"{name} (derived)"
             ref_out = fn({k: a.data for k, a in ref_trace.outputs.items()}, input_arrays)
             port_out = fn({k: a.data for k, a in port_trace.outputs.items()}, input_arrays)
-            outputs += (TensorResult(label, compare_arrays(port_out, ref_out, tolerances.for_name(label), label),
-                                     tolerances.for_name(label)),)
-        param_grads = _param_grads(ref_trace, port_trace, wmap, tolerances)
+            outputs += (judged(f"{name} (derived)", port_out, ref_out, fn(truth_out, input_arrays) if noise else None),)
+        param_grads = _param_grads(ref, port_trace, wmap, tolerances, spec)
         tf_culprits = culprits(tf_layers, fwd_order, bwd_order)
         first = (tf_culprits.forward or tf_culprits.backward or (None,))[0]
         if first is not None and repro is None and isinstance(ref.locals.get(first), Local):
@@ -446,13 +492,18 @@ def _teacher_forced(ps, port, ref: ReferenceRun, pairing: Pairing, wmap: W.Weigh
             layers.append(LayerResult(p.ref, p.port, call.type, missing(f"could not replay: {e}"), None, tol,
                                       module=p.ref_module))
             continue
+        local64 = ref.fp64.locals.get(p.ref) if ref.fp64 else None
+        truth = local64 if isinstance(local64, Local) else None
+        factor = spec.noise_floor.factor if spec.noise_floor else None
         forward = compare_named({k: a.data for k, a in port_local.outputs.items()},
-                                {k: a.data for k, a in call.outputs.items()}, tol, "output", extra_fails=False)
+                                {k: a.data for k, a in call.outputs.items()}, tol, "output", extra_fails=False,
+                                truth=truth and {k: a.data for k, a in truth.outputs.items()}, factor=factor)
         extra = tuple(k for k in port_local.outputs if k not in call.outputs)
         ref_grads = {**ref_local.input_grads, **_qualified(p.ref_module, ref_local.param_grads)}
         port_grads = {**port_local.input_grads,
                       **_as_reference(_qualified(p.port_module, port_local.param_grads), wmap)}
-        backward = compare_named(port_grads, ref_grads, tol, "grad")
+        backward = compare_named(port_grads, ref_grads, tol, "grad", factor=factor, truth=truth and {
+            **truth.input_grads, **_qualified(p.ref_module, truth.param_grads)})
         if port_local.ungradded:
             cut = missing(f"no gradient flows from the port's output(s) {', '.join(port_local.ungradded)} "
                           f"(detached or non-differentiable), while the reference's do", "grad")
@@ -463,10 +514,13 @@ def _teacher_forced(ps, port, ref: ReferenceRun, pairing: Pairing, wmap: W.Weigh
     return layers
 
 
-def _free_running(ref_trace: Trace, port_trace: Trace, pairing: Pairing, tolerances: Tolerances) -> list[LayerResult]:
+def _free_running(ref: ReferenceRun, port_trace: Trace, pairing: Pairing, tolerances: Tolerances,
+                  spec: ModelSpec) -> list[LayerResult]:
     layers = []
+    factor = spec.noise_floor.factor if spec.noise_floor else None
     for p in pairing.pairs:
-        call = ref_trace.calls[p.ref]
+        call = ref.trace.calls[p.ref]
+        call64 = ref.fp64.trace.calls.get(p.ref) if ref.fp64 else None
         tol = tolerances.for_name(p.ref)
         port_call = port_trace.calls.get(p.port)
         if port_call is None:
@@ -474,8 +528,10 @@ def _free_running(ref_trace: Trace, port_trace: Trace, pairing: Pairing, toleran
                                       module=p.ref_module))
             continue
         forward = compare_named({k: a.data for k, a in port_call.outputs.items()},
-                                {k: a.data for k, a in call.outputs.items()}, tol, "output", extra_fails=False)
-        backward = compare_named(port_call.grads, call.grads, tol, "grad of output", extra_fails=False)
+                                {k: a.data for k, a in call.outputs.items()}, tol, "output", extra_fails=False,
+                                truth=call64 and {k: a.data for k, a in call64.outputs.items()}, factor=factor)
+        backward = compare_named(port_call.grads, call.grads, tol, "grad of output", extra_fails=False,
+                                 truth=call64 and call64.grads, factor=factor)
         extra = tuple(k for k in port_call.outputs if k not in call.outputs)
         amp = amplification(float_inputs(port_call, call.arg_names), float_inputs(call),
                             {k: a.data for k, a in port_call.outputs.items()}, {k: a.data for k, a in call.outputs.items()})
@@ -484,12 +540,17 @@ def _free_running(ref_trace: Trace, port_trace: Trace, pairing: Pairing, toleran
     return layers
 
 
-def _param_grads(ref_trace: Trace, port_trace: Trace, wmap: W.WeightMap, tolerances: Tolerances) -> tuple[TensorResult, ...]:
+def _param_grads(ref: ReferenceRun, port_trace: Trace, wmap: W.WeightMap, tolerances: Tolerances,
+                 spec: ModelSpec) -> tuple[TensorResult, ...]:
+    ref_trace = ref.trace
     port = _as_reference(port_trace.param_grads, wmap)
+    truth = ref.fp64.trace.param_grads if ref.fp64 else {}
     results = []
     for key, g in ref_trace.param_grads.items():
         tol = tolerances.for_name(key)
         m = compare_arrays(port[key], g, tol, key) if key in port else missing("the port parameter got no gradient", key)
+        if spec.noise_floor and key in port:
+            m = within_noise(m, port[key], g, truth.get(key), tol, spec.noise_floor.factor)
         results.append(TensorResult(key, m, tol))
     for key in port:
         if key not in ref_trace.param_grads:

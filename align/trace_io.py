@@ -122,6 +122,9 @@ def write_trace(run: Any, dst: Path, force: bool = False) -> Path:
         from safetensors.numpy import save_file
 
         save_file({k: contiguous(v) for k, v in run.weights.items()}, str(tmp / "weights.safetensors"))
+        if run.fp64 is not None:
+            _write_fp64(run.fp64, tmp / "fp64")
+        manifest["fp64"] = run.fp64 is not None
         (tmp / "manifest.json").write_text(json.dumps(manifest, default=str) + "\n")
         if dst.exists():
             shutil.rmtree(dst)
@@ -130,6 +133,12 @@ def write_trace(run: Any, dst: Path, force: bool = False) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return dst
+
+
+def _write_fp64(run: Any, dst: Path) -> None:
+    """The float64 run of the reference, beside the fp32 one, in the same layout."""
+    tmp = write_trace(run, dst)
+    assert tmp == dst
 
 
 def read_trace(path: Path) -> Any:
@@ -174,6 +183,7 @@ def read_trace(path: Path) -> Any:
             locals=locals_, weights=load_file(str(path / "weights.safetensors")), dtypes=manifest["dtypes"],
             observer=Observer(**{**manifest["observer"], "differing": tuple(manifest["observer"]["differing"])}),
             env=manifest["env"], checkpoint=manifest["checkpoint"], created=manifest["created"],
+            fp64=read_trace(path / "fp64") if manifest.get("fp64") else None,
         )
     except (KeyError, OSError, ValueError) as e:
         raise ConfigError(path, "", f"corrupt or incomplete trace: {type(e).__name__}: {e}") from None
