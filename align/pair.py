@@ -60,7 +60,7 @@ def pair_calls(
             continue
         pairs.append(Pair(call, port_call, module, port_module))
         claimed.add(port_call)
-    for call, module in port_calls:
+    for call, _ in port_calls:
         if call not in claimed:
             unpaired.append(Unpaired(call, "port", "no reference module maps to it"))
     return Pairing(tuple(pairs), tuple(unpaired))
