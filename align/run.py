@@ -79,18 +79,19 @@ class Report:
         )
         return "pass" if ok else "fail"
 
-    def first_divergence(self) -> dict:
-        """The first gated run that diverges: its first divergence and its culprits."""
+    def _first_gated(self, attr: str, nothing: Any) -> dict:
+        """`attr` (first_divergence or culprits) of the first gated run that has any."""
         for r in self.runs:
-            if r.gated and r.status == "ran" and (r.first_divergence.forward or r.first_divergence.backward):
-                return {"dtype": r.dtype, "mode": r.mode, **r.first_divergence.to_dict()}
-        return {"dtype": None, "mode": None, "forward": None, "backward": None}
+            found = getattr(r, attr)
+            if r.gated and r.status == "ran" and (found.forward or found.backward):
+                return {"dtype": r.dtype, "mode": r.mode, **found.to_dict()}
+        return {"dtype": None, "mode": None, "forward": nothing, "backward": nothing}
+
+    def first_divergence(self) -> dict:
+        return self._first_gated("first_divergence", None)
 
     def culprits(self) -> dict:
-        for r in self.runs:
-            if r.gated and r.status == "ran" and (r.culprits.forward or r.culprits.backward):
-                return {"dtype": r.dtype, "mode": r.mode, **r.culprits.to_dict()}
-        return {"dtype": None, "mode": None, "forward": [], "backward": []}
+        return self._first_gated("culprits", [])
 
     def to_dict(self) -> dict:
         return {

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.skipif(
 
 def run(model, *args, registry=REGISTRY, tmp):
     out = tmp / model
+    out.parent.mkdir(parents=True, exist_ok=True)
     code = main(["--registry", str(registry), "run", model, "--dtype", "fp32", "--out", str(out), "--quiet", *args])
     return code, json.loads((out / "report.json").read_text())
 
@@ -73,3 +74,11 @@ def test_wrong_qkv_grouping_is_caught(tmp_path):
     assert code == 1
     assert report["culprits"]["forward"] == ["model.layers.0.self_attn", "model.layers.1.self_attn",
                                              "model.layers.2.self_attn"]
+    # With PaddleFormers' own loader the port is right, and the disagreement with the (wrong)
+    # rules is reported tensor by tensor instead.
+    code, report = run("pf-qwen2", "--config", "nopad", "--weights-from", "pretrained", registry=registry,
+                       tmp=tmp_path / "loader")
+    mismatches = sorted(f["name"] for f in report["findings"] if f["kind"] == "loader_mismatch")
+    assert code == 1 and report["culprits"]["forward"] == []
+    assert mismatches == [f"model.layers.{i}.self_attn.q_proj.{p} + model.layers.{i}.self_attn.k_proj.{p} + "
+                          f"model.layers.{i}.self_attn.v_proj.{p}" for i in range(3) for p in ("bias", "weight")]
