@@ -257,6 +257,7 @@ def convert_checkpoint(src: Checkpoint, dst: Path, wmap: WeightMap, to: str, *,
                 for o in outputs for n, s in zip(o.names, o.shapes))
     done = [0]
     started = time.perf_counter()
+    dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
     shard_names, weight_map, count = [], {}, 0
     try:

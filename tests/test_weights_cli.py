@@ -205,6 +205,12 @@ def _gemma2_plan(src):
         return plan(load_rules(spec.weights_file), ckpt.shapes(), build.port_slots(spec, cfg), cfg.to_dict())
 
 
+def test_destination_directories_are_created(tmp_path, gemma2_state):
+    src = tmp_path / "ref.safetensors"
+    save_file(gemma2_state, str(src))
+    assert weights("convert", src, tmp_path / "new" / "dir" / "o.safetensors", "--model", "gemma2", "--quiet") == 0
+
+
 def test_existing_destination_needs_force(tmp_path, gemma2_state, capsys):
     src = tmp_path / "ref.safetensors"
     save_file(gemma2_state, str(src))
