@@ -6,11 +6,39 @@ files for everything that is model-specific.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
 IGNORE_INDEX = -100
+
+
+class PortConfig:
+    """Base of a port's config dataclass: built from a transformers config's values, taking
+    the fields the port declares and leaving the rest (transformers bookkeeping) behind."""
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+@dataclass
+class BaseModelOutput:
+    last_hidden_state: paddle.Tensor
+
+
+@dataclass
+class LMOutput:
+    """A language-model head's result, named as transformers names it: loss and logits."""
+
+    loss: paddle.Tensor | None
+    logits: paddle.Tensor
+
+
+CausalLMOutput = MaskedLMOutput = LMOutput
 
 
 class TorchEmbedding(nn.Embedding):

@@ -7,6 +7,18 @@ ROOT = Path(__file__).resolve().parents[1]
 REGISTRY = ROOT / "align.toml"
 
 
+def after_init(monkeypatch, cls, change):
+    """Break a port class for one test: every new instance gets change(self, *init_args) right
+    after its own __init__ (a test-scoped patch; the port's source is never edited)."""
+    init = cls.__init__
+
+    def patched(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        change(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "__init__", patched)
+
+
 @pytest.fixture
 def run_cli(tmp_path, capsys):
     """Run `align` in-process (so test-scoped patches apply); returns (exit code, report, stderr)."""

@@ -10,6 +10,7 @@ import paddle.nn.functional as F
 import pytest
 
 from align import weights as W
+from conftest import after_init
 from ports.gemma2 import modeling as M
 
 
@@ -24,13 +25,7 @@ def rmsnorm_forward(one_plus: bool = True, eps: float | None = None):
 
 
 def attention_without_softcap(monkeypatch):
-    init = M.Gemma2Attention.__init__
-
-    def no_cap(self, config, layer_idx):
-        init(self, config, layer_idx)
-        self.softcap = None
-
-    monkeypatch.setattr(M.Gemma2Attention, "__init__", no_cap)
+    after_init(monkeypatch, M.Gemma2Attention, lambda self, *args: setattr(self, "softcap", None))
 
 
 def final_softcap_removed(monkeypatch):
@@ -58,13 +53,7 @@ def window_off_by_one(monkeypatch):
 
 
 def exact_gelu(monkeypatch):
-    init = M.Gemma2MLP.__init__
-
-    def exact(self, config):
-        init(self, config)
-        self.act_fn = paddle.nn.GELU(approximate=False)
-
-    monkeypatch.setattr(M.Gemma2MLP, "__init__", exact)
+    after_init(monkeypatch, M.Gemma2MLP, lambda self, *args: setattr(self, "act_fn", paddle.nn.GELU(approximate=False)))
 
 
 def paddle_cross_entropy_mean(monkeypatch):
@@ -95,21 +84,14 @@ def embedding_padding_idx_zeroed(monkeypatch):
 
 
 def wrong_attention_scale(monkeypatch):
-    init = M.Gemma2Attention.__init__
-
-    def head_dim_scale(self, config, layer_idx):
-        init(self, config, layer_idx)
-        self.scaling = config.head_dim**-0.5  # Gemma2 scales by query_pre_attn_scalar
-
-    monkeypatch.setattr(M.Gemma2Attention, "__init__", head_dim_scale)
+    # Gemma2 scales by query_pre_attn_scalar, not by head_dim.
+    after_init(monkeypatch, M.Gemma2Attention,
+               lambda self, config, layer_idx: setattr(self, "scaling", config.head_dim**-0.5))
 
 
 def rope_table_in_bf16(monkeypatch):
     """A buffer in the wrong dtype: inverse frequencies kept in bf16, widened when used."""
-    init = M.Gemma2RotaryEmbedding.__init__
-
     def bf16_buffer(self, config):
-        init(self, config)
         self.register_buffer("inv_freq", self.inv_freq.astype("bfloat16"), persistable=False)
 
     def forward(self, x, position_ids):
@@ -117,7 +99,7 @@ def rope_table_in_bf16(monkeypatch):
         emb = paddle.concat([freqs, freqs], axis=-1)
         return emb.cos().astype(x.dtype), emb.sin().astype(x.dtype)
 
-    monkeypatch.setattr(M.Gemma2RotaryEmbedding, "__init__", bf16_buffer)
+    after_init(monkeypatch, M.Gemma2RotaryEmbedding, bf16_buffer)
     monkeypatch.setattr(M.Gemma2RotaryEmbedding, "forward", paddle.no_grad()(forward))
 
 
@@ -148,13 +130,7 @@ def gelu_gradient_of_exact(monkeypatch):
             exact = F.gelu(x, approximate=False)
             return exact + (F.gelu(x, approximate=True) - exact).detach()
 
-    init = M.Gemma2MLP.__init__
-
-    def patched(self, config):
-        init(self, config)
-        self.act_fn = StraightThrough()
-
-    monkeypatch.setattr(M.Gemma2MLP, "__init__", patched)
+    after_init(monkeypatch, M.Gemma2MLP, lambda self, *args: setattr(self, "act_fn", StraightThrough()))
 
 
 def with_rules(monkeypatch, **changes):

@@ -7,6 +7,7 @@ import pytest
 
 from align.metrics import compare_arrays, within_noise
 from align.spec import Tolerance
+from conftest import after_init
 from ports.bert import modeling as B
 
 TOL = Tolerance(1e-5, 1e-5)
@@ -45,23 +46,11 @@ def test_real_checkpoint_aligns(run_cli, bug_ledger):
 
 
 def tanh_gelu(mp):
-    init = B.BertIntermediate.__init__
-
-    def patched(self, config):
-        init(self, config)
-        self.intermediate_act_fn = paddle.nn.GELU(approximate=True)
-
-    mp.setattr(B.BertIntermediate, "__init__", patched)
+    after_init(mp, B.BertIntermediate, lambda self, *a: setattr(self, "intermediate_act_fn", paddle.nn.GELU(approximate=True)))
 
 
 def attention_scale_missing(mp):
-    init = B.BertSelfAttention.__init__
-
-    def patched(self, config):
-        init(self, config)
-        self.scaling = 1.0
-
-    mp.setattr(B.BertSelfAttention, "__init__", patched)
+    after_init(mp, B.BertSelfAttention, lambda self, *a: setattr(self, "scaling", 1.0))
 
 
 @pytest.mark.parametrize("inject,culprit", [

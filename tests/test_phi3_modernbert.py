@@ -6,6 +6,7 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 
+from conftest import after_init
 from ports.modernbert import modeling as MB
 from ports.phi3 import modeling as P3
 
@@ -132,13 +133,7 @@ def modernbert_causal_encoder(mp):
 
 
 def modernbert_tanh_gelu_in_head(mp):
-    init = MB.ModernBertPredictionHead.__init__
-
-    def tanh(self, config):
-        init(self, config)
-        self.act = paddle.nn.GELU(approximate=True)
-
-    mp.setattr(MB.ModernBertPredictionHead, "__init__", tanh)
+    after_init(mp, MB.ModernBertPredictionHead, lambda self, *a: setattr(self, "act", paddle.nn.GELU(approximate=True)))
 
 
 # (model, bug) -> (inject, culprit glob, direction, kind)

@@ -11,20 +11,20 @@ Deliberate differences from the reference:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ports.common import TorchEmbedding, additive_mask, key_padding
+from ports.common import PortConfig, TorchEmbedding, additive_mask, key_padding
 
 ACTIVATIONS = {"gelu": lambda: nn.GELU(approximate=False), "gelu_new": lambda: nn.GELU(approximate=True),
                "relu": nn.ReLU}
 
 
 @dataclass
-class BertConfig:
+class BertConfig(PortConfig):
     vocab_size: int = 30522
     hidden_size: int = 768
     num_hidden_layers: int = 12
@@ -37,11 +37,6 @@ class BertConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     pad_token_id: int | None = 0
-
-    @classmethod
-    def from_dict(cls, values: dict) -> BertConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 @dataclass

@@ -15,17 +15,27 @@ Deliberate differences from the reference:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ports.common import TorchEmbedding, additive_mask, causal_lm_loss, key_padding, positions, rotate_half
+from ports.common import (
+    BaseModelOutput,
+    CausalLMOutput,
+    PortConfig,
+    TorchEmbedding,
+    additive_mask,
+    causal_lm_loss,
+    key_padding,
+    positions,
+    rotate_half,
+)
 
 
 @dataclass
-class Gemma2Config:
+class Gemma2Config(PortConfig):
     vocab_size: int = 256000
     hidden_size: int = 2304
     intermediate_size: int = 9216
@@ -52,23 +62,6 @@ class Gemma2Config:
             self.layer_types = [
                 "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(self.num_hidden_layers)
             ]
-
-    @classmethod
-    def from_dict(cls, values: dict) -> Gemma2Config:
-        """Take the fields this port knows from a (transformers) config dict."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-
-@dataclass
-class BaseModelOutput:
-    last_hidden_state: paddle.Tensor
-
-
-@dataclass
-class CausalLMOutput:
-    loss: paddle.Tensor | None
-    logits: paddle.Tensor
 
 
 class Gemma2RMSNorm(nn.Layer):

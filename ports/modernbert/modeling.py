@@ -15,13 +15,23 @@ Deliberate differences from the reference:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ports.common import TorchEmbedding, additive_mask, cross_entropy_ignoring, key_padding, positions, rotate_half
+from ports.common import (
+    BaseModelOutput,
+    MaskedLMOutput,
+    PortConfig,
+    TorchEmbedding,
+    additive_mask,
+    cross_entropy_ignoring,
+    key_padding,
+    positions,
+    rotate_half,
+)
 
 # ACT2FN["gelu"] is exact GELU in transformers.
 ACTIVATIONS = {"gelu": lambda: nn.GELU(approximate=False), "gelu_pytorch_tanh": lambda: nn.GELU(approximate=True),
@@ -29,7 +39,7 @@ ACTIVATIONS = {"gelu": lambda: nn.GELU(approximate=False), "gelu_pytorch_tanh": 
 
 
 @dataclass
-class ModernBertConfig:
+class ModernBertConfig(PortConfig):
     vocab_size: int = 50368
     hidden_size: int = 768
     intermediate_size: int = 1152
@@ -51,22 +61,6 @@ class ModernBertConfig:
     attention_dropout: float = 0.0
     mlp_dropout: float = 0.0
     embedding_dropout: float = 0.0
-
-    @classmethod
-    def from_dict(cls, values: dict) -> ModernBertConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-
-@dataclass
-class BaseModelOutput:
-    last_hidden_state: paddle.Tensor
-
-
-@dataclass
-class MaskedLMOutput:
-    loss: paddle.Tensor | None
-    logits: paddle.Tensor
 
 
 def _layer_norm(config: ModernBertConfig) -> nn.LayerNorm:

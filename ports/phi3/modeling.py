@@ -13,19 +13,29 @@ Deliberate differences from the reference:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ports.common import TorchEmbedding, additive_mask, causal_lm_loss, key_padding, positions, rotate_half
+from ports.common import (
+    BaseModelOutput,
+    CausalLMOutput,
+    PortConfig,
+    TorchEmbedding,
+    additive_mask,
+    causal_lm_loss,
+    key_padding,
+    positions,
+    rotate_half,
+)
 
 ACTIVATIONS = {"silu": nn.Silu, "gelu": nn.GELU}
 
 
 @dataclass
-class Phi3Config:
+class Phi3Config(PortConfig):
     vocab_size: int = 32064
     hidden_size: int = 3072
     intermediate_size: int = 8192
@@ -45,22 +55,6 @@ class Phi3Config:
     def __post_init__(self):
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
-
-    @classmethod
-    def from_dict(cls, values: dict) -> Phi3Config:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-
-@dataclass
-class BaseModelOutput:
-    last_hidden_state: paddle.Tensor
-
-
-@dataclass
-class CausalLMOutput:
-    loss: paddle.Tensor | None
-    logits: paddle.Tensor
 
 
 class Phi3RMSNorm(nn.Layer):
