@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint", type=Path, help="reference weights (safetensors file or sharded directory) instead of seeded random ones")
     run.add_argument("--out", type=Path, help="report directory (default: reports/<model>/ beside align.toml)")
     run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.add_argument("--only", action="append", default=[], metavar="GLOB",
+                     help="teacher-force only the modules matching GLOB (repeatable), e.g. model.layers.3.mlp* "
+                          "(a quick, partial check while fixing one culprit)")
     run.add_argument("--weights-from", choices=["rules", "pretrained"], default="rules",
                      help="load the port's weights with align's rules (default), or with the port's own "
                           "from_pretrained, checked tensor by tensor against the rules")
@@ -120,22 +123,23 @@ def _progress(console: Console, name: str, quiet: bool):
 
 def _align_and_write(spec: ModelSpec, out: Path, console: Console, quiet: bool, command: str,
                      config: str | None = None, dtypes: tuple[str, ...] | None = None,
-                     checkpoint: Path | None = None, reference=None, weights_from: str = "rules") -> dict:
+                     checkpoint: Path | None = None, reference=None, weights_from: str = "rules",
+                     only: tuple[str, ...] = ()) -> dict:
     """Align one model (against a saved `reference` run, if given); write report.json,
     report.html, the repro, the history line and the dashboard."""
     from align.report import append_history, as_json, render_console, write_index, write_report
     from align.run import align_model, check_port
 
     if spec.port_environment and reference is None:
-        return _align_across(spec, out, console, quiet, command, config, dtypes, checkpoint, weights_from)
+        return _align_across(spec, out, console, quiet, command, config, dtypes, checkpoint, weights_from, only)
     started = time.perf_counter()
     with _progress(console, spec.name, quiet) as progress:
         if reference is None and weights_from == "rules":
-            result = align_model(spec, config, dtypes, checkpoint, progress, command)
+            result = align_model(spec, config, dtypes, checkpoint, progress, command, only)
         else:
             from align.run import run_reference
 
-            reference = reference or run_reference(spec, config, checkpoint, progress)
+            reference = reference or run_reference(spec, config, checkpoint, progress, only)
             result = check_port(spec, reference, dtypes, progress, command, weights_from)
     report = result.to_dict()
     report["duration_s"] = round(time.perf_counter() - started, 3)
@@ -153,7 +157,7 @@ def _align_and_write(spec: ModelSpec, out: Path, console: Console, quiet: bool, 
 
 def _align_across(spec: ModelSpec, out: Path, console: Console, quiet: bool, command: str,
                   config: str | None, dtypes: tuple[str, ...] | None, checkpoint: Path | None,
-                  weights_from: str = "rules") -> dict:
+                  weights_from: str = "rules", only: tuple[str, ...] = ()) -> dict:
     """The reference here, the port in its own environment: trace, then `align check` there."""
     import subprocess
     import tempfile
@@ -168,7 +172,7 @@ def _align_across(spec: ModelSpec, out: Path, console: Console, quiet: bool, com
         raise ConfigError(spec.source, f"models.{spec.name}.port.environment",
                           f"{env_dir} does not exist; create it with `make venv-paddleformers`")
     with _progress(console, spec.name, quiet) as progress:
-        run = run_reference(spec, config, checkpoint, progress)
+        run = run_reference(spec, config, checkpoint, progress, only)
     with tempfile.TemporaryDirectory(prefix="align-trace-") as tmp:
         trace = write_trace(run, Path(tmp) / spec.name)
         cmd = [str(python), "-m", "align", "--registry", str(spec.source), "check", spec.name, "--trace", str(trace),
@@ -189,7 +193,8 @@ def _run(args: argparse.Namespace, argv: list[str], console: Console) -> ExitCod
     dtypes = tuple(dict.fromkeys(DTYPE_ALIASES[d] for d in args.dtype)) if args.dtype else None
     out = args.out or registry.source.parent / "reports" / spec.name
     report = _align_and_write(spec, out, console, args.quiet, "align " + " ".join(shlex.quote(a) for a in argv),
-                              args.config, dtypes, args.checkpoint, weights_from=args.weights_from)
+                              args.config, dtypes, args.checkpoint, weights_from=args.weights_from,
+                              only=tuple(args.only))
     return ExitCode.ALIGNED if report["verdict"] == "pass" else ExitCode.NOT_ALIGNED
 
 

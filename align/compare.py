@@ -250,8 +250,9 @@ def deepest(layers: list[LayerResult]) -> tuple[str, ...]:
     return tuple(f.name for f in layers if not any(_inside(o.module, f.module) for o in layers))
 
 
-def mismatch_message(name: str, direction: str, m: Metrics, tol: Tolerance, dtype: str, mode: str) -> str:
-    """A torch.testing-style account of one failing comparison."""
+def mismatch_message(name: str, direction: str, m: Metrics, tol: Tolerance, dtype: str, mode: str,
+                     rerun: str = "") -> str:
+    """A torch.testing-style account of one failing comparison (and how to rerun just it)."""
     what = "forward output" if direction == FORWARD else "gradient"
     lines = [f"{name}: {what} is not close! ({dtype}, {mode.replace('_', '-')})"]
     if m.note:
@@ -261,6 +262,8 @@ def mismatch_message(name: str, direction: str, m: Metrics, tol: Tolerance, dtyp
         lines.append(f"Greatest absolute difference: {m.max_abs:.3g} at {m.worst} (up to {tol.atol:g} allowed)")
         lines.append(f"Greatest relative difference: {m.max_rel:.3g} (up to {tol.rtol:g} allowed)")
         lines.append(f"Cosine {m.cosine:.6f} | smallest passing atol {m.needed_atol:.3g}")
+    if rerun:
+        lines.append(f"Rerun: {rerun}")
     return "\n".join(lines)
 
 

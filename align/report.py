@@ -95,10 +95,13 @@ def write_index(reports_root: Path) -> Path:
     return out
 
 
-def _layer_message(report_run: dict, name: str, direction: str) -> str:
+def _layer_message(report: dict, report_run: dict, name: str, direction: str) -> str:
     layer = next(layer for layer in report_run["layers"] if layer["name"] == name)
     m = Metrics(**layer[direction])
-    return mismatch_message(name, direction, m, Tolerance(**layer["tolerance"]), report_run["dtype"], report_run["mode"])
+    module = name.split("#")[0]
+    rerun = f"align run {report['model']} --dtype {report_run['dtype']} --only {module}" if module != "<root>" else ""
+    return mismatch_message(name, direction, m, Tolerance(**layer["tolerance"]), report_run["dtype"],
+                            report_run["mode"], rerun)
 
 
 def failure_messages(report: dict) -> list[str]:
@@ -110,7 +113,7 @@ def failure_messages(report: dict) -> list[str]:
         for direction in ("forward", "backward"):
             name = run["first_divergence"][direction]
             if name is not None:
-                messages.append(_layer_message(run, name, direction))
+                messages.append(_layer_message(report, run, name, direction))
     for kind, items in (("model output", report["outputs"]), ("parameter gradient", report["param_grads"])):
         bad = [i for i in items if not i["passed"]]
         for item in bad[:3]:
@@ -154,6 +157,8 @@ def render_console(report: dict, console: Console, paths: tuple[Path, ...] = ())
         table.add_row(run["dtype"], mode, "yes" if run["gated"] else "info", result, f"{ok}/{len(layers)}",
                       _fmt(_worst(layers, "forward")), _fmt(_worst(layers, "backward")), where)
     console.print(table)
+    if report.get("only"):
+        console.print(f"[yellow]partial[/]: teacher forcing limited to --only {' '.join(report['only'])}")
     for kind, items in (("outputs", report["outputs"]), ("param grads", report["param_grads"])):
         if items:
             worst = max(items, key=lambda i: i["max_abs"])

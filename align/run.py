@@ -62,6 +62,7 @@ class Report:
     warnings: tuple[str, ...] = ()
     repro: ReproCase | None = None  # tensors for the first culprit; written by the CLI, not JSON
     weights_from: str = "rules"  # or "pretrained": the port's own loader, checked against the rules
+    only: tuple[str, ...] = ()  # teacher forcing limited to these module globs (a partial check)
 
     @property
     def verdict(self) -> str:
@@ -101,6 +102,7 @@ class Report:
             "config": self.config,
             "port": self.port,
             "weights_from": self.weights_from,
+            "only": list(self.only),
             "created": self.created,
             "command": self.command,
             "checkpoint": self.checkpoint,
@@ -195,6 +197,7 @@ class ReferenceRun:
     checkpoint: str | None
     created: str
     fp64: ReferenceRun | None = None  # the same run in float64, when the model judges fp32 by its noise floor
+    only: tuple[str, ...] = ()  # module globs the replays were limited to (--only); empty: every module
 
 
 def fingerprint(spec: ModelSpec, config: str) -> str:
@@ -210,9 +213,17 @@ def fingerprint(spec: ModelSpec, config: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def selected(module: str, only: tuple[str, ...]) -> bool:
+    """Whether a module is among the --only globs (all modules when there are none)."""
+    import fnmatch
+
+    return not only or any(fnmatch.fnmatchcase(module, g) for g in only)
+
+
 def run_reference(spec: ModelSpec, config: str | None = None, checkpoint: Path | None = None,
-                  progress: Progress = lambda s: None) -> ReferenceRun:
-    """Run only the reference (torch): record every module, replay each on its own inputs."""
+                  progress: Progress = lambda s: None, only: tuple[str, ...] = ()) -> ReferenceRun:
+    """Run only the reference (torch): record every module, replay each (or each matching an
+    `only` glob) on its own inputs."""
     from align import build
     from align.diagnose import reference_environment
     from align.spec import resolve_path
@@ -233,15 +244,19 @@ def run_reference(spec: ModelSpec, config: str | None = None, checkpoint: Path |
     observer = observer_check(ts, ref, ref_inputs, _seed(ts, spec), trace)
     progress(f"replaying {len(trace.calls)} reference modules on their own inputs")
     locals_: dict[str, Local | str] = {}
+    if only and not any(selected(c.module, only) for c in trace.calls.values()):
+        raise ConfigError(spec.source, f"models.{spec.name}", f"--only {' '.join(only)} matches no module of the reference")
     for name, call in trace.calls.items():
+        if not selected(call.module, only):
+            continue
         try:
             locals_[name] = run_local(ts, ref, call.module, call, filter_kwargs=False)
         except Unreplayable as e:
             locals_[name] = str(e)
-    fp64 = _fp64_run(spec, ts, ref, inputs, trace, progress) if spec.noise_floor else None
+    fp64 = _fp64_run(spec, ts, ref, inputs, trace, progress, only) if spec.noise_floor else None
     return ReferenceRun(
         model=spec.name, config_name=config, config=cfg.to_dict(), fingerprint=fingerprint(spec, config),
-        inputs=inputs, trace=trace, locals=locals_, fp64=fp64,
+        inputs=inputs, trace=trace, locals=locals_, fp64=fp64, only=tuple(only),
         weights={k: ts.record(v).data for k, v in ref.state_dict().items()},
         dtypes={k: ts.dtype_name(t) for k, t in {**ts.parameters(ref), **ts.buffers(ref)}.items()},
         observer=observer, env=reference_environment(),
@@ -263,7 +278,7 @@ def _as_fp64(obj: Any) -> Any:
 
 
 def _fp64_run(spec: ModelSpec, ts: Any, ref: Any, inputs: dict[str, Arr], trace: Trace,
-              progress: Progress) -> ReferenceRun:
+              progress: Progress, only: tuple[str, ...] = ()) -> ReferenceRun:
     """The reference again in float64: its whole run, and each module replayed on the fp32
     run's recorded inputs (widened), seeded with the fp32 run's output gradients (widened).
     What an exact computation would give, to measure fp32 noise against."""
@@ -275,6 +290,8 @@ def _fp64_run(spec: ModelSpec, ts: Any, ref: Any, inputs: dict[str, Arr], trace:
                            _seed(ts, spec), keep_inputs=False)
     locals64: dict[str, Local | str] = {}
     for name, call in trace.calls.items():
+        if not selected(call.module, only):
+            continue
         widened = dataclasses.replace(call, args=_as_fp64(call.args), kwargs=_as_fp64(call.kwargs),
                                       grads={p: g.astype(np.float64) for p, g in call.grads.items()})
         try:
@@ -288,13 +305,13 @@ def _fp64_run(spec: ModelSpec, ts: Any, ref: Any, inputs: dict[str, Arr], trace:
 
 def align_model(spec: ModelSpec, config: str | None = None, dtypes: tuple[str, ...] | None = None,
                 checkpoint: Path | None = None, progress: Progress = lambda s: None,
-                command: str = "") -> Report:
+                command: str = "", only: tuple[str, ...] = ()) -> Report:
     """Align one model in one process: the reference's half, then the port's.
 
     `config` defaults to the model's default_config, and `checkpoint` to the one align.toml
     names for that config (if any).
     """
-    return check_port(spec, run_reference(spec, config, checkpoint, progress), dtypes, progress, command)
+    return check_port(spec, run_reference(spec, config, checkpoint, progress, only), dtypes, progress, command)
 
 
 def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | None = None,
@@ -391,7 +408,9 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
                               f"glob {bad_globs[0]!r} matches no module or parameter")
 
         progress(f"{dtype}: teacher-forced replay of {len(pairing.pairs)} modules")
-        tf_layers = tuple(_teacher_forced(ps, port, ref, pairing, wmap, tolerances, spec))
+        # Teacher forcing covers the modules the reference replayed: all, or those --only selected.
+        replayed = Pairing(tuple(p for p in pairing.pairs if p.ref in ref.locals), pairing.unpaired)
+        tf_layers = tuple(_teacher_forced(ps, port, ref, replayed, wmap, tolerances, spec))
         fr_layers = tuple(_free_running(ref, port_trace, pairing, tolerances, spec))
         fwd_order = ref_trace.completion_order()
         bwd_order = ref_trace.start_order()[::-1]
@@ -432,7 +451,7 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
         param_grads=param_grads, weights=wmap, unpaired=unpaired, env=env,
         command=command or f"align run {spec.name}",
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        checkpoint=ref.checkpoint, findings=tuple(findings),
+        only=ref.only, checkpoint=ref.checkpoint, findings=tuple(findings),
         observer=tuple(observers), dtypes=dtypes_seen, warnings=tuple(warnings), repro=repro,
     )
 

@@ -110,6 +110,7 @@ def write_trace(run: Any, dst: Path, force: bool = False) -> Path:
             "trace_version": TRACE_VERSION,
             "model": run.model, "config_name": run.config_name, "config": run.config,
             "fingerprint": run.fingerprint, "checkpoint": run.checkpoint, "created": run.created,
+            "only": list(run.only),
             "env": run.env, "dtypes": run.dtypes, "observer": run.observer.to_dict(),
             "inputs": _encode(dict(run.inputs), inputs),
             "outputs": _encode(dict(run.trace.outputs), inputs),
@@ -183,7 +184,7 @@ def read_trace(path: Path) -> Any:
             locals=locals_, weights=load_file(str(path / "weights.safetensors")), dtypes=manifest["dtypes"],
             observer=Observer(**{**manifest["observer"], "differing": tuple(manifest["observer"]["differing"])}),
             env=manifest["env"], checkpoint=manifest["checkpoint"], created=manifest["created"],
-            fp64=read_trace(path / "fp64") if manifest.get("fp64") else None,
+            fp64=read_trace(path / "fp64") if manifest.get("fp64") else None, only=tuple(manifest.get("only", ())),
         )
     except (KeyError, OSError, ValueError) as e:
         raise ConfigError(path, "", f"corrupt or incomplete trace: {type(e).__name__}: {e}") from None

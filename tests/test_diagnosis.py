@@ -137,3 +137,28 @@ def test_repro_of_a_fixed_module_matches(buggy_port_registry, tmp_path):
     proc = subprocess.run([sys.executable, "repro.py"], cwd=out / "repro", capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "MATCHES the reference" in proc.stdout
+
+
+def test_only_replays_the_chosen_modules_and_still_catches_their_bug(monkeypatch, run_cli):
+    from test_injected_bugs import attention_without_softcap
+
+    code, report, err = run_cli("run", "gemma2", "--dtype", "fp32")
+    assert code == 0
+    attention_without_softcap(monkeypatch)
+    code, full, err = run_cli("run", "gemma2", "--dtype", "fp32")
+    # The failure message says how to rerun just the culprit.
+    assert "Rerun: align run gemma2 --dtype float32 --only model.layers.0.self_attn" in err
+    code, partial, err = run_cli("run", "gemma2", "--dtype", "fp32", "--only", "model.layers.0.self_attn*")
+    tf = next(r for r in partial["runs"] if r["mode"] == "teacher_forced" and r["status"] == "ran")
+    assert {layer["name"] for layer in tf["layers"]} == {
+        "model.layers.0.self_attn", "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+        "model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.o_proj"}
+    assert code == 1 and partial["only"] == ["model.layers.0.self_attn*"]
+    assert partial["culprits"]["forward"] == ["model.layers.0.self_attn"]
+    assert "partial: teacher forcing limited to --only model.layers.0.self_attn*" in err
+
+
+def test_only_that_matches_nothing_is_an_error(run_cli):
+    code, report, err = run_cli("run", "gemma2", "--only", "model.layrs.*")
+    assert code == 2 and report is None
+    assert err.strip().endswith("--only model.layrs.* matches no module of the reference")
