@@ -305,7 +305,8 @@ def render_index(latest: dict[str, dict], history: list[dict]) -> str:
         runs = history_of(history, model)[-10:]
         trail = "".join(
             f'<span class="badge {"b-ok" if h["verdict"] == "pass" else "b-fd"}" '
-            f'title="{esc(h["created"])}: {esc(h["verdict"])}, worst {_f(h.get("worst_teacher_forced"))}">'
+            f'title="{esc(h["created"])} ({esc(h.get("config", "?"))} config): {esc(h["verdict"])}, '
+            f'worst {_f(h.get("worst_teacher_forced"))}">'
             f'{esc(h["verdict"])}</span>' for h in runs)
         worst = [f"{_f(h.get('worst_teacher_forced'))}" for h in runs]
         if report is None:
@@ -317,7 +318,8 @@ def render_index(latest: dict[str, dict], history: list[dict]) -> str:
         rows.append(("ok" if report["verdict"] == "pass" else "bad", [
             f'<td><a href="{esc(model)}/report.html">{esc(model)}</a></td>',
             f"<td>{esc(report['verdict'])}</td>", f"<td>{per_dtype}</td>",
-            f"<td class=num>{_f(worst_teacher_forced(report))}</td>", f"<td>{esc(report['created'])}</td>",
+            f"<td class=num>{_f(worst_teacher_forced(report))}</td>",
+            f"<td>{esc(report['created'])}<br><small>{esc(report['config'])} config</small></td>",
             f"<td>{trail}<br><small>worst: {' → '.join(worst)}</small></td>"]))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>align dashboard</title>
