@@ -164,17 +164,17 @@ def _align_across(spec: ModelSpec, out: Path, console: Console, quiet: bool, com
 
     from align.report import load_report
     from align.run import run_reference
-    from align.trace_io import write_trace
+    from align.trace_io import TraceWriter
 
     env_dir = (spec.source.parent / spec.port_environment).resolve()
     python = env_dir / "bin" / "python"
     if not python.is_file():
         raise ConfigError(spec.source, f"models.{spec.name}.port.environment",
                           f"{env_dir} does not exist; create it with `make venv-paddleformers`")
-    with _progress(console, spec.name, quiet) as progress:
-        run = run_reference(spec, config, checkpoint, progress, only)
     with tempfile.TemporaryDirectory(prefix="align-trace-") as tmp:
-        trace = write_trace(run, Path(tmp) / spec.name)
+        with _progress(console, spec.name, quiet) as progress, TraceWriter(Path(tmp) / spec.name) as writer:
+            run = run_reference(spec, config, checkpoint, progress, only, sink=writer)
+            trace = writer.finish(run)
         cmd = [str(python), "-m", "align", "--registry", str(spec.source), "check", spec.name, "--trace", str(trace),
                "--out", str(out), "--as-command", command, "--weights-from", weights_from]
         cmd += [a for d in dtypes or () for a in ("--dtype", d)] + (["--quiet"] if quiet else [])
@@ -200,14 +200,12 @@ def _run(args: argparse.Namespace, argv: list[str], console: Console) -> ExitCod
 
 def _trace(args: argparse.Namespace, console: Console) -> ExitCode:
     from align.run import run_reference
-    from align.trace_io import write_trace
+    from align.trace_io import TraceWriter
 
     spec = _registry(args).get(args.model)
-    if args.out.exists() and not args.force:
-        raise ConfigError(args.out, "", "already exists (pass --force to replace it)")
-    with _progress(console, spec.name, args.quiet) as progress:
-        run = run_reference(spec, args.config, args.checkpoint, progress)
-        path = write_trace(run, args.out, force=args.force)
+    with _progress(console, spec.name, args.quiet) as progress, TraceWriter(args.out, args.force) as writer:
+        run = run_reference(spec, args.config, args.checkpoint, progress, sink=writer)
+        path = writer.finish(run)
     console.print(f"traced {spec.name} ({run.config_name} config): {len(run.trace.calls)} module calls, "
                   f"torch {run.env['torch']}, transformers {run.env['transformers']} -> {path}")
     return ExitCode.ALIGNED

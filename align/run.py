@@ -221,9 +221,14 @@ def selected(module: str, only: tuple[str, ...]) -> bool:
 
 
 def run_reference(spec: ModelSpec, config: str | None = None, checkpoint: Path | None = None,
-                  progress: Progress = lambda s: None, only: tuple[str, ...] = ()) -> ReferenceRun:
+                  progress: Progress = lambda s: None, only: tuple[str, ...] = (), sink: Any = None) -> ReferenceRun:
     """Run only the reference (torch): record every module, replay each (or each matching an
-    `only` glob) on its own inputs."""
+    `only` glob) on its own inputs.
+
+    With a `sink` (a trace_io.TraceWriter), each call is written the moment its replay is
+    done and its tensors are dropped, so memory does not hold the whole trace; the returned
+    run then keeps the run-level record but no per-call tensors.
+    """
     from align import build
     from align.diagnose import reference_environment
     from align.spec import resolve_path
@@ -246,14 +251,21 @@ def run_reference(spec: ModelSpec, config: str | None = None, checkpoint: Path |
     locals_: dict[str, Local | str] = {}
     if only and not any(selected(c.module, only) for c in trace.calls.values()):
         raise ConfigError(spec.source, f"models.{spec.name}", f"--only {' '.join(only)} matches no module of the reference")
-    for name, call in trace.calls.items():
-        if not selected(call.module, only):
-            continue
-        try:
-            locals_[name] = run_local(ts, ref, call.module, call, filter_kwargs=False)
-        except Unreplayable as e:
-            locals_[name] = str(e)
+    # The float64 run replays the recorded calls too, so it goes before a sink drops them.
     fp64 = _fp64_run(spec, ts, ref, inputs, trace, progress, only) if spec.noise_floor else None
+    for name, call in trace.calls.items():
+        local: Local | str | None = None
+        if selected(call.module, only):
+            try:
+                local = run_local(ts, ref, call.module, call, filter_kwargs=False)
+            except Unreplayable as e:
+                local = str(e)
+        if sink is None:
+            if local is not None:
+                locals_[name] = local
+            continue
+        sink.add(name, call, local)
+        call.args, call.kwargs, call.outputs, call.grads = (), {}, {}, {}
     return ReferenceRun(
         model=spec.name, config_name=config, config=cfg.to_dict(), fingerprint=fingerprint(spec, config),
         inputs=inputs, trace=trace, locals=locals_, fp64=fp64, only=tuple(only),

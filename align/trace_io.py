@@ -80,31 +80,42 @@ def _decode(obj: Any, arrays: dict[str, np.ndarray]) -> Any:
     return obj
 
 
-def write_trace(run: Any, dst: Path, force: bool = False) -> Path:
-    """Write a ReferenceRun to `dst` (a directory), whole or not at all."""
-    dst = Path(dst)
-    if dst.exists() and not force:
-        raise ConfigError(dst, "", "already exists (pass --force to replace it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
-    try:
-        (tmp / "calls").mkdir()
-        calls = []
-        for i, (name, call) in enumerate(run.trace.calls.items()):
-            t = _Tensors("t")
-            local = run.locals.get(name)
-            calls.append({
-                "name": name, "module": call.module, "type": call.type, "start": call.start, "end": call.end,
-                "arg_names": list(call.arg_names), "args": _encode(call.args, t), "kwargs": _encode(call.kwargs, t),
-                "outputs": _encode(dict(call.outputs), t), "grads": {p: t.add(g) for p, g in call.grads.items()},
-                "local": local if isinstance(local, str) else {
-                    "outputs": _encode(dict(local.outputs), t),
-                    "input_grads": {p: t.add(g) for p, g in local.input_grads.items()},
-                    "param_grads": {p: t.add(g) for p, g in local.param_grads.items()},
-                    "ungradded": list(local.ungradded), "ignored": list(local.ignored)},
-                "file": f"calls/{i:05d}.safetensors",
-            })
-            t.save(tmp / calls[-1]["file"])
+class TraceWriter:
+    """Writes a trace as the reference produces it: one file per module call, the moment that
+    call's replay is done; the rest, then the manifest, at finish(). Everything goes into a
+    temporary directory that finish() renames into place, so a failed run leaves nothing."""
+
+    def __init__(self, dst: Path, force: bool = False):
+        self.dst = Path(dst)
+        if self.dst.exists() and not force:
+            raise ConfigError(self.dst, "", "already exists (pass --force to replace it)")
+        self.dst.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(dir=self.dst.parent, prefix=f".{self.dst.name}.tmp-"))
+        (self.tmp / "calls").mkdir()
+        self.calls: list[dict] = []
+
+    def add(self, name: str, call: Call, local: Local | str | None) -> None:
+        """Write one call: its recorded inputs, outputs and gradients, and the reference
+        module's own replay (None where --only left it out)."""
+        t = _Tensors("t")
+        entry = {
+            "name": name, "module": call.module, "type": call.type, "start": call.start, "end": call.end,
+            "arg_names": list(call.arg_names), "args": _encode(call.args, t), "kwargs": _encode(call.kwargs, t),
+            "outputs": _encode(dict(call.outputs), t), "grads": {p: t.add(g) for p, g in call.grads.items()},
+            "local": local if local is None or isinstance(local, str) else {
+                "outputs": _encode(dict(local.outputs), t),
+                "input_grads": {p: t.add(g) for p, g in local.input_grads.items()},
+                "param_grads": {p: t.add(g) for p, g in local.param_grads.items()},
+                "ungradded": list(local.ungradded), "ignored": list(local.ignored)},
+            "file": f"calls/{len(self.calls):05d}.safetensors",
+        }
+        t.save(self.tmp / entry["file"])
+        self.calls.append(entry)
+
+    def finish(self, run: Any) -> Path:
+        """Write the run-level tensors and the manifest, and move the trace into place."""
+        from safetensors.numpy import save_file
+
         inputs, grads = _Tensors("i"), _Tensors("g")
         manifest = {
             "trace_version": TRACE_VERSION,
@@ -116,30 +127,34 @@ def write_trace(run: Any, dst: Path, force: bool = False) -> Path:
             "outputs": _encode(dict(run.trace.outputs), inputs),
             "param_grads": {k: grads.add(g) for k, g in run.trace.param_grads.items()},
             "params_dtype": run.trace.params_dtype,
-            "calls": calls,
+            "calls": self.calls,
+            "fp64": run.fp64 is not None,
         }
-        inputs.save(tmp / "inputs.safetensors")
-        grads.save(tmp / "param_grads.safetensors")
-        from safetensors.numpy import save_file
-
-        save_file({k: contiguous(v) for k, v in run.weights.items()}, str(tmp / "weights.safetensors"))
+        inputs.save(self.tmp / "inputs.safetensors")
+        grads.save(self.tmp / "param_grads.safetensors")
+        save_file({k: contiguous(v) for k, v in run.weights.items()}, str(self.tmp / "weights.safetensors"))
         if run.fp64 is not None:
-            _write_fp64(run.fp64, tmp / "fp64")
-        manifest["fp64"] = run.fp64 is not None
-        (tmp / "manifest.json").write_text(json.dumps(manifest, default=str) + "\n")
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dst
+            write_trace(run.fp64, self.tmp / "fp64")
+        (self.tmp / "manifest.json").write_text(json.dumps(manifest, default=str) + "\n")
+        if self.dst.exists():
+            shutil.rmtree(self.dst)
+        os.replace(self.tmp, self.dst)
+        return self.dst
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _write_fp64(run: Any, dst: Path) -> None:
-    """The float64 run of the reference, beside the fp32 one, in the same layout."""
-    tmp = write_trace(run, dst)
-    assert tmp == dst
+def write_trace(run: Any, dst: Path, force: bool = False) -> Path:
+    """Write a whole ReferenceRun held in memory to `dst` (a directory), whole or not at all."""
+    with TraceWriter(dst, force) as writer:
+        for name, call in run.trace.calls.items():
+            writer.add(name, call, run.locals.get(name))
+        return writer.finish(run)
 
 
 def read_trace(path: Path) -> Any:
@@ -169,6 +184,8 @@ def read_trace(path: Path) -> Any:
                         grads={p: arrays[k] for p, k in c["grads"].items()})
             calls[c["name"]] = call
             lo = c["local"]
+            if lo is None:
+                continue  # left out by --only
             locals_[c["name"]] = lo if isinstance(lo, str) else Local(
                 outputs=_decode(lo["outputs"], arrays),
                 input_grads={p: arrays[k] for p, k in lo["input_grads"].items()},

@@ -79,3 +79,43 @@ def test_corrupt_trace_is_refused(trace, tmp_path, capsys):
 def test_existing_trace_needs_force(trace, capsys):
     assert main(["--registry", str(REGISTRY), "trace", "gemma2", "--out", str(trace)]) == 2
     assert "already exists (pass --force" in capsys.readouterr().err
+
+
+def test_trace_is_written_as_it_goes(tmp_path):
+    """Each call's file is on disk the moment its replay is done, before the run ends, and the
+    reference's run keeps no per-call tensors once they are written."""
+    from align.run import run_reference
+    from align.spec import load_registry
+    from align.trace_io import TraceWriter, read_trace
+
+    spec = load_registry(REGISTRY).get("gemma2")
+    seen = []
+    with TraceWriter(tmp_path / "t") as writer:
+        add = writer.add
+
+        def watching(name, call, local):
+            add(name, call, local)
+            seen.append(len(list((writer.tmp / "calls").iterdir())))
+
+        writer.add = watching
+        run = run_reference(spec, sink=writer)
+        assert not (tmp_path / "t").exists()  # nothing at the destination until finish()
+        writer.finish(run)
+    assert seen == list(range(1, len(run.trace.calls) + 1))
+    assert all(not c.outputs and not c.grads for c in run.trace.calls.values())
+    back = read_trace(tmp_path / "t")
+    assert len(back.locals) == len(back.trace.calls) == 66
+
+
+def test_partial_trace_round_trips(tmp_path, capsys):
+    out = tmp_path / "t"
+    assert main(["--registry", str(REGISTRY), "trace", "gemma2", "--out", str(out), "--quiet"]) == 0
+    from align.run import run_reference
+    from align.spec import load_registry
+    from align.trace_io import read_trace, write_trace
+
+    spec = load_registry(REGISTRY).get("gemma2")
+    write_trace(run_reference(spec, only=("model.norm",)), tmp_path / "p")
+    partial = read_trace(tmp_path / "p")
+    assert list(partial.locals) == ["model.norm"] and partial.only == ("model.norm",)
+    assert len(partial.trace.calls) == len(read_trace(out).trace.calls)
