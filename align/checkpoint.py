@@ -268,8 +268,8 @@ def convert_checkpoint(src: Checkpoint, dst: Path, wmap: WeightMap, to: str, *,
             # Sorted by name within a shard: the same tensors always make the same file, so a
             # paddle -> torch -> paddle round trip reproduces the file byte for byte.
             items = sorted(((o, n, s) for o in group for n, s in zip(o.names, o.shapes)), key=lambda x: x[1])
-            planned = [Planned(n, out_dtype(o, n), tuple(s), _producer(o, n, to, src, cache, out_dtype(o, n)))
-                       for o, n, s in items]
+            planned = [Planned(n, d, tuple(s), _producer(o, n, to, src, cache, d))
+                       for o, n, s in items for d in (out_dtype(o, n),)]
             weight_map.update({n: name for _, n, _ in items})
             count += len(items)
 

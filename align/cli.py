@@ -128,19 +128,14 @@ def _align_and_write(spec: ModelSpec, out: Path, console: Console, quiet: bool, 
     """Align one model (against a saved `reference` run, if given); write report.json,
     report.html, the repro, the history line and the dashboard."""
     from align.report import append_history, as_json, render_console, write_index, write_report
-    from align.run import align_model, check_port
+    from align.run import check_port, run_reference
 
     if spec.port_environment and reference is None:
         return _align_across(spec, out, console, quiet, command, config, dtypes, checkpoint, weights_from, only)
     started = time.perf_counter()
     with _progress(console, spec.name, quiet) as progress:
-        if reference is None and weights_from == "rules":
-            result = align_model(spec, config, dtypes, checkpoint, progress, command, only)
-        else:
-            from align.run import run_reference
-
-            reference = reference or run_reference(spec, config, checkpoint, progress, only)
-            result = check_port(spec, reference, dtypes, progress, command, weights_from)
+        reference = reference or run_reference(spec, config, checkpoint, progress, only)
+        result = check_port(spec, reference, dtypes, progress, command, weights_from)
     report = result.to_dict()
     report["duration_s"] = round(time.perf_counter() - started, 3)
     if result.repro is not None:

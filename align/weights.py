@@ -384,7 +384,7 @@ def plan(rules: Rules, source: Mapping[str, tuple[int, ...]], port: Mapping[str,
                 consumed.add(key)
     for key, shape in source.items():
         shape = tuple(shape)
-        if key in consumed or any(key in e.sources for e in entries if e.transform in ("merge", "split")):
+        if key in consumed:  # a part of a merge or split, planned in the first pass
             continue
         if (pattern := rules.ignored(key)) is not None:
             entries.append(WeightEntry(key, None, shape, None, "ignored", f"ignore {pattern!r}", sources=(key,)))
