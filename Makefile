@@ -1,6 +1,7 @@
 # make align MODEL=gemma2   align one model (default gemma2) and write reports/<model>/
 # make test                 the test suite (what CI runs)
 # make gate                 align every model marked ci = true, write reports/junit.xml; exit 1 if any fails
+# make convert MODEL=gemma2 draft a port with PaConvert and make it runnable (build/converted/<model>/)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -9,7 +10,7 @@ STAMP  := $(VENV)/.installed
 MODEL  ?= gemma2
 ARGS   ?=
 
-.PHONY: align test gate venv venv-paddleformers clean
+.PHONY: align test gate venv venv-paddleformers venv-padiff clean
 
 venv: $(STAMP)
 
@@ -34,6 +35,38 @@ $(PF_STAMP): pyproject.toml Makefile
 		rich==15.0.0 safetensors==0.8.0
 	$(PF_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(PF_STAMP)
+
+# PaDiff 0.2.0, the peer the overhead benchmark compares against (benchmarks/padiff_run.py),
+# lives in its own environment: never a dependency of align. Its API mode patches torch and
+# paddle for the whole process. The same pins as .venv; torch is pinned to the CPU build
+# exactly, so pip fails rather than fetching CUDA wheels. padiff imports yaml without declaring it.
+PD_VENV  := .venv-padiff
+PD_STAMP := $(PD_VENV)/.installed
+
+venv-padiff: $(PD_STAMP)
+
+$(PD_STAMP): pyproject.toml Makefile
+	test -x $(PD_VENV)/bin/python || $(PYTHON) -m venv $(PD_VENV)
+	$(PD_VENV)/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0+cpu paddlepaddle==3.3.1 \
+		transformers==5.23.0 numpy==2.4.6 safetensors==0.8.0 rich==15.0.0 padiff==0.2.0 pyyaml==6.0.3
+	$(PD_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(PD_VENV)/bin/python -c "import torch; assert torch.version.cuda is None, torch.__version__"
+	touch $(PD_STAMP)
+
+# PaConvert runs as a subprocess from its own environment: it needs pandas and openpyxl, which
+# the main environment has no use for. It does not need torch.
+PC_VENV  := .venv-paconvert
+PC_STAMP := $(PC_VENV)/.installed
+
+venv-paconvert: $(PC_STAMP)
+
+$(PC_STAMP): Makefile
+	test -x $(PC_VENV)/bin/python || $(PYTHON) -m venv $(PC_VENV)
+	$(PC_VENV)/bin/python -m pip install --quiet --disable-pip-version-check paconvert==3.3.1 pandas==3.1.1 openpyxl==3.1.5
+	touch $(PC_STAMP)
+
+convert: $(STAMP) $(PC_STAMP)
+	$(VENV)/bin/align convert $(MODEL) $(ARGS)
 
 align: $(STAMP) $(if $(filter pf-%,$(MODEL)),$(PF_STAMP))
 	$(VENV)/bin/align run $(MODEL) $(ARGS)

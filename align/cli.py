@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("model")
     run.add_argument("--dtype", action="append", choices=sorted(DTYPE_ALIASES),
                      help="dtype to run (repeatable; default: the model's dtypes in align.toml)")
-    run.add_argument("--port", default="hand", choices=["hand"], help="which port to align (default: hand)")
+    run.add_argument("--port", action="append", choices=["hand", "converted", "all"],
+                     help="which port to align (repeatable; default: hand). `converted` is the port `align convert` "
+                          "generated; two or more ports are aligned against one reference run, side by side")
     run.add_argument("--config", help="a config of the model, or a config.json path (default: the model's default_config)")
     run.add_argument("--checkpoint", type=Path, help="reference weights (safetensors file or sharded directory) instead of seeded random ones")
     run.add_argument("--out", type=Path, help="report directory (default: reports/<model>/ beside align.toml)")
@@ -52,6 +54,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--weights-from", choices=["rules", "pretrained"], default="rules",
                      help="load the port's weights with align's rules (default), or with the port's own "
                           "from_pretrained, checked tensor by tensor against the rules")
+
+    convert = sub.add_parser("convert", help="draft a port with PaConvert from the reference's own modeling file "
+                                             "and make it runnable (writes build/converted/<model>/)")
+    convert.add_argument("model")
+    convert.add_argument("--port", default="converted", choices=["converted"], help=argparse.SUPPRESS)
+    convert.add_argument("--paconvert", type=Path,
+                         help="the paconvert executable (default: .venv-paconvert/bin/paconvert beside align.toml; "
+                              "`make venv-paconvert` creates it)")
 
     trace = sub.add_parser("trace", help="run only the reference and save a trace for `align check`")
     trace.add_argument("model")
@@ -182,15 +192,79 @@ def _align_across(spec: ModelSpec, out: Path, console: Console, quiet: bool, com
     return load_report(out / "report.json")
 
 
+def _port_names(spec: ModelSpec, asked: list[str] | None) -> list[str]:
+    """The ports `--port` names, in order: hand first, then each generated variant."""
+    names = ["hand", *spec.ports] if "all" in (asked or []) else list(dict.fromkeys(asked or ["hand"]))
+    for name in names:
+        if name != "hand" and name not in spec.ports:
+            raise ConfigError(spec.source, f"models.{spec.name}.ports.{name}",
+                              f"no such port for {spec.name} (known: {', '.join(['hand', *spec.ports])})")
+    return names
+
+
+def _port_spec(spec: ModelSpec, port: str) -> ModelSpec:
+    from align.convert import load_port
+
+    return spec if port == "hand" else load_port(spec, spec.ports[port])
+
+
+def report_dir(root: Path, model: str, port: str) -> Path:
+    """reports/<model>/ for the hand port, reports/<model>-<port>/ for a generated one."""
+    return root / (model if port == "hand" else f"{model}-{port}")
+
+
 def _run(args: argparse.Namespace, argv: list[str], console: Console) -> ExitCode:
     registry = _registry(args)
     spec = registry.get(args.model)
+    ports = _port_names(spec, args.port)
+    specs = {port: _port_spec(spec, port) for port in ports}  # fails early if a port is not generated
     dtypes = tuple(dict.fromkeys(DTYPE_ALIASES[d] for d in args.dtype)) if args.dtype else None
-    out = args.out or registry.source.parent / "reports" / spec.name
-    report = _align_and_write(spec, out, console, args.quiet, "align " + " ".join(shlex.quote(a) for a in argv),
-                              args.config, dtypes, args.checkpoint, weights_from=args.weights_from,
-                              only=tuple(args.only))
-    return ExitCode.ALIGNED if report["verdict"] == "pass" else ExitCode.NOT_ALIGNED
+    command = "align " + " ".join(shlex.quote(a) for a in argv)
+    if len(ports) == 1:
+        out = args.out or report_dir(registry.source.parent / "reports", spec.name, ports[0])
+        report = _align_and_write(specs[ports[0]], out, console, args.quiet, command, args.config, dtypes,
+                                  args.checkpoint, weights_from=args.weights_from, only=tuple(args.only))
+        return ExitCode.ALIGNED if report["verdict"] == "pass" else ExitCode.NOT_ALIGNED
+    return _run_side_by_side(spec, specs, args, dtypes, command, console)
+
+
+def _run_side_by_side(spec: ModelSpec, specs: dict[str, ModelSpec], args: argparse.Namespace,
+                      dtypes: tuple[str, ...] | None, command: str, console: Console) -> ExitCode:
+    """Several ports against ONE reference run: each gets its own report directory, and a
+    side-by-side page compares them module by module."""
+    from align.html import render_side_by_side
+    from align.report import render_side_by_side_console, write_atomic
+    from align.run import run_reference
+
+    if any(s.port_environment for s in specs.values()):
+        raise ConfigError(spec.source, f"models.{spec.name}.port.environment",
+                          "ports in another environment cannot be aligned side by side yet")
+    root = args.out or spec.root / "reports"
+    with _progress(console, spec.name, args.quiet) as progress:
+        reference = run_reference(spec, args.config, args.checkpoint, progress, tuple(args.only))
+    reports = {}
+    for port, port_spec in specs.items():
+        reports[port] = _align_and_write(port_spec, report_dir(root, spec.name, port), console, args.quiet,
+                                         command, dtypes=dtypes, reference=reference, weights_from=args.weights_from)
+    path = root / f"{spec.name}-ports.html"
+    write_atomic(path, render_side_by_side(reports))
+    render_side_by_side_console(reports, console)
+    console.print(f"wrote {path}", highlight=False)
+    return ExitCode.ALIGNED if all(r["verdict"] == "pass" for r in reports.values()) else ExitCode.NOT_ALIGNED
+
+
+def _convert(args: argparse.Namespace, console: Console) -> ExitCode:
+    from align.convert import convert, render
+
+    spec = _registry(args).get(args.model)
+    if args.port not in spec.ports:
+        raise ConfigError(spec.source, f"models.{spec.name}.ports.{args.port}",
+                          f"{spec.name} declares no {args.port} port; add [models.{spec.name}.ports.{args.port}]")
+    if args.paconvert is not None and not args.paconvert.is_file():
+        raise ConfigError(args.paconvert, "", "no such file (--paconvert)")
+    report = convert(spec, spec.ports[args.port], args.paconvert)
+    console.print(render(report), highlight=False, markup=False)
+    return ExitCode.ALIGNED
 
 
 def _trace(args: argparse.Namespace, console: Console) -> ExitCode:
@@ -347,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
             return _render(args, console)
         if args.command == "weights":
             return _weights(args, console)
+        if args.command == "convert":
+            return _convert(args, console)
         if args.command == "trace":
             return _trace(args, console)
         if args.command == "check":

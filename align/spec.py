@@ -6,6 +6,7 @@ milliseconds, with the file and the dotted key, before any framework loads.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,20 @@ class InputsRecipe:
 
 
 @dataclass(frozen=True)
+class PortVariant:
+    """Another port of the same reference, generated rather than hand-written
+    ([models.NAME.ports.VARIANT]): `align convert` writes it, `align run --port VARIANT` aligns it."""
+
+    name: str  # "converted"
+    source: str  # the reference's modeling module to convert, e.g. transformers.models.gemma2.modeling_gemma2
+    class_name: str  # the port class inside the generated module
+    config_class: str  # "module:Class"; default: the reference's config class, reused as is
+    weights_file: Path
+    call_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    labels: str = "as_reference"
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     description: str
@@ -116,6 +131,7 @@ class ModelSpec:
     port_environment: str | None = None  # a virtual environment (dir) the port must run in, apart from torch
     port_call_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # module glob -> extra keywords
     port_labels: str = "as_reference"  # or "shifted": the port's loss expects next-token labels already shifted
+    ports: dict[str, PortVariant] = field(default_factory=dict)  # generated ports beside the hand port
 
     @property
     def root(self) -> Path:
@@ -256,6 +272,37 @@ def resolve_path(value: str, base: Path) -> Path:
     return (base.parent / value).resolve() if not Path(value).is_absolute() else Path(value)
 
 
+PORT_VARIANT_NAMES = ("converted",)
+
+
+def _ports(file: Path, t: _Table, reference_config_class: str) -> dict[str, PortVariant]:
+    """[models.NAME.ports.VARIANT] tables; "hand" is the [port] table itself."""
+    ports_t = t.table("ports", {})
+    variants = {}
+    for vname in list(ports_t.data):
+        if vname not in PORT_VARIANT_NAMES:
+            raise ConfigError(file, ports_t.key(vname), f"unknown port variant (known: {', '.join(PORT_VARIANT_NAMES)})")
+        v = ports_t.table(vname)
+        source = v.get("source", str)
+        if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", source):
+            raise ConfigError(file, v.key("source"), f"expected a dotted module name, got {source!r}")
+        class_name = v.get("class", str)
+        if not class_name.isidentifier():
+            raise ConfigError(file, v.key("class"), f"expected a class name in the generated module, got {class_name!r}")
+        weights = v.get("weights", str)
+        weights_file = (file.parent / weights).resolve()
+        if not weights_file.is_file():
+            raise ConfigError(file, v.key("weights"), f"no such file: {weights}")
+        variants[vname] = PortVariant(
+            name=vname, source=source, class_name=class_name,
+            config_class=_class_ref(v, "config_class") if "config_class" in v.data else reference_config_class,
+            weights_file=weights_file, call_kwargs=_call_kwargs(v),
+            labels=_choice(v, "labels", ("as_reference", "shifted"), "as_reference"))
+        v.done()
+    ports_t.done()
+    return variants
+
+
 def _model(file: Path, name: str, t: _Table, defaults: dict[str, Any]) -> ModelSpec:
     ref, port = t.table("reference"), t.table("port")
     init, inputs = t.table("init"), t.table("inputs")
@@ -346,6 +393,7 @@ def _model(file: Path, name: str, t: _Table, defaults: dict[str, Any]) -> ModelS
         port_environment=port.get("environment", str, None),
         port_call_kwargs=_call_kwargs(port),
         port_labels=_choice(port, "labels", ("as_reference", "shifted"), "as_reference"),
+        ports=_ports(file, t, _class_ref(ref, "config_class")),
     )
     for sub in (ref, port, init, inputs):
         sub.done()

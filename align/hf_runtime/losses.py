@@ -1,0 +1,75 @@
+"""Losses with torch's reduction semantics.
+
+`paddle.nn.functional.cross_entropy(..., ignore_index=-100, reduction="mean")` divides by ALL
+tokens: Paddle leaves ignored labels out of the mean only when ignore_index >= 0. Torch
+divides by the tokens that are not ignored. HF's default ignore_index is -100, so a converted
+loss is silently too small (and its gradients too) wherever a label is ignored: padding,
+unmasked tokens of a masked LM, the shifted-out last position.
+"""
+
+from __future__ import annotations
+
+import paddle
+import paddle.nn.functional as F
+
+
+def cross_entropy(input: paddle.Tensor, target: paddle.Tensor, weight: paddle.Tensor | None = None,
+                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0) -> paddle.Tensor:
+    """torch.nn.functional.cross_entropy for class-index targets: logits [N, C], labels [N]."""
+    if weight is not None or label_smoothing:
+        raise NotImplementedError("cross_entropy with class weights or label smoothing is not supported")
+    keep = target != ignore_index
+    # A safe class index where the label is ignored; those terms are zeroed below.
+    safe = paddle.where(keep, target, paddle.zeros_like(target))
+    logp = F.log_softmax(input, axis=-1)
+    picked = paddle.take_along_axis(logp, safe.unsqueeze(-1), axis=-1).squeeze(-1)
+    losses = -picked * keep.astype(picked.dtype)
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    if reduction == "mean":
+        # Torch: the sum over kept tokens divided by their count (NaN when none is kept).
+        return losses.sum() / keep.astype(picked.dtype).sum()
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+class CrossEntropyLoss(paddle.nn.Layer):
+    """torch.nn.CrossEntropyLoss (class-index targets) on top of `cross_entropy`."""
+
+    def __init__(self, weight=None, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0):
+        super().__init__()
+        self.weight, self.ignore_index, self.reduction, self.label_smoothing = weight, ignore_index, reduction, label_smoothing
+
+    def forward(self, input: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
+        return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing)
+
+
+def fixed_cross_entropy(source: paddle.Tensor, target: paddle.Tensor, num_items_in_batch=None,
+                        ignore_index: int = -100, **kwargs) -> paddle.Tensor:
+    """HF's: a mean over kept tokens, or a sum divided by `num_items_in_batch` when given."""
+    if num_items_in_batch is None:
+        return cross_entropy(source, target, ignore_index=ignore_index, reduction="mean")
+    return cross_entropy(source, target, ignore_index=ignore_index, reduction="sum") / num_items_in_batch
+
+
+def causal_lm_loss(logits: paddle.Tensor, labels: paddle.Tensor, vocab_size: int, num_items_in_batch=None,
+                   ignore_index: int = -100, shift_labels: paddle.Tensor | None = None, **kwargs) -> paddle.Tensor:
+    """Logits at t scored against labels at t + 1; the last position has no label."""
+    logits = logits.astype("float32")  # HF upcasts before the loss
+    if shift_labels is None:
+        pad = paddle.full([*labels.shape[:-1], 1], ignore_index, dtype=labels.dtype)
+        shift_labels = paddle.concat([labels[..., 1:], pad], axis=-1)
+    return fixed_cross_entropy(logits.reshape([-1, vocab_size]), shift_labels.reshape([-1]), num_items_in_batch,
+                               ignore_index)
+
+
+def masked_lm_loss(logits: paddle.Tensor, labels: paddle.Tensor, vocab_size: int, num_items_in_batch=None,
+                   ignore_index: int = -100, **kwargs) -> paddle.Tensor:
+    logits = logits.astype("float32")
+    return fixed_cross_entropy(logits.reshape([-1, vocab_size]), labels.reshape([-1]), num_items_in_batch,
+                               ignore_index)
+
+
+# A model class name containing the key uses that loss (HF's LOSS_MAPPING convention).
+LOSS_MAPPING = {"ForCausalLM": causal_lm_loss, "ForMaskedLM": masked_lm_loss}
