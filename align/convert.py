@@ -152,12 +152,13 @@ def run_paconvert(exe: Path, source: Path, workdir: Path) -> tuple[str, str, str
     src = workdir / source.name
     shutil.copyfile(source, src)
     out, log = workdir / "draft.py", workdir / "paconvert.log"
+    # In the work directory: --show_all_api also drops a spreadsheet into the current directory.
     proc = subprocess.run([str(exe), "-i", str(src), "-o", str(out), "--log_dir", str(log), "--show_all_api"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=workdir)
     if proc.returncode != 0 or not out.is_file() or not log.is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise ConfigError(source, "", f"PaConvert failed (exit code {proc.returncode}): {tail[0]}")
-    version = subprocess.run([str(exe), "--version"], capture_output=True, text=True).stdout.strip()
+    version = subprocess.run([str(exe), "--version"], capture_output=True, text=True, cwd=workdir).stdout.strip()
     return out.read_text(), log.read_text(), version.split()[-1].lstrip("v") if version else "unknown"
 
 
@@ -408,15 +409,16 @@ def load_port(spec: ModelSpec, variant: PortVariant) -> ModelSpec:
                           f"{path.relative_to(spec.root)} was generated from another version of {variant.source} "
                           f"or of align's rules; {hint} again")
     name = import_name(spec, variant)
-    if name not in sys.modules:
-        found = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(found)
-        sys.modules[name] = module
-        try:
-            found.loader.exec_module(module)
-        except Exception as e:  # the generated code is not ours to trust: say where it broke
-            del sys.modules[name]
-            raise ConfigError(path, "", f"the generated port does not import: {type(e).__name__}: {e}") from None
+    # Executed afresh on every load: the file may have been regenerated (or, in a test, broken
+    # on purpose) since the last one; a cached module would align stale code.
+    found = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(found)
+    sys.modules[name] = module  # build.import_object finds the port class by this name
+    try:
+        found.loader.exec_module(module)
+    except Exception as e:  # the generated code is not ours to trust: say where it broke
+        sys.modules.pop(name, None)
+        raise ConfigError(path, "", f"the generated port does not import: {type(e).__name__}: {e}") from None
     return dataclasses.replace(
         spec, port_class=f"{name}:{variant.class_name}", port_config_class=variant.config_class,
         weights_file=variant.weights_file, port_call_kwargs=variant.call_kwargs, port_labels=variant.labels,
