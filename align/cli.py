@@ -154,7 +154,7 @@ def _align_and_write(spec: ModelSpec, out: Path, console: Console, quiet: bool, 
         shutil.rmtree(out / "repro")  # a passing run leaves no stale repro of an old failure behind
     report = as_json(report)
     paths = write_report(report, out)
-    append_history(report, out.parent)
+    append_history(report, out.parent, out.name)
     index = write_index(out.parent)
     render_console(report, console, (*paths, index))
     return report
@@ -232,8 +232,8 @@ def _run_side_by_side(spec: ModelSpec, specs: dict[str, ModelSpec], args: argpar
                       dtypes: tuple[str, ...] | None, command: str, console: Console) -> ExitCode:
     """Several ports against ONE reference run: each gets its own report directory, and a
     side-by-side page compares them module by module."""
-    from align.html import render_side_by_side
-    from align.report import render_side_by_side_console, write_atomic
+    from align import side_by_side
+    from align.report import write_atomic
     from align.run import run_reference
 
     if any(s.port_environment for s in specs.values()):
@@ -247,8 +247,8 @@ def _run_side_by_side(spec: ModelSpec, specs: dict[str, ModelSpec], args: argpar
         reports[port] = _align_and_write(port_spec, report_dir(root, spec.name, port), console, args.quiet,
                                          command, dtypes=dtypes, reference=reference, weights_from=args.weights_from)
     path = root / f"{spec.name}-ports.html"
-    write_atomic(path, render_side_by_side(reports))
-    render_side_by_side_console(reports, console)
+    write_atomic(path, side_by_side.render_html(reports))
+    side_by_side.render_console(reports, console)
     console.print(f"wrote {path}", highlight=False)
     return ExitCode.ALIGNED if all(r["verdict"] == "pass" for r in reports.values()) else ExitCode.NOT_ALIGNED
 

@@ -137,6 +137,14 @@ def import_name(spec: ModelSpec, variant: PortVariant) -> str:
     return f"align_{variant.name}.{spec.name}"
 
 
+def port_variant_of(port_class: str) -> str | None:
+    """The variant a report's `port` ("align_converted.gemma2:Gemma2ForCausalLM") names; None
+    for a hand port."""
+    module = port_class.partition(":")[0]
+    head, dot, _ = module.partition(".")
+    return head[len("align_"):] if dot and head.startswith("align_") else None
+
+
 # --- PaConvert ----------------------------------------------------------------------------
 
 def paconvert_command(root: Path) -> Path:

@@ -338,4 +338,4 @@ def worst_teacher_forced(report: dict) -> float | None:
 
 
 def history_of(history: list[dict], model: str) -> list[dict]:
-    return [h for h in history if h["model"] == model]
+    return [h for h in history if h.get("entry", h["model"]) == model]  # entry: the report's directory

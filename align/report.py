@@ -48,12 +48,15 @@ def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
 HISTORY = "history.jsonl"
 
 
-def append_history(report: dict, reports_root: Path) -> None:
-    """One line per run in reports/history.jsonl, so the dashboard can show a regression."""
+def append_history(report: dict, reports_root: Path, entry: str | None = None) -> None:
+    """One line per run in reports/history.jsonl, so the dashboard can show a regression.
+    `entry` is the report's directory under reports_root (reports/<model>-converted/ for a
+    generated port): the dashboard keeps one row per entry, so two ports never share one."""
     from align.html import worst_teacher_forced
 
     line = {
-        "model": report["model"], "created": report["created"], "verdict": report["verdict"],
+        "model": report["model"], "entry": entry or report["model"], "created": report["created"],
+        "verdict": report["verdict"],
         "config": report["config"], "port": report["port"],
         "worst_teacher_forced": worst_teacher_forced(report),
         "dtypes": {r["dtype"]: (r["status"] if r["status"] != "ran" else ("pass" if r["passed"] else "fail"))
@@ -89,7 +92,7 @@ def write_index(reports_root: Path) -> Path:
         except (OSError, ValueError):
             continue  # unreadable: not one of ours, or cut short; the dashboard shows the rest
         if isinstance(report, dict) and "schema_version" in report and "model" in report:
-            latest[report["model"]] = report
+            latest[path.parent.name] = report  # the directory: one row per model and port
     out = reports_root / "index.html"
     write_atomic(out, render_index(latest, read_history(reports_root)))
     return out
@@ -99,7 +102,12 @@ def _layer_message(report: dict, report_run: dict, name: str, direction: str) ->
     layer = next(layer for layer in report_run["layers"] if layer["name"] == name)
     m = Metrics(**layer[direction])
     module = name.split("#")[0]
-    rerun = f"align run {report['model']} --dtype {report_run['dtype']} --only {module}" if module != "<root>" else ""
+    from align.convert import port_variant_of
+
+    variant = port_variant_of(report["port"])
+    port = f" --port {variant}" if variant else ""
+    rerun = (f"align run {report['model']}{port} --dtype {report_run['dtype']} --only {module}"
+             if module != "<root>" else "")
     return mismatch_message(name, direction, m, Tolerance(**layer["tolerance"]), report_run["dtype"],
                             report_run["mode"], rerun)
 

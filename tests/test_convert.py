@@ -295,3 +295,39 @@ def test_paddles_cross_entropy_in_the_runtime_would_fail_at_the_root(converted, 
     assert code == 1 and "<root>" in culprits
     loss = next(o for o in report["outputs"] if o["name"] == "loss")
     assert not loss["passed"]
+
+
+# --- two ports, one reference ------------------------------------------------------------------
+
+@needs_paconvert
+def test_hand_and_converted_side_by_side_against_one_reference(converted_copy, capsys, bug_ledger):
+    registry = converted_copy
+    _edit(registry, "gemma2", "output = output * (1.0 + self.weight.float())", "output = output * self.weight.float()")
+    out = registry / "reports"
+    code, err = _cli(registry, "run", "gemma2", "--port", "hand", "--port", "converted", "--dtype", "fp32",
+                     "--out", str(out), "--quiet", capsys=capsys)
+    assert code == 1  # one of the two ports is not aligned
+    hand = json.loads((out / "gemma2" / "report.json").read_text())
+    conv = json.loads((out / "gemma2-converted" / "report.json").read_text())
+    assert hand["verdict"] == "pass" and conv["verdict"] == "fail"
+    assert hand["port"] == "ports.gemma2:Gemma2ForCausalLM" and conv["port"].startswith("align_converted.gemma2:")
+    assert "model.layers.0.input_layernorm" in conv["culprits"]["forward"]
+    # The failure message reruns the right port.
+    assert "Rerun: align run gemma2 --port converted --dtype float32 --only model.layers.0.input_layernorm" in err
+
+    from align import side_by_side
+
+    rows = {r.module: r for r in side_by_side.rows({"hand": hand, "converted": conv})}
+    norm = rows["model.layers.0.input_layernorm"]
+    assert norm.cells["hand"].passed and not norm.cells["converted"].passed
+    assert norm.cells["converted"].forward > 1e-3 > norm.cells["hand"].forward
+    assert len(rows) == len(hand["runs"][0]["layers"])
+    page = (out / "gemma2-ports.html").read_text()
+    assert '<a href="gemma2/report.html">hand</a>' in page and '<a href="gemma2-converted/report.html">converted</a>' in page
+    assert "model.layers.0.input_layernorm" in page and page.count('class="num bad"') >= 2
+    assert "per module, teacher-forced max abs" in err and "gemma2: 2 ports against one reference" in err
+    # The dashboard keeps one row per port, each linking its own report.
+    index = (out / "index.html").read_text()
+    assert 'href="gemma2/report.html"' in index and 'href="gemma2-converted/report.html"' in index
+    bug_ledger.record("converted gemma2 side by side: RMSNorm without 1 +", "converted port", code == 1,
+                      "model.layers.0.input_layernorm" in conv["culprits"]["forward"])
