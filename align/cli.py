@@ -194,11 +194,15 @@ def _align_across(spec: ModelSpec, out: Path, console: Console, quiet: bool, com
 
 def _port_names(spec: ModelSpec, asked: list[str] | None) -> list[str]:
     """The ports `--port` names, in order: hand first, then each generated variant."""
-    names = ["hand", *spec.ports] if "all" in (asked or []) else list(dict.fromkeys(asked or ["hand"]))
+    known = (["hand"] if spec.port_class else []) + list(spec.ports)
+    names = known if "all" in (asked or []) else list(dict.fromkeys(asked or known[:1]))
     for name in names:
+        if name == "hand" and not spec.port_class:
+            raise ConfigError(spec.source, f"models.{spec.name}.port",
+                              f"{spec.name} has no hand port (known: {', '.join(known)})")
         if name != "hand" and name not in spec.ports:
             raise ConfigError(spec.source, f"models.{spec.name}.ports.{name}",
-                              f"no such port for {spec.name} (known: {', '.join(['hand', *spec.ports])})")
+                              f"no such port for {spec.name} (known: {', '.join(known)})")
     return names
 
 

@@ -304,7 +304,9 @@ def _ports(file: Path, t: _Table, reference_config_class: str) -> dict[str, Port
 
 
 def _model(file: Path, name: str, t: _Table, defaults: dict[str, Any]) -> ModelSpec:
-    ref, port = t.table("reference"), t.table("port")
+    ref = t.table("reference")
+    # A model may have only generated ports ([ports.converted]) and no hand port yet.
+    port = t.table("port", {} if "ports" in t.data else ...)
     init, inputs = t.table("init"), t.table("inputs")
     spec_init = InitRecipe(seed=init.get("seed", int), std=init.get("std", float))
     left_pad = inputs.get("left_pad", list, [])
@@ -364,8 +366,11 @@ def _model(file: Path, name: str, t: _Table, defaults: dict[str, Any]) -> ModelS
         overrides.append(Override(glob, _tolerance(_Table(file, o_t.path, {k: v for k, v in o.items() if k != "glob"}))))
     tol_t.done()
 
-    weights = t.get("weights", str)
-    weights_file = (file.parent / weights).resolve()
+    hand_port = "port" in t.data or "ports" not in t.data
+    ports = _ports(file, t, _class_ref(ref, "config_class"))
+    weights = t.get("weights", str, ... if hand_port else None)
+    # Without a hand port, the model-level rules are the first generated port's own.
+    weights_file = (file.parent / weights).resolve() if weights else next(iter(ports.values())).weights_file
     if not weights_file.is_file():
         raise ConfigError(file, t.key("weights"), f"no such file: {weights}")
 
@@ -378,8 +383,8 @@ def _model(file: Path, name: str, t: _Table, defaults: dict[str, Any]) -> ModelS
         reference_class=_class_ref(ref, "class"),
         reference_config_class=_class_ref(ref, "config_class"),
         attn_implementation=ref.get("attn_implementation", str, None),
-        port_class=_class_ref(port, "class"),
-        port_config_class=_class_ref(port, "config_class"),
+        port_class=_class_ref(port, "class") if hand_port else "",
+        port_config_class=_class_ref(port, "config_class") if hand_port else "",
         init=spec_init,
         inputs=spec_inputs,
         configs=configs,
@@ -393,7 +398,7 @@ def _model(file: Path, name: str, t: _Table, defaults: dict[str, Any]) -> ModelS
         port_environment=port.get("environment", str, None),
         port_call_kwargs=_call_kwargs(port),
         port_labels=_choice(port, "labels", ("as_reference", "shifted"), "as_reference"),
-        ports=_ports(file, t, _class_ref(ref, "config_class")),
+        ports=ports,
     )
     for sub in (ref, port, init, inputs):
         sub.done()

@@ -164,6 +164,11 @@ def test_run_before_convert_says_to_convert_first(registry, capsys):
         "build/converted/gemma2/modeling_gemma2.py; run `align convert gemma2` first"]
 
 
+def test_a_model_without_a_hand_port_refuses_port_hand(registry, capsys):
+    code, err = _cli(registry, "run", "deberta_v2", "--port", "hand", "--quiet", capsys=capsys)
+    assert code == 2 and "models.deberta_v2.port: deberta_v2 has no hand port (known: converted)" in err
+
+
 def test_a_port_the_model_does_not_declare_is_refused(registry, capsys):
     code, err = _cli(registry, "run", "minilm", "--port", "converted", "--quiet", capsys=capsys)
     assert code == 2 and "models.minilm.ports.converted: no such port for minilm (known: hand)" in err
@@ -201,13 +206,13 @@ def _convert(registry, model, capsys):
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """The three models converted once per module (PaConvert takes about a second each)."""
+    """The four models converted once per module (PaConvert takes about a second each)."""
     from align.cli import main
 
     root = tmp_path_factory.mktemp("converted")
     shutil.copy(ROOT / "align.toml", root / "align.toml")
     shutil.copytree(ROOT / "weights", root / "weights")
-    for model in ("gemma2", "phi3", "modernbert"):
+    for model in ("gemma2", "phi3", "modernbert", "deberta_v2"):
         assert main(["--registry", str(root / "align.toml"), "convert", model, "--paconvert", str(PACONVERT)]) == 0
     return root
 
@@ -237,7 +242,8 @@ def _edit(registry, model, old, new):
 
 @needs_paconvert
 @pytest.mark.parametrize("model,unconverted", [("gemma2", {"torch.nn.Buffer": 3}), ("phi3", {"torch.nn.Buffer": 2}),
-                                               ("modernbert", {"torch.nn.Buffer": 2})])
+                                               ("modernbert", {"torch.nn.Buffer": 2}),
+                                               ("deberta_v2", {"torch.nn.Buffer": 1})])
 def test_converted_port_aligns_forward_and_backward(registry, capsys, model, unconverted, bug_ledger):
     meta, err = _convert(registry, model, capsys)
     uses = meta["api_uses"]
@@ -270,11 +276,17 @@ def test_converted_port_aligns_forward_and_backward(registry, capsys, model, unc
      "create_causal_mask\n            if True", "forward", "model"),
     ("modernbert", "return self.Wo(self.drop(self.act(input) * gate))",
      "return self.Wo(self.drop(input * self.act(gate)))", "forward", "model.layers.0.mlp"),
+    ("deberta_v2", "score += c2p_att / scale.to(dtype=c2p_att.dtype)", "score += c2p_att / scale.to(dtype=c2p_att.dtype) / 2",
+     "forward", "deberta.encoder.layer.0.attention.self"),
     # One of align's rules taken back: paddle's Embedding zeroes the pad row.
     ("gemma2", "class Gemma2TextScaledWordEmbedding(hf_runtime.Embedding)",
      "class Gemma2TextScaledWordEmbedding(paddle.nn.Embedding)", "forward", "model.embed_tokens"),
     ("phi3", "self.embed_tokens = hf_runtime.Embedding(", "self.embed_tokens = paddle.nn.Embedding(",
      "forward", "model.embed_tokens"),
+    # ... and paddle's CrossEntropyLoss, which DeBERTa's masked-LM head calls directly: its mean
+    # divides by all 32 tokens, not the masked ones. The loss lives in the root's forward.
+    ("deberta_v2", "loss_fct = hf_runtime.CrossEntropyLoss()\n            masked_lm_loss",
+     "loss_fct = paddle.nn.CrossEntropyLoss()\n            masked_lm_loss", "forward", "<root>"),
 ])
 def test_a_bug_in_generated_code_fails_and_is_localized(converted_copy, capsys, bug_ledger, model, old, new,
                                                         direction, culprit):

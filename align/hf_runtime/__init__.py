@@ -8,6 +8,7 @@ nothing or fails loudly. Config classes are not here: converted files import tra
 own, which are plain Python.
 """
 
+from align.hf_runtime import hf_logging as logging
 from align.hf_runtime import initialization
 from align.hf_runtime.activations import ACT2FN, get_activation
 from align.hf_runtime.attention import ALL_ATTENTION_FUNCTIONS, AttentionInterface, sdpa_attention_forward

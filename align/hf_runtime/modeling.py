@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import paddle
 
 from align.hf_runtime import initialization as init
@@ -100,6 +102,12 @@ class PreTrainedModel(paddle.nn.Layer):
                 return fn
         raise NotImplementedError(f"{name}: no loss in align's runtime for this kind of head "
                                   f"(known: {', '.join(LOSS_MAPPING)})")
+
+    def warn_if_padding_and_no_attention_mask(self, input_ids, attention_mask) -> None:
+        """HF warns when padding tokens appear without a mask; the numbers do not change."""
+        pad = getattr(self.config, "pad_token_id", None)
+        if attention_mask is None and pad is not None and bool((input_ids == pad).any()):
+            logging.getLogger(__name__).warning("padding tokens in input_ids but no attention_mask")
 
     @property
     def dtype(self):
