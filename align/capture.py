@@ -79,6 +79,7 @@ class Call:
         return self.arg_names[i] if i < len(self.arg_names) else f"args[{i}]"
     outputs: dict[str, Arr] = field(default_factory=dict)
     grads: dict[str, np.ndarray] = field(default_factory=dict)  # external d(loss)/d(output)
+    input_grads: dict[str, np.ndarray] = field(default_factory=dict)  # what the module sends back to each input
 
 
 @dataclass
@@ -160,25 +161,39 @@ def map_tensors(obj: Any, fw: Framework, fn: Any) -> Any:
     return obj
 
 
-def _snapshot(obj: Any, fw: Framework) -> Any:
+def _snapshot(obj: Any, fw: Framework, record: Any = None) -> Any:
     """A framework-free copy of an input structure: tensors -> Arr, plain values kept."""
     if fw.is_tensor(obj):
-        return fw.record(obj)
+        return (record or fw.record)(obj)
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     if isinstance(obj, Mapping):
-        return {k: _snapshot(v, fw) for k, v in obj.items()}
+        return {k: _snapshot(v, fw, record) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):
-        items = [_snapshot(v, fw) for v in obj]
+        items = [_snapshot(v, fw, record) for v in obj]
         return items if isinstance(obj, list) else tuple(items)
     return Opaque(type(obj).__name__)
 
 
+class Sink(Protocol):
+    """What happens at module boundaries while `hooked` is installed.
+
+    `enter` may return replacement (args, kwargs) and `exit` a replacement output: the
+    recorder wraps them in identities to catch gradients, the teacher-forcing sink swaps in
+    the reference's tensors."""
+
+    def enter(self, call: Call, module: Any, args: tuple, kwargs: dict, caller: Call | None) -> tuple | None: ...
+    def exit(self, call: Call, module: Any, args: tuple, output: Any, caller: Call | None) -> Any: ...
+
+
 @contextmanager
-def recording(fw: Framework, model: Any, keep_inputs: bool) -> Iterator[dict[str, Call]]:
-    """Hook every module of `model`; yields the dict of calls that fills as the model runs."""
+def hooked(fw: Framework, model: Any, sink: Sink) -> Iterator[dict[str, Call]]:
+    """Hook every module of `model` for `sink`; yields the calls as they complete.
+
+    A module's n-th call (n > 1) is named "path#n"; `caller` is the innermost call still
+    open, the module whose forward made this call."""
     calls: dict[str, Call] = {}
-    open_calls: dict[int, list[Call]] = {}
+    stack: list[Call] = []
     counts: dict[str, int] = {}
     handles = []
     clock = {"start": 0, "end": 0}
@@ -188,24 +203,111 @@ def recording(fw: Framework, model: Any, keep_inputs: bool) -> Iterator[dict[str
             counts[path] = counts.get(path, 0) + 1
             name = path if counts[path] == 1 else f"{path}#{counts[path]}"
             call = Call(name, path, type_name, clock["start"])
+            call.arg_names = positional_names(module.forward)[: len(args)]
             clock["start"] += 1
-            if keep_inputs:
-                call.args, call.kwargs = _snapshot(tuple(args), fw), _snapshot(dict(kwargs), fw)
-                call.arg_names = positional_names(module.forward)[: len(args)]
-            open_calls.setdefault(id(module), []).append(call)
+            caller = stack[-1] if stack else None
+            stack.append(call)
+            return sink.enter(call, module, tuple(args), dict(kwargs), caller)
 
         return hook
 
     def post(module, args, output):
-        call = open_calls[id(module)].pop()
+        call = stack.pop()
         call.end = clock["end"]
         clock["end"] += 1
         calls[call.name] = call
-        for path, t in flatten(output, fw):
-            if fw.is_tensor(t):
-                call.outputs[path] = fw.record(t)
+        return sink.exit(call, module, args, output, stack[-1] if stack else None)
 
-        paths = iter(p for p, t in flatten(output, fw) if fw.is_tensor(t))
+    try:
+        for path, module in fw.modules(model):
+            path = path or ROOT
+            handles.append(fw.pre_hook(module, pre(path, type(module).__name__)))
+            handles.append(fw.post_hook(module, post))
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def named_inputs(args: tuple, kwargs: dict, arg_names: tuple[str, ...], fw: Framework | None = None):
+    """(path, leaf) for every leaf of a call's inputs, keyed as `float_inputs` keys them:
+    positional args by the forward's parameter names, nested items by ".i" / ".key"."""
+    out = []
+
+    def walk(obj: Any, path: str) -> None:
+        if (fw.is_tensor(obj) if fw else isinstance(obj, Arr)):
+            out.append((path, obj))
+        elif isinstance(obj, Mapping):
+            for k, v in obj.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(obj, (tuple, list)):
+            for i, v in enumerate(obj):
+                walk(v, f"{path}.{i}")
+
+    for i, a in enumerate(args):
+        walk(a, arg_names[i] if i < len(arg_names) else f"args[{i}]")
+    walk(kwargs, "")
+    return out
+
+
+def map_inputs(args: tuple, kwargs: dict, arg_names: tuple[str, ...], fw: Framework, fn: Any) -> tuple[tuple, dict]:
+    """(args, kwargs) with every tensor leaf replaced by fn(path, leaf); paths as named_inputs."""
+
+    def walk(obj: Any, path: str) -> Any:
+        if fw.is_tensor(obj):
+            return fn(path, obj)
+        if isinstance(obj, dict):
+            return {k: walk(v, f"{path}.{k}" if path else str(k)) for k, v in obj.items()}
+        if isinstance(obj, (tuple, list)) and not hasattr(obj, "_fields"):
+            items = [walk(v, f"{path}.{i}") for i, v in enumerate(obj)]
+            return items if isinstance(obj, list) else tuple(items)
+        return obj
+
+    new_args = tuple(walk(a, arg_names[i] if i < len(arg_names) else f"args[{i}]") for i, a in enumerate(args))
+    return new_args, walk(kwargs, "")
+
+
+class Recorder:
+    """The sink that records: inputs (optionally), outputs, and the gradients that cross
+    each module boundary in both directions.
+
+    Floating inputs and outputs pass through an exact identity at the boundary, and the
+    gradient is taken on that identity: at an output it is the EXTERNAL gradient (what the
+    rest of the network sends back), at an input it is what the module itself sends back.
+    A tensor handed to several modules is snapshotted once."""
+
+    def __init__(self, fw: Framework, keep_inputs: bool):
+        self.fw, self.keep_inputs = fw, keep_inputs
+        self._seen: dict[int, tuple[Any, Arr]] = {}  # id -> (tensor kept alive, its snapshot)
+
+    def snapshot(self, t: Any) -> Arr:
+        hit = self._seen.get(id(t))
+        if hit is None or hit[0] is not t:
+            hit = self._seen[id(t)] = (t, self.fw.record(t))
+        return hit[1]
+
+    def enter(self, call: Call, module: Any, args: tuple, kwargs: dict, caller: Call | None) -> tuple | None:
+        fw = self.fw
+        if self.keep_inputs:
+            call.args, call.kwargs = _snapshot(args, fw, self.snapshot), _snapshot(kwargs, fw, self.snapshot)
+
+        def wrap(path: str, t: Any) -> Any:
+            if not fw.needs_grad(t):
+                return t
+            out = fw.identity(t)
+            fw.on_grad(out, lambda g: call.input_grads.__setitem__(path, g))
+            return out
+
+        if not any(fw.needs_grad(t) for _, t in named_inputs(args, kwargs, call.arg_names, fw)):
+            return None
+        return map_inputs(args, kwargs, call.arg_names, fw, wrap)
+
+    def exit(self, call: Call, module: Any, args: tuple, output: Any, caller: Call | None) -> Any:
+        fw = self.fw
+        leaves = [(p, t) for p, t in flatten(output, fw) if fw.is_tensor(t)]
+        for path, t in leaves:
+            call.outputs[path] = self.snapshot(t)
+        paths = iter(p for p, _ in leaves)
 
         def wrap(t):
             path = next(paths)
@@ -217,15 +319,12 @@ def recording(fw: Framework, model: Any, keep_inputs: bool) -> Iterator[dict[str
 
         return map_tensors(output, fw, wrap)
 
-    try:
-        for path, module in fw.modules(model):
-            path = path or ROOT
-            handles.append(fw.pre_hook(module, pre(path, type(module).__name__)))
-            handles.append(fw.post_hook(module, post))
+
+@contextmanager
+def recording(fw: Framework, model: Any, keep_inputs: bool) -> Iterator[dict[str, Call]]:
+    """Hook every module of `model`; yields the dict of calls that fills as the model runs."""
+    with hooked(fw, model, Recorder(fw, keep_inputs)) as calls:
         yield calls
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def run_and_record(fw: Framework, model: Any, inputs: dict[str, Any], seed_fn: Any, keep_inputs: bool) -> Trace:

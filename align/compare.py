@@ -276,3 +276,49 @@ def mean_pooled(outputs: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarr
 
 
 DERIVED = {"mean_pooled": mean_pooled}
+
+
+class Collector:
+    """A Judge (see align.force) that compares as it is shown tensors and keeps only Metrics,
+    grouped by the reference call they count for. With a noise floor, `truth` holds the
+    float64 reference's value for each (owner, label), and a failure within it passes."""
+
+    def __init__(self, tolerances: Tolerances, truth: Mapping[str, np.ndarray] | None = None,
+                 factor: float | None = None):
+        self.tolerances, self.truth, self.factor = tolerances, truth, factor
+        self.found: dict[tuple[str, str], list[tuple[str, Metrics]]] = {}
+
+    def compare(self, owner: str, direction: str, label: str, port: np.ndarray, ref: np.ndarray) -> None:
+        tol = self.tolerances.for_name(owner)
+        m = compare_arrays(port, ref, tol, label)
+        if self.factor is not None and self.truth is not None:
+            m = within_noise(m, port, ref, self.truth.get(truth_key(owner, label)), tol, self.factor)
+        self.found.setdefault((owner, direction), []).append((label, m))
+
+    def fail(self, owner: str, direction: str, label: str, note: str) -> None:
+        self.found.setdefault((owner, direction), []).append((label, missing(note, label)))
+
+    def get(self, owner: str, direction: str) -> Metrics | None:
+        return combine([m for _, m in self.found.get((owner, direction), [])])
+
+    def labelled(self, owner: str, direction: str, prefix: str) -> list[tuple[str, Metrics]]:
+        """This owner's comparisons whose label starts with `prefix`, prefix removed."""
+        return [(label[len(prefix):], m) for label, m in self.found.get((owner, direction), [])
+                if label.startswith(prefix)]
+
+
+class Keeper:
+    """A Judge that keeps what it is shown, as the truth a Collector judges against."""
+
+    def __init__(self):
+        self.kept: dict[str, np.ndarray] = {}
+
+    def compare(self, owner: str, direction: str, label: str, port: np.ndarray, ref: np.ndarray) -> None:
+        self.kept[truth_key(owner, label)] = port
+
+    def fail(self, owner: str, direction: str, label: str, note: str) -> None:
+        pass
+
+
+def truth_key(owner: str, label: str) -> str:
+    return f"{owner}|{label}"

@@ -44,9 +44,31 @@ class Observer:
     outputs_identical: bool
     grads_identical: bool
     differing: tuple[str, ...]
+    checked: bool = True  # False on the gate path, which skips the run without hooks
+    # Worst parameter-gradient difference, in units of the gradient's largest value's ulp.
+    # Boundary identities add autograd nodes, which can reorder how torch sums a tensor's
+    # gradient contributions: a rounding-level change, never a semantic one.
+    grad_ulps: float = 0.0
+
+    @property
+    def perturbed(self) -> bool:
+        return self.checked and (not self.outputs_identical or self.grad_ulps > OBSERVER_ULPS)
+
+    @property
+    def state(self) -> str:
+        if not self.checked:
+            return "not checked (gate path)"
+        if self.perturbed:
+            return "DIFFERENT"
+        if self.grads_identical:
+            return "identical"
+        return f"outputs identical, gradients within {self.grad_ulps:.1f} ulp (summation order)"
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "differing": list(self.differing)}
+        return {**asdict(self), "differing": list(self.differing), "perturbed": self.perturbed, "state": self.state}
+
+
+OBSERVER_ULPS = 8.0  # allowance for summation order in the observer check's gradients
 
 
 def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
@@ -66,7 +88,17 @@ def observer_check(fw: Any, model: Any, inputs: dict[str, Any], seed_fn: Callabl
     out_diff = [k for k in set(outputs) | set(trace.outputs)
                 if k not in outputs or k not in trace.outputs or not _same(outputs[k], trace.outputs[k].data)]
     grad_diff = [k for k in grads if not _same(grads[k], trace.param_grads.get(k))]
-    return Observer(fw.name, not out_diff, not grad_diff, tuple(sorted(out_diff) + sorted(grad_diff)))
+    ulps = max((_ulps(grads[k], trace.param_grads.get(k)) for k in grad_diff), default=0.0)
+    return Observer(fw.name, not out_diff, not grad_diff, tuple(sorted(out_diff) + sorted(grad_diff)), grad_ulps=ulps)
+
+
+def _ulps(a: np.ndarray | None, b: np.ndarray | None) -> float:
+    """max|a - b| in ulps of max|b| (inf when only one exists, or the shapes differ)."""
+    if a is None or b is None or a.shape != b.shape:
+        return float("inf")
+    scale = float(np.abs(b).max(initial=0.0)) * float(np.finfo(b.dtype).eps if b.dtype.kind == "f" else 1.0)
+    diff = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max(initial=0.0))
+    return diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
 
 
 def _process() -> dict[str, Any]:

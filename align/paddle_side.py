@@ -91,10 +91,9 @@ class PaddleSide:
     def accepted_kwargs(self, module: paddle.nn.Layer) -> set[str] | None:
         return accepted_kwargs(module.forward)
 
-    def vjp(self, outputs: list, seeds: list[np.ndarray], inputs: list) -> list[np.ndarray | None]:
-        seeds_t = [paddle.to_tensor(np.array(s)).astype(o.dtype) for o, s in zip(outputs, seeds)]
-        grads = paddle.grad(outputs, inputs, seeds_t, allow_unused=True)
-        return [None if g is None else self.record(g).data for g in grads]
+    def backward_from(self, tensors: list, grads: list[np.ndarray]) -> None:
+        seeds = [paddle.to_tensor(np.array(g)).astype(t.dtype) for t, g in zip(tensors, grads)]
+        paddle.autograd.backward(tensors, seeds)
 
     def set_seed(self, seed: int) -> None:
         paddle.seed(seed)

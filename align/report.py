@@ -193,7 +193,8 @@ def render_console(report: dict, console: Console, paths: tuple[Path, ...] = ())
         if f["fails"]:
             console.print(f"[red]finding[/] {f['kind']}: {f['message']}")
     for o in report.get("observer", []):
-        state = "identical" if o["outputs_identical"] and o["grads_identical"] else "[red]DIFFERENT[/]"
+        state = o.get("state", "identical" if o["outputs_identical"] and o["grads_identical"] else "DIFFERENT")
+        state = "[red]DIFFERENT[/]" if state == "DIFFERENT" else state
         console.print(f"observer check ({o['framework']}): outputs and grads with hooks vs without: {state}")
     if report.get("repro"):
         console.print(f"repro of the first culprit: {report['repro']}/repro.py")

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,15 @@ import numpy as np
 from align.capture import ROOT, Arr, Call, Opaque
 from align.safetensors_io import contiguous
 from align.spec import ModelSpec, Tolerance
+
+
+@dataclass
+class Local:
+    """What one module computes alone on the reference's recorded inputs."""
+
+    outputs: dict[str, Arr] = field(default_factory=dict)
+    input_grads: dict[str, np.ndarray] = field(default_factory=dict)
+    param_grads: dict[str, np.ndarray] = field(default_factory=dict)  # keyed by the module's own names
 
 
 @dataclass

@@ -15,25 +15,30 @@ from typing import Any
 import numpy as np
 
 from align import weights as W
-from align.capture import ROOT, Arr, Trace, float_inputs, flatten, run_and_record
+from align.capture import ROOT, Arr, Trace, flatten, run_and_record
 from align.compare import (
+    AMPLIFICATION_FACTOR,
+    AMPLIFICATION_FLOOR,
+    BACKWARD,
+    DERIVED,
+    FORWARD,
     FREE_RUNNING,
     TEACHER_FORCED,
+    Amplification,
+    Collector,
     LayerResult,
     RunResult,
     TensorResult,
     Tolerances,
-    DERIVED,
-    amplification,
-    compare_named,
     culprits,
     first_divergence,
+    truth_key,
 )
 from align.diagnose import Finding, Observer, dtype_table, environment_warnings, observer_check
-from align.metrics import combine, compare_arrays, missing, within_noise
-from align.pair import Pairing, Unpaired, pair_calls
-from align.replay import Local, Unreplayable, run_local
-from align.repro import ReproCase
+from align.force import force
+from align.metrics import compare_arrays, missing, within_noise
+from align.pair import Unpaired, pair_calls
+from align.repro import Local, ReproCase
 from align.spec import ConfigError, ModelSpec
 
 SCHEMA_VERSION = 1
@@ -188,8 +193,7 @@ class ReferenceRun:
     config: dict[str, Any]  # the reference config's values, from which the port is built
     fingerprint: str  # of the registry's config (and rules) the run was made with
     inputs: dict[str, Arr]
-    trace: Trace
-    locals: dict[str, Local | str]  # per call: the reference module's own replay, or why it has none
+    trace: Trace  # every call with its inputs, outputs and the gradients at both its boundaries
     weights: dict[str, np.ndarray]  # the reference's state dict
     dtypes: dict[str, str]  # every reference parameter and buffer
     observer: Observer
@@ -197,7 +201,8 @@ class ReferenceRun:
     checkpoint: str | None
     created: str
     fp64: ReferenceRun | None = None  # the same run in float64, when the model judges fp32 by its noise floor
-    only: tuple[str, ...] = ()  # module globs the replays were limited to (--only); empty: every module
+    only: tuple[str, ...] = ()  # module globs the report is limited to (--only); empty: every module
+    truth: dict[str, np.ndarray] = field(default_factory=dict)  # fp64 run only: its forced values (force.Keeper)
 
 
 def fingerprint(spec: ModelSpec, config: str) -> str:
@@ -221,13 +226,15 @@ def selected(module: str, only: tuple[str, ...]) -> bool:
 
 
 def run_reference(spec: ModelSpec, config: str | None = None, checkpoint: Path | None = None,
-                  progress: Progress = lambda s: None, only: tuple[str, ...] = (), sink: Any = None) -> ReferenceRun:
-    """Run only the reference (torch): record every module, replay each (or each matching an
-    `only` glob) on its own inputs.
+                  progress: Progress = lambda s: None, only: tuple[str, ...] = (), sink: Any = None,
+                  observe: bool = True) -> ReferenceRun:
+    """Run only the reference (torch), once, under hooks: every module's inputs, outputs and
+    the gradients at both of its boundaries. That is all teacher forcing needs from it: the
+    gradient a module sends back to its (boundary-wrapped) inputs, seeded with its recorded
+    output gradients, is exactly what replaying it alone would give.
 
-    With a `sink` (a trace_io.TraceWriter), each call is written the moment its replay is
-    done and its tensors are dropped, so memory does not hold the whole trace; the returned
-    run then keeps the run-level record but no per-call tensors.
+    With `observe`, the model runs once more without hooks to prove they change nothing.
+    With a `sink` (a trace_io.TraceWriter), each call is written out and its tensors dropped.
     """
     from align import build
     from align.diagnose import reference_environment
@@ -246,29 +253,18 @@ def run_reference(spec: ModelSpec, config: str | None = None, checkpoint: Path |
     ref_inputs = {k: ts.tensor(a, False) for k, a in inputs.items()}
     progress("running the reference with hooks")
     trace = run_and_record(ts, ref, ref_inputs, _seed(ts, spec), keep_inputs=True)
-    observer = observer_check(ts, ref, ref_inputs, _seed(ts, spec), trace)
-    progress(f"replaying {len(trace.calls)} reference modules on their own inputs")
-    locals_: dict[str, Local | str] = {}
+    observer = (observer_check(ts, ref, ref_inputs, _seed(ts, spec), trace) if observe
+                else Observer("torch", True, True, (), checked=False))
     if only and not any(selected(c.module, only) for c in trace.calls.values()):
         raise ConfigError(spec.source, f"models.{spec.name}", f"--only {' '.join(only)} matches no module of the reference")
-    # The float64 run replays the recorded calls too, so it goes before a sink drops them.
-    fp64 = _fp64_run(spec, ts, ref, inputs, trace, progress, only) if spec.noise_floor else None
-    for name, call in trace.calls.items():
-        local: Local | str | None = None
-        if selected(call.module, only):
-            try:
-                local = run_local(ts, ref, call.module, call, filter_kwargs=False)
-            except Unreplayable as e:
-                local = str(e)
-        if sink is None:
-            if local is not None:
-                locals_[name] = local
-            continue
-        sink.add(name, call, local)
-        call.args, call.kwargs, call.outputs, call.grads = (), {}, {}, {}
+    fp64 = _fp64_run(spec, ts, ref, inputs, trace, progress) if spec.noise_floor else None
+    if sink is not None:
+        for name, call in trace.calls.items():
+            sink.add(name, call)
+            call.args, call.kwargs, call.outputs, call.grads, call.input_grads = (), {}, {}, {}, {}
     return ReferenceRun(
         model=spec.name, config_name=config, config=cfg.to_dict(), fingerprint=fingerprint(spec, config),
-        inputs=inputs, trace=trace, locals=locals_, fp64=fp64, only=tuple(only),
+        inputs=inputs, trace=trace, fp64=fp64, only=tuple(only),
         weights={k: ts.record(v).data for k, v in ref.state_dict().items()},
         dtypes={k: ts.dtype_name(t) for k, t in {**ts.parameters(ref), **ts.buffers(ref)}.items()},
         observer=observer, env=reference_environment(),
@@ -290,44 +286,47 @@ def _as_fp64(obj: Any) -> Any:
 
 
 def _fp64_run(spec: ModelSpec, ts: Any, ref: Any, inputs: dict[str, Arr], trace: Trace,
-              progress: Progress, only: tuple[str, ...] = ()) -> ReferenceRun:
-    """The reference again in float64: its whole run, and each module replayed on the fp32
-    run's recorded inputs (widened), seeded with the fp32 run's output gradients (widened).
-    What an exact computation would give, to measure fp32 noise against."""
+              progress: Progress) -> ReferenceRun:
+    """The reference again in float64: its whole run (the free-running truth), and one run
+    forced on the fp32 run's values, widened (the teacher-forced truth: what each stretch of
+    code gives exactly on the inputs the port is fed)."""
     import copy
+
+    from align.compare import Keeper
+    from align.force import force
 
     progress("running the reference again in float64 (noise floor)")
     ref64 = copy.deepcopy(ref).double()
     run64 = run_and_record(ts, ref64, {k: ts.tensor(a, False) for k, a in _as_fp64(inputs).items()},
                            _seed(ts, spec), keep_inputs=False)
-    locals64: dict[str, Local | str] = {}
-    for name, call in trace.calls.items():
-        if not selected(call.module, only):
-            continue
-        widened = dataclasses.replace(call, args=_as_fp64(call.args), kwargs=_as_fp64(call.kwargs),
-                                      grads={p: g.astype(np.float64) for p, g in call.grads.items()})
-        try:
-            locals64[name] = run_local(ts, ref64, call.module, widened, filter_kwargs=False)
-        except Unreplayable as e:
-            locals64[name] = str(e)
+    widened = {n: dataclasses.replace(c, args=_as_fp64(c.args), kwargs=_as_fp64(c.kwargs), outputs=_as_fp64(c.outputs),
+                                      grads={p: g.astype(np.float64) for p, g in c.grads.items()},
+                                      input_grads={p: g.astype(np.float64) for p, g in c.input_grads.items()})
+               for n, c in trace.calls.items()}
+    keeper = Keeper()
+    force(ts, ref64, {k: ts.tensor(a, False) for k, a in _as_fp64(inputs).items()}, widened,
+          {n: n for n in widened}, keeper, {k: g.astype(np.float64) for k, g in trace.param_grads.items()},
+          lambda key, g: {key: g})
     return ReferenceRun(model=spec.name, config_name="fp64", config={}, fingerprint="", inputs={}, trace=run64,
-                        locals=locals64, weights={}, dtypes={}, observer=Observer("torch", True, True, ()),
-                        env={}, checkpoint=None, created="")
+                        weights={}, dtypes={}, observer=Observer("torch", True, True, ()),
+                        env={}, checkpoint=None, created="", truth=keeper.kept)
 
 
 def align_model(spec: ModelSpec, config: str | None = None, dtypes: tuple[str, ...] | None = None,
                 checkpoint: Path | None = None, progress: Progress = lambda s: None,
-                command: str = "", only: tuple[str, ...] = ()) -> Report:
+                command: str = "", only: tuple[str, ...] = (), fast: bool = False) -> Report:
     """Align one model in one process: the reference's half, then the port's.
 
     `config` defaults to the model's default_config, and `checkpoint` to the one align.toml
     names for that config (if any).
     """
-    return check_port(spec, run_reference(spec, config, checkpoint, progress, only), dtypes, progress, command)
+    ref = run_reference(spec, config, checkpoint, progress, only, observe=not fast)
+    return check_port(spec, ref, dtypes, progress, command, fast=fast)
 
 
 def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | None = None,
-               progress: Progress = lambda s: None, command: str = "", weights_from: str = "rules") -> Report:
+               progress: Progress = lambda s: None, command: str = "", weights_from: str = "rules",
+               fast: bool = False) -> Report:
     """Run only the port (Paddle) against a ReferenceRun, and judge it. Never imports torch.
 
     weights_from="rules" loads the port's weights with align's weight rules; "pretrained"
@@ -393,69 +392,69 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
 
         port_inputs = {**{k: ps.tensor(a, False) for k, a in _port_inputs(ref.inputs, spec).items()},
                        **_call_kwargs_for(spec, ROOT)}
-        progress(f"{dtype}: running the port with hooks")
-        port_trace = run_and_record(ps, port, port_inputs, _seed(ps, spec), keep_inputs=True)
-        progress(f"{dtype}: checking that hooks change nothing")
-        observers = [ref.observer, observer_check(ps, port, port_inputs, _seed(ps, spec), port_trace)]
-        for o in observers:
-            if not (o.outputs_identical and o.grads_identical):
-                msg = (f"observer effect: the {o.framework} model's outputs or gradients differ with hooks "
-                       f"installed ({', '.join(o.differing[:5])})")
-                warnings.append(msg)
-                findings.append(Finding("observer_effect", o.framework, msg, fails=False))
-
-        pairing = pair_calls(
-            [(n, c.module) for n, c in ref_trace.calls.items()],
-            {ROOT} | {n for n, _ in port.named_sublayers()},
-            rules.rename_module,
-            [(n, c.module) for n, c in port_trace.calls.items()],
-        )
-        unpaired = tuple(u if not (why := rules.unpaired_reason(u.name.split("#")[0]))
-                         else Unpaired(u.name, u.side, f"{why} ({rules.source.name})", allowed=True)
-                         for u in pairing.unpaired)
+        port_modules = {ROOT} | {n for n, _ in port.named_sublayers()}
+        ref_calls = [(n, c.module) for n, c in ref_trace.calls.items()]
+        pairing = pair_calls(ref_calls, port_modules, rules.rename_module)
         names = [p.ref for p in pairing.pairs] + list(ref_trace.param_grads)
         bad_globs = tolerances.unmatched(names)
         if bad_globs:
             raise ConfigError(spec.source, f"models.{spec.name}.tolerance.overrides",
                               f"glob {bad_globs[0]!r} matches no module or parameter")
+        to_ref = {p.port: p.ref for p in pairing.pairs}
+        factor = noise.factor if noise else None
 
-        progress(f"{dtype}: teacher-forced replay of {len(pairing.pairs)} modules")
-        # Teacher forcing covers the modules the reference replayed: all, or those --only selected.
-        replayed = Pairing(tuple(p for p in pairing.pairs if p.ref in ref.locals), pairing.unpaired)
-        tf_layers = tuple(_teacher_forced(ps, port, ref, replayed, wmap, tolerances, spec))
-        fr_layers = tuple(_free_running(ref, port_trace, pairing, tolerances, spec))
+        progress(f"{dtype}: teacher-forcing all {len(pairing.pairs)} modules in one pass")
+        tf = Collector(tolerances, ref.fp64.truth if noise else None, factor)
+        forced = force(ps, port, port_inputs, ref_trace.calls, to_ref, tf, ref_trace.param_grads,
+                       lambda key, g: _as_reference({key: g}, wmap))
+        pairing = pair_calls(ref_calls, port_modules, rules.rename_module, [(n, n.split("#")[0]) for n in forced.owner])
+        unpaired = tuple(u if not (why := rules.unpaired_reason(u.name.split("#")[0]))
+                         else Unpaired(u.name, u.side, f"{why} ({rules.source.name})", allowed=True)
+                         for u in pairing.unpaired)
+        reported = [p for p in pairing.pairs if selected(p.ref_module, ref.only)]
+        tf_layers = tuple(_forced_layers(reported, ref_trace, forced, tf, tolerances))
         fwd_order = ref_trace.completion_order()
         bwd_order = ref_trace.start_order()[::-1]
-        for mode, layers in ((TEACHER_FORCED, tf_layers), (FREE_RUNNING, fr_layers)):
-            runs.append(RunResult(dtype, mode, spec.tolerance, policy, layers,
-                                  first_divergence(layers, fwd_order, bwd_order),
-                                  culprits(layers, fwd_order, bwd_order), gated=mode == TEACHER_FORCED))
-        def judged(name: str, port_arr: np.ndarray, ref_arr: np.ndarray, truth: np.ndarray | None) -> TensorResult:
-            tol = tolerances.for_name(name)
-            m = compare_arrays(port_arr, ref_arr, tol, name)
-            return TensorResult(name, within_noise(m, port_arr, ref_arr, truth, tol, noise.factor) if noise else m, tol)
-
-        truth_out = {k: a.data for k, a in ref.fp64.trace.outputs.items()} if noise else {}
-        outputs = tuple(
-            judged(k, port_trace.outputs[k].data, a.data, truth_out.get(k)) if k in port_trace.outputs
-            else TensorResult(k, missing(f"the port returned no {k!r}", k), tolerances.for_name(k))
-            for k, a in ref_trace.outputs.items()
-        )
-        input_arrays = {k: a.data for k, a in ref.inputs.items()}
-        for name in spec.inputs.derived:
-            fn = DERIVED[name]
-            ref_out = fn({k: a.data for k, a in ref_trace.outputs.items()}, input_arrays)
-            port_out = fn({k: a.data for k, a in port_trace.outputs.items()}, input_arrays)
-            outputs += (judged(f"{name} (derived)", port_out, ref_out, fn(truth_out, input_arrays) if noise else None),)
-        param_grads = _param_grads(ref, port_trace, wmap, tolerances, spec)
+        runs.append(RunResult(dtype, TEACHER_FORCED, spec.tolerance, policy, tf_layers,
+                              first_divergence(tf_layers, fwd_order, bwd_order),
+                              culprits(tf_layers, fwd_order, bwd_order), gated=True))
+        if fast:
+            # The gate path: what the forced pass saw of the model's outputs and parameters.
+            outputs = tuple(TensorResult(k, m, tolerances.for_name(k)) for k, m in tf.labelled(ROOT, FORWARD, "output "))
+            param_grads = tuple(TensorResult(k, m, tolerances.for_name(k))
+                                for owner in forced.first_calls.values()
+                                for k, m in tf.labelled(owner, BACKWARD, "grad of parameter "))
+            missing_grads = set(ref_trace.param_grads) - {r.name for r in param_grads}
+            param_grads += tuple(TensorResult(k, missing("the port parameter got no gradient", k), tolerances.for_name(k))
+                                 for k in sorted(missing_grads))
+            observers = [ref.observer, Observer("paddle", True, True, (), checked=False)]
+        else:
+            progress(f"{dtype}: running the port free, comparing as it goes")
+            fr = Collector(tolerances, _fp64_free_truth(ref.fp64) if noise else None, factor)
+            follower, port_param_grads = _follow(ps, port, port_inputs, ref_trace.calls, to_ref, fr, _seed(ps, spec))
+            fr_layers = tuple(_free_layers(reported, ref_trace, follower, fr, tolerances))
+            runs.append(RunResult(dtype, FREE_RUNNING, spec.tolerance, policy, fr_layers,
+                                  first_divergence(fr_layers, fwd_order, bwd_order),
+                                  culprits(fr_layers, fwd_order, bwd_order), gated=False))
+            progress(f"{dtype}: checking that hooks change nothing")
+            hooked_run = Trace("paddle", {}, port_param_grads, {}, follower.root_outputs)
+            observers = [ref.observer, observer_check(ps, port, port_inputs, _seed(ps, spec), hooked_run)]
+            for o in observers:
+                if o.perturbed:
+                    msg = (f"observer effect: the {o.framework} model's outputs or gradients differ with hooks "
+                           f"installed ({', '.join(o.differing[:5])})")
+                    warnings.append(msg)
+                    findings.append(Finding("observer_effect", o.framework, msg, fails=False))
+            outputs, param_grads = _model_outputs(spec, ref, follower.root_outputs, tolerances, noise), \
+                _param_grads(ref, port_param_grads, wmap, tolerances, spec)
         tf_culprits = culprits(tf_layers, fwd_order, bwd_order)
         first = (tf_culprits.forward or tf_culprits.backward or (None,))[0]
-        if first is not None and repro is None and isinstance(ref.locals.get(first), Local):
+        if first is not None and repro is None:
             pair = next(p for p in pairing.pairs if p.ref == first)
             prefix = "" if pair.ref_module == ROOT else pair.ref_module + "."
             module_weights = {k[len(prefix):]: v for k, v in ref.weights.items() if k.startswith(prefix)}
-            repro = ReproCase.make(spec, ref.config, pair, ref_trace.calls[first], ref.locals[first], module_weights,
-                                   ps, port, tolerances.for_name(first), wmap)
+            repro = ReproCase.make(spec, ref.config, pair, ref_trace.calls[first], _reference_local(ref, pair),
+                                   module_weights, ps, port, tolerances.for_name(first), wmap)
 
     return Report(
         model=spec.name, config=ref.config_name, port=spec.port_class, weights_from=weights_from,
@@ -507,75 +506,111 @@ def _as_reference(port_grads: dict[str, np.ndarray], wmap: W.WeightMap) -> dict[
     return out
 
 
-def _teacher_forced(ps, port, ref: ReferenceRun, pairing: Pairing, wmap: W.WeightMap,
-                    tolerances: Tolerances, spec: ModelSpec) -> list[LayerResult]:
-    layers = []
-    for p in pairing.pairs:
-        call = ref.trace.calls[p.ref]
-        tol = tolerances.for_name(p.ref)
-        ref_local = ref.locals[p.ref]
-        try:
-            if isinstance(ref_local, str):
-                raise Unreplayable(f"(the reference cannot replay it either) {ref_local}")
-            port_call = call if p.ref != ROOT else dataclasses.replace(call, kwargs=_port_inputs(call.kwargs, spec))
-            port_local = run_local(ps, port, p.port_module, port_call, filter_kwargs=True,
-                                   extra_kwargs=_call_kwargs_for(spec, p.ref_module))
-        except Unreplayable as e:
-            layers.append(LayerResult(p.ref, p.port, call.type, missing(f"could not replay: {e}"), None, tol,
-                                      module=p.ref_module))
-            continue
-        local64 = ref.fp64.locals.get(p.ref) if ref.fp64 else None
-        truth = local64 if isinstance(local64, Local) else None
-        factor = spec.noise_floor.factor if spec.noise_floor else None
-        forward = compare_named({k: a.data for k, a in port_local.outputs.items()},
-                                {k: a.data for k, a in call.outputs.items()}, tol, "output", extra_fails=False,
-                                truth=truth and {k: a.data for k, a in truth.outputs.items()}, factor=factor)
-        extra = tuple(k for k in port_local.outputs if k not in call.outputs)
-        ref_grads = {**ref_local.input_grads, **_qualified(p.ref_module, ref_local.param_grads)}
-        port_grads = {**port_local.input_grads,
-                      **_as_reference(_qualified(p.port_module, port_local.param_grads), wmap)}
-        backward = compare_named(port_grads, ref_grads, tol, "grad", factor=factor, truth=truth and {
-            **truth.input_grads, **_qualified(p.ref_module, truth.param_grads)})
-        if port_local.ungradded:
-            cut = missing(f"no gradient flows from the port's output(s) {', '.join(port_local.ungradded)} "
-                          f"(detached or non-differentiable), while the reference's do", "grad")
-            backward = combine([cut] if backward is None else [backward, cut])
-        layers.append(LayerResult(p.ref, p.port, call.type,
-                                  forward or missing("the module returned no tensor"), backward, tol,
-                                  port_local.ignored, extra, module=p.ref_module))
-    return layers
+def _notes(notes: Any) -> tuple[str, ...]:
+    return tuple(notes.ignored) + tuple(f"{k}: kept the port's own" for k in notes.kept)
 
 
-def _free_running(ref: ReferenceRun, port_trace: Trace, pairing: Pairing, tolerances: Tolerances,
-                  spec: ModelSpec) -> list[LayerResult]:
+def _forced_layers(pairs: list, ref_trace: Trace, forced: Any, tf: Collector,
+                   tolerances: Tolerances) -> list[LayerResult]:
     layers = []
-    factor = spec.noise_floor.factor if spec.noise_floor else None
-    for p in pairing.pairs:
-        call = ref.trace.calls[p.ref]
-        call64 = ref.fp64.trace.calls.get(p.ref) if ref.fp64 else None
+    for p in pairs:
+        call = ref_trace.calls[p.ref]
         tol = tolerances.for_name(p.ref)
-        port_call = port_trace.calls.get(p.port)
-        if port_call is None:
+        notes = forced.notes.get(p.ref)
+        if notes is None:
             layers.append(LayerResult(p.ref, p.port, call.type, missing("the port never called this module"), None, tol,
                                       module=p.ref_module))
             continue
-        forward = compare_named({k: a.data for k, a in port_call.outputs.items()},
-                                {k: a.data for k, a in call.outputs.items()}, tol, "output", extra_fails=False,
-                                truth=call64 and {k: a.data for k, a in call64.outputs.items()}, factor=factor)
-        backward = compare_named(port_call.grads, call.grads, tol, "grad of output", extra_fails=False,
-                                 truth=call64 and call64.grads, factor=factor)
-        extra = tuple(k for k in port_call.outputs if k not in call.outputs)
-        amp = amplification(float_inputs(port_call, call.arg_names), float_inputs(call),
-                            {k: a.data for k, a in port_call.outputs.items()}, {k: a.data for k, a in call.outputs.items()})
-        layers.append(LayerResult(p.ref, p.port, call.type, forward or missing("the module returned no tensor"),
-                                  backward, tol, extra_outputs=extra, module=p.ref_module, amplification=amp))
+        layers.append(LayerResult(p.ref, p.port, call.type,
+                                  tf.get(p.ref, FORWARD) or missing("the module returned no tensor"),
+                                  tf.get(p.ref, BACKWARD), tol, _notes(notes), tuple(notes.extra), module=p.ref_module))
     return layers
 
 
-def _param_grads(ref: ReferenceRun, port_trace: Trace, wmap: W.WeightMap, tolerances: Tolerances,
+def _follow(ps: Any, port: Any, port_inputs: dict[str, Any], ref_calls: dict, to_ref: dict[str, str],
+            fr: Collector, seed: Callable) -> tuple[Any, dict[str, np.ndarray]]:
+    """The free-running run of the port, compared as it goes; returns what the Follower
+    kept and the port's parameter gradients."""
+    from align.capture import hooked
+    from align.force import Follower
+
+    follower = Follower(ps, ref_calls, to_ref, fr)
+    ps.clear_grads(port)
+    with hooked(ps, port, follower):
+        output = port(**port_inputs)
+        ps.backward(seed(output))
+    follower.finish()
+    grads = {k: g for k, prm in ps.parameters(port).items() if (g := ps.grad(prm)) is not None}
+    ps.clear_grads(port)
+    return follower, grads
+
+
+def _free_layers(pairs: list, ref_trace: Trace, follower: Any, fr: Collector,
+                 tolerances: Tolerances) -> list[LayerResult]:
+    layers = []
+    for p in pairs:
+        call = ref_trace.calls[p.ref]
+        tol = tolerances.for_name(p.ref)
+        if p.ref not in follower.called:
+            layers.append(LayerResult(p.ref, p.port, call.type, missing("the port never called this module"), None, tol,
+                                      module=p.ref_module))
+            continue
+        in_err, out_err = follower.input_error.get(p.ref, 0.0), follower.output_error.get(p.ref, 0.0)
+        amp = Amplification(in_err, out_err, out_err > AMPLIFICATION_FLOOR and out_err > AMPLIFICATION_FACTOR * in_err)
+        layers.append(LayerResult(p.ref, p.port, call.type, fr.get(p.ref, FORWARD) or missing("the module returned no tensor"),
+                                  fr.get(p.ref, BACKWARD), tol, extra_outputs=tuple(follower.extra.get(p.ref, ())),
+                                  module=p.ref_module, amplification=amp))
+    return layers
+
+
+def _fp64_free_truth(fp64: ReferenceRun) -> dict[str, np.ndarray]:
+    """The float64 run's values under the labels the Follower uses."""
+    truth = {}
+    for name, call in fp64.trace.calls.items():
+        truth.update({truth_key(name, f"output {p}"): a.data for p, a in call.outputs.items()})
+        truth.update({truth_key(name, f"grad of output {p}"): g for p, g in call.grads.items()})
+    return truth
+
+
+def _model_outputs(spec: ModelSpec, ref: ReferenceRun, port_outputs: dict[str, Arr], tolerances: Tolerances,
+                   noise: Any) -> tuple[TensorResult, ...]:
+    """The model's own outputs, end to end (free-running), plus the derived ones."""
+
+    def judged(name: str, port_arr: np.ndarray, ref_arr: np.ndarray, truth: np.ndarray | None) -> TensorResult:
+        tol = tolerances.for_name(name)
+        m = compare_arrays(port_arr, ref_arr, tol, name)
+        return TensorResult(name, within_noise(m, port_arr, ref_arr, truth, tol, noise.factor) if noise else m, tol)
+
+    truth_out = {k: a.data for k, a in ref.fp64.trace.outputs.items()} if noise else {}
+    outputs = tuple(
+        judged(k, port_outputs[k].data, a.data, truth_out.get(k)) if k in port_outputs
+        else TensorResult(k, missing(f"the port returned no {k!r}", k), tolerances.for_name(k))
+        for k, a in ref.trace.outputs.items()
+    )
+    input_arrays = {k: a.data for k, a in ref.inputs.items()}
+    for name in spec.inputs.derived:
+        fn = DERIVED[name]
+        ref_out = fn({k: a.data for k, a in ref.trace.outputs.items()}, input_arrays)
+        port_out = fn({k: a.data for k, a in port_outputs.items()}, input_arrays)
+        outputs += (judged(f"{name} (derived)", port_out, ref_out, fn(truth_out, input_arrays) if noise else None),)
+    return outputs
+
+
+def _reference_local(ref: ReferenceRun, pair: Any) -> Local:
+    """What the reference module computes alone on its recorded inputs, read off its run: its
+    outputs, the gradients it sent back to its inputs, and its own parameters' gradients
+    (for a module called more than once, or whose parameters are shared, their total)."""
+    call = ref.trace.calls[pair.ref]
+    prefix = "" if pair.ref_module == ROOT else pair.ref_module + "."
+    own = {k[len(prefix):]: g for k, g in ref.trace.param_grads.items()
+           if k.startswith(prefix) and "." not in k[len(prefix):]}
+    return Local(outputs=dict(call.outputs), input_grads=dict(call.input_grads), param_grads=own)
+
+
+def _param_grads(ref: ReferenceRun, port_grads: dict[str, np.ndarray], wmap: W.WeightMap, tolerances: Tolerances,
                  spec: ModelSpec) -> tuple[TensorResult, ...]:
     ref_trace = ref.trace
-    port = _as_reference(port_trace.param_grads, wmap)
+    port = _as_reference(port_grads, wmap)
     truth = ref.fp64.trace.param_grads if ref.fp64 else {}
     results = []
     for key, g in ref_trace.param_grads.items():
@@ -589,4 +624,3 @@ def _param_grads(ref: ReferenceRun, port_trace: Trace, wmap: W.WeightMap, tolera
             results.append(TensorResult(key, missing("the reference parameter got no gradient", key),
                                         tolerances.for_name(key)))
     return tuple(results)
-

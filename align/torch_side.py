@@ -83,10 +83,9 @@ class TorchSide:
     def accepted_kwargs(self, module: torch.nn.Module) -> set[str] | None:
         return accepted_kwargs(module.forward)
 
-    def vjp(self, outputs: list, seeds: list[np.ndarray], inputs: list) -> list[np.ndarray | None]:
-        seeds_t = [torch.from_numpy(np.array(s)).to(o.dtype) for o, s in zip(outputs, seeds)]
-        grads = torch.autograd.grad(outputs, inputs, seeds_t, allow_unused=True)
-        return [None if g is None else self.record(g).data for g in grads]
+    def backward_from(self, tensors: list, grads: list[np.ndarray]) -> None:
+        seeds = [torch.from_numpy(np.array(g)).to(t.dtype) for t, g in zip(tensors, grads)]
+        torch.autograd.backward(tensors, seeds)
 
     def set_seed(self, seed: int) -> None:
         torch.manual_seed(seed)

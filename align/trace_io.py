@@ -4,11 +4,12 @@ Layout of a trace directory:
     manifest.json             what was run (model, config, fingerprint, versions) and, per
                               call, its structure with tensor references
     inputs.safetensors        the model inputs
-    calls/00042.safetensors   one file per recorded module call, written as the calls are
-                              serialized: inputs, outputs, output gradients, and the
-                              reference module's own replay (input and parameter gradients)
+    calls/00042.safetensors   one file per recorded module call: its inputs, its outputs, and
+                              the gradients at both of its boundaries
     param_grads.safetensors   every parameter gradient
     weights.safetensors       the reference's state dict (what the port's weights come from)
+    fp64/                     with a noise floor: the float64 run, the same layout, plus
+                              truth.safetensors (its teacher-forced values)
 
 Everything is written into a temporary directory beside the destination, which is renamed
 into place once the manifest (written last) is complete.
@@ -28,10 +29,9 @@ import numpy as np
 from align.safetensors_io import contiguous
 from align.capture import Arr, Call, Opaque, Trace
 from align.diagnose import Observer
-from align.replay import Local
 from align.spec import ConfigError
 
-TRACE_VERSION = 1
+TRACE_VERSION = 2
 
 
 class _Tensors:
@@ -81,8 +81,8 @@ def _decode(obj: Any, arrays: dict[str, np.ndarray]) -> Any:
 
 
 class TraceWriter:
-    """Writes a trace as the reference produces it: one file per module call, the moment that
-    call's replay is done; the rest, then the manifest, at finish(). Everything goes into a
+    """Writes a trace one module call at a time (each call's tensors can be dropped once it is
+    written); the rest, then the manifest, at finish(). Everything goes into a
     temporary directory that finish() renames into place, so a failed run leaves nothing."""
 
     def __init__(self, dst: Path, force: bool = False):
@@ -94,19 +94,14 @@ class TraceWriter:
         (self.tmp / "calls").mkdir()
         self.calls: list[dict] = []
 
-    def add(self, name: str, call: Call, local: Local | str | None) -> None:
-        """Write one call: its recorded inputs, outputs and gradients, and the reference
-        module's own replay (None where --only left it out)."""
+    def add(self, name: str, call: Call) -> None:
+        """Write one call: its recorded inputs, outputs and gradients."""
         t = _Tensors("t")
         entry = {
             "name": name, "module": call.module, "type": call.type, "start": call.start, "end": call.end,
             "arg_names": list(call.arg_names), "args": _encode(call.args, t), "kwargs": _encode(call.kwargs, t),
             "outputs": _encode(dict(call.outputs), t), "grads": {p: t.add(g) for p, g in call.grads.items()},
-            "local": local if local is None or isinstance(local, str) else {
-                "outputs": _encode(dict(local.outputs), t),
-                "input_grads": {p: t.add(g) for p, g in local.input_grads.items()},
-                "param_grads": {p: t.add(g) for p, g in local.param_grads.items()},
-                "ungradded": list(local.ungradded), "ignored": list(local.ignored)},
+            "input_grads": {p: t.add(g) for p, g in call.input_grads.items()},
             "file": f"calls/{len(self.calls):05d}.safetensors",
         }
         t.save(self.tmp / entry["file"])
@@ -133,6 +128,7 @@ class TraceWriter:
         inputs.save(self.tmp / "inputs.safetensors")
         grads.save(self.tmp / "param_grads.safetensors")
         save_file({k: contiguous(v) for k, v in run.weights.items()}, str(self.tmp / "weights.safetensors"))
+        save_file({k: contiguous(v) for k, v in run.truth.items()}, str(self.tmp / "truth.safetensors"))
         if run.fp64 is not None:
             write_trace(run.fp64, self.tmp / "fp64")
         (self.tmp / "manifest.json").write_text(json.dumps(manifest, default=str) + "\n")
@@ -153,7 +149,7 @@ def write_trace(run: Any, dst: Path, force: bool = False) -> Path:
     """Write a whole ReferenceRun held in memory to `dst` (a directory), whole or not at all."""
     with TraceWriter(dst, force) as writer:
         for name, call in run.trace.calls.items():
-            writer.add(name, call, run.locals.get(name))
+            writer.add(name, call)
         return writer.finish(run)
 
 
@@ -175,22 +171,15 @@ def read_trace(path: Path) -> Any:
         raise ConfigError(manifest_path, "trace_version",
                           f"version {manifest.get('trace_version')!r}; this align reads version {TRACE_VERSION}")
     try:
-        calls, locals_ = {}, {}
+        calls = {}
         for c in manifest["calls"]:
             arrays = load_file(str(path / c["file"]))
             call = Call(c["name"], c["module"], c["type"], c["start"], c["end"],
                         args=_decode(c["args"], arrays), kwargs=_decode(c["kwargs"], arrays),
                         arg_names=tuple(c["arg_names"]), outputs=_decode(c["outputs"], arrays),
-                        grads={p: arrays[k] for p, k in c["grads"].items()})
+                        grads={p: arrays[k] for p, k in c["grads"].items()},
+                        input_grads={p: arrays[k] for p, k in c["input_grads"].items()})
             calls[c["name"]] = call
-            lo = c["local"]
-            if lo is None:
-                continue  # left out by --only
-            locals_[c["name"]] = lo if isinstance(lo, str) else Local(
-                outputs=_decode(lo["outputs"], arrays),
-                input_grads={p: arrays[k] for p, k in lo["input_grads"].items()},
-                param_grads={p: arrays[k] for p, k in lo["param_grads"].items()},
-                ungradded=tuple(lo["ungradded"]), ignored=tuple(lo["ignored"]))
         inputs = load_file(str(path / "inputs.safetensors"))
         grads = load_file(str(path / "param_grads.safetensors"))
         trace = Trace("torch", calls, {k: grads[v] for k, v in manifest["param_grads"].items()},
@@ -198,8 +187,9 @@ def read_trace(path: Path) -> Any:
         return ReferenceRun(
             model=manifest["model"], config_name=manifest["config_name"], config=manifest["config"],
             fingerprint=manifest["fingerprint"], inputs=_decode(manifest["inputs"], inputs), trace=trace,
-            locals=locals_, weights=load_file(str(path / "weights.safetensors")), dtypes=manifest["dtypes"],
-            observer=Observer(**{**manifest["observer"], "differing": tuple(manifest["observer"]["differing"])}),
+            truth=load_file(str(path / "truth.safetensors")), weights=load_file(str(path / "weights.safetensors")), dtypes=manifest["dtypes"],
+            observer=Observer(**{**{k: v for k, v in manifest["observer"].items() if k in Observer.__dataclass_fields__},
+                                 "differing": tuple(manifest["observer"]["differing"])}),
             env=manifest["env"], checkpoint=manifest["checkpoint"], created=manifest["created"],
             fp64=read_trace(path / "fp64") if manifest.get("fp64") else None, only=tuple(manifest.get("only", ())),
         )

@@ -169,30 +169,54 @@ def test_architecture_bug_fails_and_is_localized(model, bug, monkeypatch, run_cl
     assert localized, f"{model} {bug}: first divergence {fd}, culprits {report['culprits']}, expected {culprit}"
 
 
-def test_paddle_layernorm_grad_bug_is_worked_around():
+def test_paddle_layernorm_grad_bug_is_avoided():
     """Paddle 3.3.1: paddle.grad through nn.LayerNorm is wrong unless the norm's weight is
-    among the requested inputs. The replay asks for every parameter; this pins both facts."""
+    among the requested inputs. Teacher forcing runs one plain backward instead; this pins
+    both facts."""
     import numpy as np
 
-    from align.capture import Arr, Call
+    from align.capture import ROOT, Arr, Call
+    from align.compare import Keeper
+    from align.force import force
     from align.paddle_side import PaddleSide
-    from align.replay import run_local
+
+    class Block(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.norm = paddle.nn.Linear(8, 8), paddle.nn.LayerNorm(8)
+
+        def forward(self, x):
+            return self.norm(self.lin(x))
 
     paddle.seed(0)
-    block = paddle.nn.Sequential(paddle.nn.Linear(8, 8), paddle.nn.LayerNorm(8))
-    block[1].weight.set_value(np.linspace(0.5, 2.0, 8).astype("float32"))
+    block = Block()
+    block.norm.weight.set_value(np.linspace(0.5, 2.0, 8).astype("float32"))
     x0 = np.random.default_rng(0).normal(size=(2, 8)).astype("float32")
     g0 = np.random.default_rng(1).normal(size=(2, 8)).astype("float32")
-    x = paddle.to_tensor(x0)
-    x.stop_gradient = False
-    (block(x) * paddle.to_tensor(g0)).sum().backward()
-    truth = x.grad.numpy()
 
+    def grad_of_input(layer, x_np):
+        x = paddle.to_tensor(x_np)
+        x.stop_gradient = False
+        (layer(x) * paddle.to_tensor(g0)).sum().backward()
+        return x.grad.numpy()
+
+    truth = grad_of_input(block, x0)
     x2 = paddle.to_tensor(x0)
     x2.stop_gradient = False
     raw = paddle.grad([block(x2)], [x2], [paddle.to_tensor(g0)])[0].numpy()
     assert np.abs(raw - truth).max() > 1e-3, "Paddle fixed paddle.grad through LayerNorm: the workaround can go"
 
-    call = Call("block", "block", "Sequential", 0, args=(Arr(x0, "float32"),), grads={"out": g0})
-    local = run_local(PaddleSide(), block, "<root>", call, filter_kwargs=False)
-    np.testing.assert_allclose(local.input_grads["args[0]"], truth, rtol=1e-6, atol=1e-7)
+    # The norm forced on the Linear's output, seeded with g0: its input gradient is exact.
+    h0 = block.lin(paddle.to_tensor(x0)).numpy()
+    h_grad = grad_of_input(block.norm, h0)
+    out = Arr(block(paddle.to_tensor(x0)).numpy(), "float32")
+    calls = {ROOT: Call(ROOT, ROOT, "Block", 0, args=(Arr(x0, "float32"),), arg_names=("x",),
+                        outputs={"out": out}, grads={"out": g0}, input_grads={"x": truth}),
+             "lin": Call("lin", "lin", "Linear", 1, args=(Arr(x0, "float32"),), arg_names=("input",),
+                         outputs={"out": Arr(h0, "float32")}, grads={"out": h_grad}),
+             "norm": Call("norm", "norm", "LayerNorm", 2, args=(Arr(h0, "float32"),), arg_names=("input",),
+                          outputs={"out": out}, grads={"out": g0}, input_grads={"input": h_grad})}
+    keeper = Keeper()
+    force(PaddleSide(), block, {"x": paddle.to_tensor(x0)}, calls, {n: n for n in calls}, keeper, {},
+          lambda k, g: {k: g})
+    np.testing.assert_allclose(keeper.kept["norm|grad of input input"], h_grad, rtol=1e-6, atol=1e-7)

@@ -1,0 +1,285 @@
+"""Judge every module on its own, in one forward and one backward of the port.
+
+Teacher forcing at every boundary: each module call of the port receives the reference's
+recorded inputs, and whatever it returns is replaced, for the rest of the network, by the
+reference's recorded outputs. Every stretch of computation between two module boundaries
+therefore runs on reference values only, and its error is its own:
+
+- a module's outputs (before they are replaced) measure the code that produced them: its
+  own forward, after its children (whose outputs it received from the reference);
+- a child's inputs (before they are replaced) measure the code of the module that called
+  it, so a wrong RoPE inside an attention is the attention's, not its o_proj's.
+
+Backward is forced the same way. Every replaced value is a fresh leaf, so the stretches are
+separate graphs; each is seeded with the reference's gradient at its far boundary, all in
+one backward call. The gradient that arrives at a leaf then measures the stretch that
+consumed it, seeded exactly as the reference was.
+
+The comparisons happen as the tensors appear, through a `Judge`; nothing of the port is
+kept. The same pass on the reference in float64 (with a judge that keeps what it is shown)
+gives the noise floor's exact values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from align.capture import ROOT, Arr, Call, Framework, flatten, hooked, map_inputs, map_tensors, named_inputs
+from align.compare import BACKWARD, FORWARD, rel_l2
+
+ToReference = Callable[[str, np.ndarray], dict[str, np.ndarray]]
+
+
+class Judge(Protocol):
+    """Receives each comparison as it happens. `owner` is the reference call the code under
+    test belongs to; `label` names the tensor within it."""
+
+    def compare(self, owner: str, direction: str, label: str, port: np.ndarray, ref: np.ndarray) -> None: ...
+    def fail(self, owner: str, direction: str, label: str, note: str) -> None: ...
+
+
+@dataclass
+class Notes:
+    """What a call's comparison leaves aside, for the report."""
+
+    ignored: list[str] = field(default_factory=list)  # reference inputs the port's call has no counterpart for
+    kept: list[str] = field(default_factory=list)  # inputs left as the port made them (another layout)
+    extra: list[str] = field(default_factory=list)  # outputs the port returns beyond the reference's
+
+
+def _compatible(fw: Framework, t: Any, a: Arr) -> bool:
+    """Whether the reference's tensor can stand in for the port's: both floating or both not,
+    and the reference's shape equal to the port's or broadcasting to it (a (1, T) position
+    table where the port built (B, T)), as a replay on the reference's inputs would pass it."""
+    if fw.is_float(t) != a.dtype.startswith(("float", "bfloat")):
+        return False
+    port, ref = tuple(t.shape), tuple(a.data.shape)
+    return port == ref or (len(port) == len(ref) and all(r in (1, p) for p, r in zip(port, ref)))
+
+
+def _seen_as(t_shape: tuple, ref: np.ndarray) -> np.ndarray:
+    """The reference's tensor in the port's shape, to judge the port's value against."""
+    return ref if tuple(ref.shape) == tuple(t_shape) else np.broadcast_to(ref, tuple(t_shape))
+
+
+def _absent(judge: Judge, ref_name: str, ref_call: Call, produced: set[str], is_model: bool) -> None:
+    """A reference output the port does not return fails when something depended on it: it
+    is the model's own, or a gradient came back to it. Attention weights nobody asked the
+    port for are not a mismatch."""
+    for path in ref_call.outputs:
+        if path not in produced and (is_model or path in ref_call.grads):
+            judge.fail(ref_name, FORWARD, f"output {path}", f"the port produced no output {path!r}")
+
+
+class Forcer:
+    """The sink (see capture.hooked) that forces a model on a reference trace.
+
+    `to_ref` maps the model's call names to reference call names (the pairing); calls with no
+    partner run untouched and their code counts as their caller's.
+    """
+
+    def __init__(self, fw: Framework, ref_calls: dict[str, Call], to_ref: dict[str, str], judge: Judge):
+        self.fw, self.ref_calls, self.to_ref, self.judge = fw, ref_calls, to_ref, judge
+        self.owner: dict[str, str | None] = {}  # model call name -> the reference call its code counts for
+        self.notes: dict[str, Notes] = {}
+        self.seeds: list[tuple[Any, np.ndarray]] = []
+        self.leaves: list[tuple[str, str, Any, np.ndarray]] = []  # owner, label, leaf, reference gradient
+        self.first_calls: dict[str, str] = {}  # module path -> its first call's reference name
+
+    def _leaf(self, a: Arr, grad: np.ndarray | None) -> Any:
+        return self.fw.tensor(a, requires_grad=grad is not None and a.dtype.startswith(("float", "bfloat")))
+
+    def enter(self, call: Call, module: Any, args: tuple, kwargs: dict, caller: Call | None) -> tuple | None:
+        ref_name = self.to_ref.get(call.name)
+        parent = self.owner.get(caller.name) if caller else None
+        self.owner[call.name] = ref_name or parent
+        if ref_name is None:
+            return None
+        self.notes[ref_name] = notes = Notes()
+        self.first_calls.setdefault(call.module, ref_name)
+        if caller is None:
+            return None  # the model's own inputs are what the caller passed (shifted labels, ...)
+        fw, ref_call = self.fw, self.ref_calls[ref_name]
+        ref_inputs = dict(named_inputs(ref_call.args, ref_call.kwargs, ref_call.arg_names))
+        names = tuple(ref_call.arg_names[i] if i < len(ref_call.arg_names) else n for i, n in enumerate(call.arg_names))
+        seen: set[str] = set()
+
+        def swap(path: str, t: Any) -> Any:
+            a = ref_inputs.get(path)
+            if a is None:
+                return t
+            seen.add(path)
+            if not _compatible(fw, t, a):
+                notes.kept.append(f"{path} ({fw.dtype_name(t)}{list(t.shape)} vs reference {a.dtype}{list(a.data.shape)})")
+                return t
+            label = f"{call.name} input {path}"
+            if parent is not None:
+                self.judge.compare(parent, FORWARD, label, fw.record(t).data, _seen_as(tuple(t.shape), a.data))
+            grad = ref_call.input_grads.get(path)
+            if grad is not None and parent is not None and tuple(t.shape) == grad.shape:
+                if fw.needs_grad(t):
+                    self.seeds.append((t, grad))
+                else:
+                    self.judge.fail(parent, BACKWARD, label,
+                                    f"no gradient reaches {label} (detached?), while the reference's does")
+            leaf = self._leaf(a, grad)
+            if grad is not None:
+                self.leaves.append((ref_name, f"grad of input {path}", leaf, grad))
+            return leaf
+
+        new_args, new_kwargs = map_inputs(args, kwargs, names, fw, swap)
+        notes.ignored.extend(p for p, a in ref_inputs.items() if p not in seen)
+        return new_args, new_kwargs
+
+    def exit(self, call: Call, module: Any, args: tuple, output: Any, caller: Call | None) -> Any:
+        ref_name = self.to_ref.get(call.name)
+        if ref_name is None:
+            return output
+        fw, ref_call = self.fw, self.ref_calls[ref_name]
+        parent = self.owner.get(caller.name) if caller else None
+        flat = [(p, t) for p, t in flatten(output, fw) if fw.is_tensor(t)]
+        produced = {p for p, _ in flat}
+        _absent(self.judge, ref_name, ref_call, produced, caller is None)
+        self.notes[ref_name].extra.extend(p for p in produced if p not in ref_call.outputs)
+        paths = iter(p for p, _ in flat)
+
+        def swap(t: Any) -> Any:
+            path = next(paths)
+            a = ref_call.outputs.get(path)
+            if a is None:
+                return t
+            self.judge.compare(ref_name, FORWARD, f"output {path}", fw.record(t).data, a.data)
+            grad = ref_call.grads.get(path)
+            if grad is not None:
+                if fw.needs_grad(t):
+                    self.seeds.append((t, grad))
+                else:
+                    self.judge.fail(ref_name, BACKWARD, f"grad of output {path}",
+                                    f"no gradient flows from the port's output {path} (detached or "
+                                    f"non-differentiable), while the reference's does")
+            if caller is None or not _compatible(fw, t, a):
+                return t  # the model's own outputs go back to the caller as they are
+            leaf = self._leaf(a, grad)
+            if grad is not None and parent is not None:
+                self.leaves.append((parent, f"grad of {call.name} output {path}", leaf, grad))
+            return leaf
+
+        return map_tensors(output, fw, swap)
+
+    def backward(self, model: Any, ref_param_grads: dict[str, np.ndarray], to_reference: ToReference) -> None:
+        """Run the one backward, then judge the gradients that reached every leaf and every
+        module's own parameters (against the reference's, seeded identically)."""
+        fw = self.fw
+        merged: dict[int, tuple[Any, np.ndarray]] = {}
+        for t, g in self.seeds:  # one tensor handed to several modules: their seeds add up
+            merged[id(t)] = (t, merged[id(t)][1] + g) if id(t) in merged else (t, g)
+        if merged:
+            fw.backward_from([t for t, _ in merged.values()], [g for _, g in merged.values()])
+        for owner, label, leaf, ref_grad in self.leaves:
+            g = fw.grad(leaf)
+            if g is None:
+                g = np.zeros_like(ref_grad)  # nothing flowed back: equal to the reference only if it sent zeros
+            self.judge.compare(owner, BACKWARD, label, g, ref_grad)
+        for module_path, ref_name in self.first_calls.items():
+            module = fw.submodule(model, module_path)
+            prefix = "" if module_path == ROOT else module_path + "."
+            for attr, p in fw.direct_parameters(module).items():
+                g = fw.grad(p)
+                if g is None:
+                    continue
+                for key, rg in to_reference(prefix + attr, g).items():
+                    if key in ref_param_grads:
+                        self.judge.compare(ref_name, BACKWARD, f"grad of parameter {key}", rg, ref_param_grads[key])
+        self.seeds, self.leaves = [], []
+
+
+def force(fw: Framework, model: Any, inputs: dict[str, Any], ref_calls: dict[str, Call], to_ref: dict[str, str],
+          judge: Judge, ref_param_grads: dict[str, np.ndarray], to_reference: ToReference) -> Forcer:
+    """One forced forward and backward of `model`; the judge has seen every comparison."""
+    forcer = Forcer(fw, ref_calls, to_ref, judge)
+    fw.clear_grads(model)
+    with hooked(fw, model, forcer):
+        model(**inputs)
+    forcer.backward(model, ref_param_grads, to_reference)
+    fw.clear_grads(model)
+    return forcer
+
+
+class Follower:
+    """The sink for the free-running run: the port runs on its own values, and each module's
+    outputs and output gradients are compared with the reference's the moment they exist.
+    Only the root's outputs are kept (for the model-output table and the observer check)."""
+
+    def __init__(self, fw: Framework, ref_calls: dict[str, Call], to_ref: dict[str, str], judge: Judge):
+        self.fw, self.ref_calls, self.to_ref, self.judge = fw, ref_calls, to_ref, judge
+        self.input_error: dict[str, float] = {}
+        self.output_error: dict[str, float] = {}
+        self.called: set[str] = set()
+        self.extra: dict[str, list[str]] = {}
+        self.root_outputs: dict[str, Arr] = {}
+        self.pending: dict[tuple[str, str], np.ndarray] = {}  # output gradients expected, not yet seen
+
+    def enter(self, call: Call, module: Any, args: tuple, kwargs: dict, caller: Call | None) -> None:
+        ref_name = self.to_ref.get(call.name)
+        if ref_name is None:
+            return None
+        ref_call = self.ref_calls[ref_name]
+        names = tuple(ref_call.arg_names[i] if i < len(ref_call.arg_names) else n for i, n in enumerate(call.arg_names))
+        ref_in = {p: a for p, a in named_inputs(ref_call.args, ref_call.kwargs, ref_call.arg_names)
+                  if a.dtype.startswith(("float", "bfloat"))}
+        errors = [rel_l2(self.fw.record(t).data, ref_in[p].data)
+                  for p, t in named_inputs(args, kwargs, names, self.fw) if p in ref_in]
+        self.input_error[ref_name] = max(errors, default=0.0)
+        return None
+
+    def exit(self, call: Call, module: Any, args: tuple, output: Any, caller: Call | None) -> Any:
+        fw = self.fw
+        ref_name = self.to_ref.get(call.name)
+        if caller is None:
+            self.root_outputs = {p: fw.record(t) for p, t in flatten(output, fw) if fw.is_tensor(t)}
+        if ref_name is None:
+            return output
+        self.called.add(ref_name)
+        ref_call = self.ref_calls[ref_name]
+        flat = [(p, t) for p, t in flatten(output, fw) if fw.is_tensor(t)]
+        produced = {p for p, _ in flat}
+        _absent(self.judge, ref_name, ref_call, produced, caller is None)
+        self.extra[ref_name] = [p for p in produced if p not in ref_call.outputs]
+        errors = []
+        paths = iter(p for p, _ in flat)
+
+        def follow(t: Any) -> Any:
+            path = next(paths)
+            a = ref_call.outputs.get(path)
+            if a is None:
+                return t
+            port = fw.record(t).data
+            self.judge.compare(ref_name, FORWARD, f"output {path}", port, a.data)
+            errors.append(rel_l2(port, a.data))
+            if path not in ref_call.grads:
+                return t
+            if not fw.needs_grad(t):
+                self.judge.fail(ref_name, BACKWARD, f"grad of output {path}",
+                                f"no gradient flows from the port's output {path}, while the reference's does")
+                return t
+            self.pending[ref_name, path] = ref_call.grads[path]
+            out = fw.identity(t)
+            fw.on_grad(out, lambda g, path=path: self._arrived(ref_name, path, g))
+            return out
+
+        output = map_tensors(output, fw, follow)
+        self.output_error[ref_name] = max(errors, default=0.0)
+        return output
+
+    def _arrived(self, ref_name: str, path: str, g: np.ndarray) -> None:
+        self.judge.compare(ref_name, BACKWARD, f"grad of output {path}", g, self.pending.pop((ref_name, path)))
+
+    def finish(self) -> None:
+        """After backward: an output gradient that never arrived counts as zeros."""
+        for (ref_name, path), ref_grad in self.pending.items():
+            self.judge.compare(ref_name, BACKWARD, f"grad of output {path}", np.zeros_like(ref_grad), ref_grad)
+        self.pending = {}
