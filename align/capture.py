@@ -315,6 +315,7 @@ class Recorder:
                 return t
             out = fw.identity(t)
             fw.on_grad(out, lambda g, path=path: call.grads.__setitem__(path, g))
+            self._seen[id(out)] = (out, call.outputs[path])  # the consumer's input is this very value
             return out
 
         return map_tensors(output, fw, wrap)

@@ -31,7 +31,7 @@ class PaddleSide:
         data = t.detach()
         if data.dtype in (paddle.bfloat16, paddle.float16):
             data = data.astype("float32")  # numpy has no bf16; fp32 holds every bf16 value exactly
-        return Arr(np.array(data.numpy(), copy=True), dtype, not t.stop_gradient)
+        return Arr(data.numpy(), dtype, not t.stop_gradient)  # numpy() is already a copy
 
     def dtype_name(self, t) -> str:
         return _DTYPES.get(t.dtype, str(t.dtype).removeprefix("paddle."))
