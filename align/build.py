@@ -142,15 +142,24 @@ def load_port_pretrained(spec: ModelSpec, values: dict[str, Any], weights: dict[
     return model
 
 
-def port_slots(spec: ModelSpec, cfg: Any) -> dict:
-    """The port's tensors (shapes, owning layer types, ties) without allocating its weights."""
+def port_skeleton(spec: ModelSpec, values: dict[str, Any]) -> Any:
+    """The port in eval mode with its parameters declared but not allocated (paddle.LazyGuard);
+    `set_value` gives one its data, `_clear_data` takes it away again."""
     from align.paddle_side import paddle
-    from align.weights import describe_slots
 
     cls = import_object(spec.port_class, spec.source, f"models.{spec.name}.port.class")
     cfg_cls = import_object(spec.port_config_class, spec.source, f"models.{spec.name}.port.config_class")
     with paddle.LazyGuard():
-        model = cls(cfg_cls.from_dict(cfg.to_dict()))
+        model = cls(cfg_cls.from_dict(values))
+    model.eval()
+    return model
+
+
+def port_slots(spec: ModelSpec, cfg: Any) -> dict:
+    """The port's tensors (shapes, owning layer types, ties) without allocating its weights."""
+    from align.weights import describe_slots
+
+    model = port_skeleton(spec, cfg.to_dict())
     return describe_slots(model.state_dict(), dict(model.named_sublayers(include_self=True)))
 
 
@@ -162,6 +171,24 @@ def reference_shapes(spec: ModelSpec, cfg: Any) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = cls(cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def reference_skeleton(spec: ModelSpec, cfg: Any) -> Any:
+    """The reference in eval mode with its parameters on torch's meta device (no memory) and
+    its buffers real: each module holding a buffer is re-initialised by the model's own
+    `_init_weights` (transformers computes RoPE tables there)."""
+    import torch
+
+    cls = import_object(spec.reference_class, spec.source, f"models.{spec.name}.reference.class")
+    with torch.device("meta"):
+        model = cls(cfg)
+    for module in model.modules():
+        metas = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
+        if metas:
+            for n in metas:
+                module._buffers[n] = torch.empty_like(module._buffers[n], device="cpu")
+            model._init_weights(module)
+    return model.eval()
 
 
 def _tokenize(spec: ModelSpec, cfg: Any) -> dict[str, Arr]:

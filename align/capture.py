@@ -187,11 +187,12 @@ class Sink(Protocol):
 
 
 @contextmanager
-def hooked(fw: Framework, model: Any, sink: Sink) -> Iterator[dict[str, Call]]:
+def hooked(fw: Framework, model: Any, sink: Sink, prefix: str = "") -> Iterator[dict[str, Call]]:
     """Hook every module of `model` for `sink`; yields the calls as they complete.
 
     A module's n-th call (n > 1) is named "path#n"; `caller` is the innermost call still
-    open, the module whose forward made this call."""
+    open, the module whose forward made this call. With a `prefix`, `model` is that
+    submodule of a larger model and paths are the larger model's ("model.layers.3.mlp")."""
     calls: dict[str, Call] = {}
     stack: list[Call] = []
     counts: dict[str, int] = {}
@@ -220,7 +221,7 @@ def hooked(fw: Framework, model: Any, sink: Sink) -> Iterator[dict[str, Call]]:
 
     try:
         for path, module in fw.modules(model):
-            path = path or ROOT
+            path = (f"{prefix}.{path}" if path else prefix) if prefix else (path or ROOT)
             handles.append(fw.pre_hook(module, pre(path, type(module).__name__)))
             handles.append(fw.post_hook(module, post))
         yield calls

@@ -49,8 +49,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="report directory (default: reports/<model>/ beside align.toml)")
     run.add_argument("--quiet", action="store_true", help="no progress display")
     run.add_argument("--only", action="append", default=[], metavar="GLOB",
-                     help="teacher-force only the modules matching GLOB (repeatable), e.g. model.layers.3.mlp* "
-                          "(a quick, partial check while fixing one culprit)")
+                     help="report only the modules matching GLOB (repeatable), e.g. model.layers.3.mlp* "
+                          "(a focused, partial check while fixing one culprit)")
+    run.add_argument("--stream-layers", action="store_true",
+                     help="for models larger than memory: load one block at a time in each framework from "
+                          "--checkpoint (memory-mapped safetensors) and align it on the reference's inputs "
+                          "(fp32, teacher-forced; the model's [stream] table names its blocks)")
+    run.add_argument("--fast", action="store_true",
+                     help="the gate path: the teacher-forced verdict only (no free-running run, no observer runs)")
     run.add_argument("--weights-from", choices=["rules", "pretrained"], default="rules",
                      help="load the port's weights with align's rules (default), or with the port's own "
                           "from_pretrained, checked tensor by tensor against the rules")
@@ -79,11 +85,14 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--quiet", action="store_true", help="no progress display")
     check.add_argument("--as-command", help=argparse.SUPPRESS)  # the command the user typed, when delegated
     check.add_argument("--weights-from", choices=["rules", "pretrained"], default="rules")
+    check.add_argument("--fast", action="store_true", help="the gate path (see `align run --fast`)")
 
     gate = sub.add_parser("gate", help="align every model marked ci = true; exit 1 if any is not aligned")
     gate.add_argument("--junit", type=Path, help="also write JUnit XML here (one test case per model, dtype and mode)")
     gate.add_argument("--reports", type=Path, help="reports directory (default: reports/ beside align.toml)")
     gate.add_argument("--quiet", action="store_true", help="no progress display")
+    gate.add_argument("--full", action="store_true",
+                      help="the full diagnostic path (free-running run and observer runs too); default: the gate path")
 
     weights = sub.add_parser("weights", help="convert and verify checkpoints with a model's weight rules")
     wsub = weights.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
@@ -134,18 +143,18 @@ def _progress(console: Console, name: str, quiet: bool):
 def _align_and_write(spec: ModelSpec, out: Path, console: Console, quiet: bool, command: str,
                      config: str | None = None, dtypes: tuple[str, ...] | None = None,
                      checkpoint: Path | None = None, reference=None, weights_from: str = "rules",
-                     only: tuple[str, ...] = ()) -> dict:
+                     only: tuple[str, ...] = (), fast: bool = False) -> dict:
     """Align one model (against a saved `reference` run, if given); write report.json,
-    report.html, the repro, the history line and the dashboard."""
+    report.html, the repro, the history line and the dashboard. `fast`: the gate path."""
     from align.report import append_history, as_json, render_console, write_index, write_report
     from align.run import check_port, run_reference
 
     if spec.port_environment and reference is None:
-        return _align_across(spec, out, console, quiet, command, config, dtypes, checkpoint, weights_from, only)
+        return _align_across(spec, out, console, quiet, command, config, dtypes, checkpoint, weights_from, only, fast)
     started = time.perf_counter()
     with _progress(console, spec.name, quiet) as progress:
-        reference = reference or run_reference(spec, config, checkpoint, progress, only)
-        result = check_port(spec, reference, dtypes, progress, command, weights_from)
+        reference = reference or run_reference(spec, config, checkpoint, progress, only, observe=not fast)
+        result = check_port(spec, reference, dtypes, progress, command, weights_from, fast=fast)
     report = result.to_dict()
     report["duration_s"] = round(time.perf_counter() - started, 3)
     if result.repro is not None:
@@ -162,7 +171,7 @@ def _align_and_write(spec: ModelSpec, out: Path, console: Console, quiet: bool, 
 
 def _align_across(spec: ModelSpec, out: Path, console: Console, quiet: bool, command: str,
                   config: str | None, dtypes: tuple[str, ...] | None, checkpoint: Path | None,
-                  weights_from: str = "rules", only: tuple[str, ...] = ()) -> dict:
+                  weights_from: str = "rules", only: tuple[str, ...] = (), fast: bool = False) -> dict:
     """The reference here, the port in its own environment: trace, then `align check` there."""
     import subprocess
     import tempfile
@@ -178,11 +187,12 @@ def _align_across(spec: ModelSpec, out: Path, console: Console, quiet: bool, com
                           f"{env_dir} does not exist; create it with `make venv-paddleformers`")
     with tempfile.TemporaryDirectory(prefix="align-trace-") as tmp:
         with _progress(console, spec.name, quiet) as progress, TraceWriter(Path(tmp) / spec.name) as writer:
-            run = run_reference(spec, config, checkpoint, progress, only, sink=writer)
+            run = run_reference(spec, config, checkpoint, progress, only, sink=writer, observe=not fast)
             trace = writer.finish(run)
         cmd = [str(python), "-m", "align", "--registry", str(spec.source), "check", spec.name, "--trace", str(trace),
                "--out", str(out), "--as-command", command, "--weights-from", weights_from]
         cmd += [a for d in dtypes or () for a in ("--dtype", d)] + (["--quiet"] if quiet else [])
+        cmd += ["--fast"] if fast else []
         console.print(f"{spec.name}: reference traced here (torch {run.env['torch']}); "
                       f"checking the port in {env_dir.name}", highlight=False)
         proc = subprocess.run(cmd)
@@ -224,12 +234,38 @@ def _run(args: argparse.Namespace, argv: list[str], console: Console) -> ExitCod
     specs = {port: _port_spec(spec, port) for port in ports}  # fails early if a port is not generated
     dtypes = tuple(dict.fromkeys(DTYPE_ALIASES[d] for d in args.dtype)) if args.dtype else None
     command = "align " + " ".join(shlex.quote(a) for a in argv)
+    if args.stream_layers:
+        return _run_streamed(specs[ports[0]], args, command, console)
     if len(ports) == 1:
         out = args.out or report_dir(registry.source.parent / "reports", spec.name, ports[0])
         report = _align_and_write(specs[ports[0]], out, console, args.quiet, command, args.config, dtypes,
-                                  args.checkpoint, weights_from=args.weights_from, only=tuple(args.only))
+                                  args.checkpoint, weights_from=args.weights_from, only=tuple(args.only),
+                                  fast=args.fast)
         return ExitCode.ALIGNED if report["verdict"] == "pass" else ExitCode.NOT_ALIGNED
     return _run_side_by_side(spec, specs, args, dtypes, command, console)
+
+
+def _run_streamed(spec: ModelSpec, args: argparse.Namespace, command: str, console: Console) -> ExitCode:
+    from align.report import append_history, as_json, render_console, write_index, write_report
+    from align.stream import align_streamed
+
+    if args.checkpoint is None:
+        raise ConfigError(spec.source, f"models.{spec.name}", "--stream-layers needs --checkpoint (the weights to stream)")
+    for flag, given in (("--only", args.only), ("--dtype", args.dtype), ("--fast", args.fast),
+                        ("--weights-from", args.weights_from != "rules"), ("--port", len(args.port or []) > 1)):
+        if given:
+            raise ConfigError(spec.source, f"models.{spec.name}", f"--stream-layers does not take {flag} yet")
+    out = args.out or report_dir(spec.root / "reports", spec.name, "hand")
+    started = time.perf_counter()
+    with _progress(console, spec.name, args.quiet) as progress:
+        result = align_streamed(spec, args.config or spec.default_config, args.checkpoint, progress, command)
+    report = result.to_dict()
+    report["duration_s"] = round(time.perf_counter() - started, 3)
+    report = as_json(report)
+    paths = write_report(report, out)
+    append_history(report, out.parent, out.name)
+    render_console(report, console, (*paths, write_index(out.parent)))
+    return ExitCode.ALIGNED if report["verdict"] == "pass" else ExitCode.NOT_ALIGNED
 
 
 def _run_side_by_side(spec: ModelSpec, specs: dict[str, ModelSpec], args: argparse.Namespace,
@@ -245,11 +281,12 @@ def _run_side_by_side(spec: ModelSpec, specs: dict[str, ModelSpec], args: argpar
                           "ports in another environment cannot be aligned side by side yet")
     root = args.out or spec.root / "reports"
     with _progress(console, spec.name, args.quiet) as progress:
-        reference = run_reference(spec, args.config, args.checkpoint, progress, tuple(args.only))
+        reference = run_reference(spec, args.config, args.checkpoint, progress, tuple(args.only), observe=not args.fast)
     reports = {}
     for port, port_spec in specs.items():
         reports[port] = _align_and_write(port_spec, report_dir(root, spec.name, port), console, args.quiet,
-                                         command, dtypes=dtypes, reference=reference, weights_from=args.weights_from)
+                                         command, dtypes=dtypes, reference=reference, weights_from=args.weights_from,
+                                         fast=args.fast)
     path = root / f"{spec.name}-ports.html"
     write_atomic(path, side_by_side.render_html(reports))
     side_by_side.render_console(reports, console)
@@ -296,7 +333,7 @@ def _check(args: argparse.Namespace, argv: list[str], console: Console) -> ExitC
     out = args.out or registry.source.parent / "reports" / spec.name
     command = args.as_command or "align " + " ".join(shlex.quote(a) for a in argv)
     report = _align_and_write(spec, out, console, args.quiet, command, dtypes=dtypes, reference=run,
-                              weights_from=args.weights_from)
+                              weights_from=args.weights_from, fast=args.fast)
     return ExitCode.ALIGNED if report["verdict"] == "pass" else ExitCode.NOT_ALIGNED
 
 
@@ -309,7 +346,8 @@ def _gate(args: argparse.Namespace, console: Console) -> ExitCode:
     if not gated:
         raise ConfigError(registry.source, "models", "no model is marked ci = true: the gate would check nothing")
     root = args.reports or registry.source.parent / "reports"
-    reports = [_align_and_write(spec, root / spec.name, console, args.quiet, f"align run {spec.name}")
+    reports = [_align_and_write(spec, root / spec.name, console, args.quiet,
+                                f"align run {spec.name}" + ("" if args.full else " --fast"), fast=not args.full)
                for spec in gated]
     if args.junit:
         write_atomic(args.junit, render_junit(reports))

@@ -44,7 +44,7 @@ class Observer:
     outputs_identical: bool
     grads_identical: bool
     differing: tuple[str, ...]
-    checked: bool = True  # False on the gate path, which skips the run without hooks
+    checked: bool = True  # False on the gate and layer-streamed paths, which skip the run without hooks
     # Worst parameter-gradient difference, in units of the gradient's largest value's ulp.
     # Boundary identities add autograd nodes, which can reorder how torch sums a tensor's
     # gradient contributions: a rounding-level change, never a semantic one.
@@ -57,7 +57,7 @@ class Observer:
     @property
     def state(self) -> str:
         if not self.checked:
-            return "not checked (gate path)"
+            return "not checked (not run on this path)"
         if self.perturbed:
             return "DIFFERENT"
         if self.grads_identical:

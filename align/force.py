@@ -66,6 +66,14 @@ def _seen_as(t_shape: tuple, ref: np.ndarray) -> np.ndarray:
     return ref if tuple(ref.shape) == tuple(t_shape) else np.broadcast_to(ref, tuple(t_shape))
 
 
+def _arg_names(call: Call, ref_call: Call, n: int) -> tuple[str, ...]:
+    """Positional inputs named as the reference's forward names them (so `x` and `input` at
+    position 0 are one input), else by the port's own names."""
+    own = call.arg_names
+    return tuple(ref_call.arg_names[i] if i < len(ref_call.arg_names) else own[i] if i < len(own) else f"args[{i}]"
+                 for i in range(n))
+
+
 def _absent(judge: Judge, ref_name: str, ref_call: Call, produced: set[str], is_model: bool) -> None:
     """A reference output the port does not return fails when something depended on it: it
     is the model's own, or a gradient came back to it. Attention weights nobody asked the
@@ -82,8 +90,10 @@ class Forcer:
     partner run untouched and their code counts as their caller's.
     """
 
-    def __init__(self, fw: Framework, ref_calls: dict[str, Call], to_ref: dict[str, str], judge: Judge):
+    def __init__(self, fw: Framework, ref_calls: dict[str, Call], to_ref: dict[str, str], judge: Judge,
+                 prefix: str = ""):
         self.fw, self.ref_calls, self.to_ref, self.judge = fw, ref_calls, to_ref, judge
+        self.prefix = prefix  # the model being forced is this submodule of the whole (see capture.hooked)
         self.owner: dict[str, str | None] = {}  # model call name -> the reference call its code counts for
         self.notes: dict[str, Notes] = {}
         self.seeds: list[tuple[Any, np.ndarray]] = []
@@ -105,7 +115,7 @@ class Forcer:
             return None  # the model's own inputs are what the caller passed (shifted labels, ...)
         fw, ref_call = self.fw, self.ref_calls[ref_name]
         ref_inputs = dict(named_inputs(ref_call.args, ref_call.kwargs, ref_call.arg_names))
-        names = tuple(ref_call.arg_names[i] if i < len(ref_call.arg_names) else n for i, n in enumerate(call.arg_names))
+        names = _arg_names(call, ref_call, len(args))
         seen: set[str] = set()
 
         def swap(path: str, t: Any) -> Any:
@@ -185,7 +195,8 @@ class Forcer:
                 g = np.zeros_like(ref_grad)  # nothing flowed back: equal to the reference only if it sent zeros
             self.judge.compare(owner, BACKWARD, label, g, ref_grad)
         for module_path, ref_name in self.first_calls.items():
-            module = fw.submodule(model, module_path)
+            inner = module_path[len(self.prefix) + 1:] if self.prefix else module_path
+            module = fw.submodule(model, inner or ROOT)
             prefix = "" if module_path == ROOT else module_path + "."
             for attr, p in fw.direct_parameters(module).items():
                 g = fw.grad(p)
@@ -228,7 +239,7 @@ class Follower:
         if ref_name is None:
             return None
         ref_call = self.ref_calls[ref_name]
-        names = tuple(ref_call.arg_names[i] if i < len(ref_call.arg_names) else n for i, n in enumerate(call.arg_names))
+        names = _arg_names(call, ref_call, len(args))
         ref_in = {p: a for p, a in named_inputs(ref_call.args, ref_call.kwargs, ref_call.arg_names)
                   if a.dtype.startswith(("float", "bfloat"))}
         errors = [rel_l2(self.fw.record(t).data, ref_in[p].data)

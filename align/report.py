@@ -166,7 +166,10 @@ def render_console(report: dict, console: Console, paths: tuple[Path, ...] = ())
                       _fmt(_worst(layers, "forward")), _fmt(_worst(layers, "backward")), where)
     console.print(table)
     if report.get("only"):
-        console.print(f"[yellow]partial[/]: teacher forcing limited to --only {' '.join(report['only'])}")
+        console.print(f"[yellow]partial[/]: the report is limited to --only {' '.join(report['only'])}")
+    gate_path = report.get("path") == "gate"
+    if gate_path:
+        console.print("gate path: teacher-forced only; outputs and parameter gradients as the forced pass saw them")
     for kind, items in (("outputs", report["outputs"]), ("param grads", report["param_grads"])):
         if items:
             worst = max(items, key=lambda i: i["max_abs"])

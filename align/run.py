@@ -67,7 +67,8 @@ class Report:
     warnings: tuple[str, ...] = ()
     repro: ReproCase | None = None  # tensors for the first culprit; written by the CLI, not JSON
     weights_from: str = "rules"  # or "pretrained": the port's own loader, checked against the rules
-    only: tuple[str, ...] = ()  # teacher forcing limited to these module globs (a partial check)
+    only: tuple[str, ...] = ()  # the report limited to these module globs (a partial check)
+    path: str = "full"  # or "gate": teacher forcing only, no free-running run and no observer runs
 
     @property
     def verdict(self) -> str:
@@ -108,6 +109,7 @@ class Report:
             "port": self.port,
             "weights_from": self.weights_from,
             "only": list(self.only),
+            "path": self.path,
             "created": self.created,
             "command": self.command,
             "checkpoint": self.checkpoint,
@@ -412,7 +414,7 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
                          else Unpaired(u.name, u.side, f"{why} ({rules.source.name})", allowed=True)
                          for u in pairing.unpaired)
         reported = [p for p in pairing.pairs if selected(p.ref_module, ref.only)]
-        tf_layers = tuple(_forced_layers(reported, ref_trace, forced, tf, tolerances))
+        tf_layers = tuple(_forced_layers(reported, ref_trace.calls, forced, tf, tolerances))
         fwd_order = ref_trace.completion_order()
         bwd_order = ref_trace.start_order()[::-1]
         runs.append(RunResult(dtype, TEACHER_FORCED, spec.tolerance, policy, tf_layers,
@@ -462,7 +464,7 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
         param_grads=param_grads, weights=wmap, unpaired=unpaired, env=env,
         command=command or f"align run {spec.name}",
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        only=ref.only, checkpoint=ref.checkpoint, findings=tuple(findings),
+        only=ref.only, path="gate" if fast else "full", checkpoint=ref.checkpoint, findings=tuple(findings),
         observer=tuple(observers), dtypes=dtypes_seen, warnings=tuple(warnings), repro=repro,
     )
 
@@ -510,11 +512,11 @@ def _notes(notes: Any) -> tuple[str, ...]:
     return tuple(notes.ignored) + tuple(f"{k}: kept the port's own" for k in notes.kept)
 
 
-def _forced_layers(pairs: list, ref_trace: Trace, forced: Any, tf: Collector,
+def _forced_layers(pairs: list, ref_calls: dict, forced: Any, tf: Collector,
                    tolerances: Tolerances) -> list[LayerResult]:
     layers = []
     for p in pairs:
-        call = ref_trace.calls[p.ref]
+        call = ref_calls[p.ref]
         tol = tolerances.for_name(p.ref)
         notes = forced.notes.get(p.ref)
         if notes is None:

@@ -132,6 +132,7 @@ class ModelSpec:
     port_call_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # module glob -> extra keywords
     port_labels: str = "as_reference"  # or "shifted": the port's loss expects next-token labels already shifted
     ports: dict[str, PortVariant] = field(default_factory=dict)  # generated ports beside the hand port
+    stream_blocks: str | None = None  # [stream] blocks: the reference's block list, for --stream-layers
 
     @property
     def root(self) -> Path:
@@ -366,6 +367,10 @@ def _model(file: Path, name: str, t: _Table, defaults: dict[str, Any]) -> ModelS
         overrides.append(Override(glob, _tolerance(_Table(file, o_t.path, {k: v for k, v in o.items() if k != "glob"}))))
     tol_t.done()
 
+    stream_t = t.table("stream", {})
+    stream_blocks = stream_t.get("blocks", str, None)
+    stream_t.done()
+
     hand_port = "port" in t.data or "ports" not in t.data
     ports = _ports(file, t, _class_ref(ref, "config_class"))
     weights = t.get("weights", str, ... if hand_port else None)
@@ -399,6 +404,7 @@ def _model(file: Path, name: str, t: _Table, defaults: dict[str, Any]) -> ModelS
         port_call_kwargs=_call_kwargs(port),
         port_labels=_choice(port, "labels", ("as_reference", "shifted"), "as_reference"),
         ports=ports,
+        stream_blocks=stream_blocks,
     )
     for sub in (ref, port, init, inputs):
         sub.done()

@@ -235,3 +235,26 @@ def test_no_false_alarm_on_the_correct_port(init_seed, input_seed, bug_ledger):
     assert report["verdict"] == "pass", report["culprits"]
     assert report["culprits"]["forward"] == [] and report["culprits"]["backward"] == []
     assert all(not run.get("amplifying") for run in report["runs"] if run["status"] == "ran")
+
+
+@pytest.mark.parametrize("bug", ["rmsnorm_missing_plus_one", "wrong_attention_scale", "sliding_window_off_by_one",
+                                 "paddle_cross_entropy_mean", "detached_gradient_path", "square_weight_untransposed"])
+def test_gate_path_fails_and_localizes_too(bug, monkeypatch, run_cli, bug_ledger):
+    """`--fast` (what `align gate` runs) keeps only the forced pass: the same verdict and culprit."""
+    inject, culprit, direction, kind = BUGS[bug]
+    inject(monkeypatch)
+    code, report, _ = run_cli("run", "gemma2", "--dtype", "fp32", "--fast")
+    detected = code == 1 and report["verdict"] == "fail"
+    localized = any(fnmatch.fnmatchcase(c, culprit) for c in report["culprits"][direction])
+    bug_ledger.record(f"{bug} (gate path)", kind, detected, localized)
+    assert report["path"] == "gate" and [r["mode"] for r in report["runs"] if r["status"] == "ran"] == ["teacher_forced"]
+    assert detected and localized, report["culprits"]
+
+
+def test_gate_path_passes_the_correct_port(run_cli, bug_ledger):
+    code, report, err = run_cli("run", "gemma2", "--dtype", "fp32", "--fast")
+    bug_ledger.record_clean("gate path", false_alarm=report["verdict"] != "pass")
+    assert code == 0 and report["verdict"] == "pass"
+    assert report["outputs"] and report["param_grads"] and all(p["passed"] for p in report["param_grads"])
+    assert {o["state"] for o in report["observer"]} == {"not checked (not run on this path)"}
+    assert "gate path: teacher-forced only" in err

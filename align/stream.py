@@ -1,0 +1,370 @@
+"""Layer-streamed alignment: a decoder stack larger than memory, one block at a time.
+
+Both models are built as skeletons (torch on the meta device, Paddle under LazyGuard): no
+weight is allocated. Weights come from a memory-mapped safetensors checkpoint, one unit at
+a time, and are freed after use. Memory is then about one block per framework, plus the
+shell (embeddings, final norm, head) of one framework at a time, plus the activations at
+the block boundaries.
+
+1. The reference runs whole with its shell loaded; each block is loaded for its call, run
+   without gradients, recorded, freed, and its output cut into a fresh leaf. The loss's
+   backward reaches the last block's output leaf.
+2. Blocks last to first: the reference block is loaded and run again on its recorded inputs,
+   under hooks, seeded with the gradient its output leaf received. That sends the gradient
+   on to the previous block's output leaf (from the first block, into the embeddings). The
+   port's block is loaded and forced on that record (align.force): every module inside is
+   judged on its own, forward and backward. Both blocks are freed.
+3. The port's shell is loaded and forced on the reference's record, each block call
+   answered from the record instead of run: this judges the code around the blocks
+   (embedding scale, masks, norm, head, loss) and the shell's parameter gradients.
+
+Blocks must feed each other directly (block k's output is block k+1's input, as in
+transformers' decoder stacks); a model with code between them is refused, not misjudged.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from align import weights as W
+from align.capture import ROOT, Call, Recorder, _snapshot, flatten, hooked, map_tensors
+from align.compare import BACKWARD, FORWARD, TEACHER_FORCED, Collector, RunResult, TensorResult, Tolerances, \
+    culprits, first_divergence
+from align.force import Forcer
+from align.metrics import missing
+from align.pair import Unpaired, pair_calls
+from align.spec import ConfigError, ModelSpec
+
+Progress = Callable[[str], None]
+
+
+def _under(key: str, prefix: str) -> bool:
+    return not prefix or key == prefix or key.startswith(prefix + ".")
+
+
+class Loader:
+    """Puts weights into both skeletons from the checkpoint, a module subtree at a time, and
+    takes them out again. Every port tensor loaded is read back and checked bit-exact."""
+
+    def __init__(self, ckpt: Any, wmap: W.WeightMap, ref: Any, port: Any, rename: Callable[[str], str]):
+        import torch
+
+        self.torch, self.ckpt, self.wmap, self.rename = torch, ckpt, wmap, rename
+        # A tied reference parameter is one Parameter under several names: loaded once.
+        self.slots: dict[str, list[tuple[Any, str]]] = {}
+        self.first_name: dict[str, str] = {}
+        by_id: dict[int, str] = {}
+        for mod_name, mod in ref.named_modules():
+            for attr, p in mod.named_parameters(recurse=False):
+                key = f"{mod_name}.{attr}" if mod_name else attr
+                first = by_id.setdefault(id(p), key)
+                self.slots.setdefault(first, []).append((mod, attr))
+                self.first_name[key] = first
+        self.port_state = port.state_dict()
+        self.checked: dict[str, W.WeightEntry] = {}
+
+    def _ref_keys(self, prefix: str, exclude: str | None) -> list[str]:
+        return sorted({first for key, first in self.first_name.items()
+                       if _under(key, prefix) and not (exclude and _under(key, exclude))})
+
+    def _port_entries(self, prefix: str, exclude: str | None) -> list[W.WeightEntry]:
+        p, x = self.rename(prefix) if prefix else "", self.rename(exclude) if exclude else None
+        return [e for e in self.wmap.written() if any(_under(t, p) and not (x and _under(t, x)) for t in e.targets)]
+
+    def load_ref(self, prefix: str, exclude: str | None = None) -> None:
+        torch = self.torch
+        for first in self._ref_keys(prefix, exclude):
+            names = [k for k, f in self.first_name.items() if f == first]
+            stored = next((k for k in names if k in self.ckpt.where), None)
+            if stored is None:
+                raise ConfigError(self.ckpt.path, "", f"has no tensor for the reference's {first}")
+            param = torch.nn.Parameter(torch.from_numpy(np.array(self.ckpt.get(stored))))
+            for mod, attr in self.slots[first]:
+                mod._parameters[attr] = param
+            self.ckpt.release(stored)
+
+    def free_ref(self, prefix: str, exclude: str | None = None) -> None:
+        torch = self.torch
+        for first in self._ref_keys(prefix, exclude):
+            mod, attr = self.slots[first][0]
+            old = mod._parameters[attr]
+            meta = torch.nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"))
+            for mod, attr in self.slots[first]:
+                mod._parameters[attr] = meta
+
+    def load_port(self, prefix: str, exclude: str | None = None) -> None:
+        entries = self._port_entries(prefix, exclude)
+        for e in entries:
+            for target, arr in W.build_targets(e, self.ckpt.get).items():
+                self.port_state[target].set_value(arr)
+        checked = W.verify(W.WeightMap(tuple(entries)), _Source(self.ckpt), lambda k: self.port_state[k].numpy())
+        self.checked.update({e.target: e for e in checked.entries})
+        for e in entries:
+            for k in e.sources:
+                self.ckpt.release(k)
+
+    def free_port(self, prefix: str, exclude: str | None = None) -> None:
+        for e in self._port_entries(prefix, exclude):
+            for target in e.targets:
+                self.port_state[target]._clear_data()
+
+    def weight_map(self) -> W.WeightMap:
+        return W.WeightMap(tuple(self.checked.get(e.target, e) for e in self.wmap.entries),
+                           self.wmap.unmapped, self.wmap.unwritten)
+
+
+class _Source(dict):
+    """The checkpoint as W.verify reads it (key -> mapped array)."""
+
+    def __init__(self, ckpt: Any):
+        super().__init__()
+        self.ckpt = ckpt
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.ckpt.get(key)
+
+
+@dataclass
+class _Block:
+    """One block call as the reference's first pass saw it."""
+
+    name: str  # "model.layers.3"
+    args: tuple  # the live inputs (the previous block's output leaf among them)
+    kwargs: dict
+    record: Call
+    leaves: list = field(default_factory=list)  # (path, leaf): its output, cut
+
+
+class _ShellRecorder(Recorder):
+    """The reference's first pass: the shell recorded as usual; each block loaded, run without
+    gradients, recorded, freed, and its output cut into leaves that gather its gradient."""
+
+    def __init__(self, fw: Any, blocks: str, loader: Loader):
+        super().__init__(fw, keep_inputs=True)
+        self.blocks, self.loader = blocks, loader
+        self.seen: list[_Block] = []
+        self._modes: list[bool] = []
+
+    def is_block(self, module: str) -> bool:
+        return fnmatch.fnmatchcase(module, f"{self.blocks}.*") and "." not in module[len(self.blocks) + 1:]
+
+    def inside(self, module: str) -> bool:
+        return module.startswith(self.blocks + ".") and not self.is_block(module)
+
+    def enter(self, call: Call, module: Any, args: tuple, kwargs: dict, caller: Call | None) -> tuple | None:
+        if self.inside(call.module):
+            return None
+        if not self.is_block(call.module):
+            return super().enter(call, module, args, kwargs, caller)
+        torch = self.loader.torch
+        self.loader.load_ref(call.module)
+        record = Call(call.name, call.module, call.type, call.start, arg_names=call.arg_names)
+        record.args, record.kwargs = _snapshot(args, self.fw), _snapshot(kwargs, self.fw)
+        self.seen.append(_Block(call.name, args, kwargs, record))
+        self._modes.append(torch.is_grad_enabled())
+        torch.set_grad_enabled(False)
+        return None
+
+    def exit(self, call: Call, module: Any, args: tuple, output: Any, caller: Call | None) -> Any:
+        if self.inside(call.module):
+            return output
+        if not self.is_block(call.module):
+            return super().exit(call, module, args, output, caller)
+        self.loader.torch.set_grad_enabled(self._modes.pop())
+        self.loader.free_ref(call.module)
+        block = self.seen[-1]
+        block.record.end = call.end
+        flat = [(p, t) for p, t in flatten(output, self.fw) if self.fw.is_tensor(t)]
+        block.record.outputs = {p: self.fw.record(t) for p, t in flat}
+        paths = iter(p for p, _ in flat)
+
+        def cut(t: Any) -> Any:
+            leaf = t.detach().requires_grad_(t.is_floating_point())
+            block.leaves.append((next(paths), leaf))
+            return leaf
+
+        return map_tensors(output, self.fw, cut)
+
+
+@contextmanager
+def _answered(fw: Any, port: Any, records: dict[str, Call]) -> Iterator[None]:
+    """The port's blocks answer their calls from the reference's record instead of running
+    (each block's own code is judged on its own). Instance attributes, removed on exit."""
+    patched = []
+    for path, record in records.items():
+        block = fw.submodule(port, path)
+
+        @functools.wraps(block.forward)  # keeps the signature: its inputs are named as the real one's
+        def answer(*args: Any, record: Call = record, **kwargs: Any) -> Any:
+            outs = {p: fw.tensor(a, requires_grad=a.dtype.startswith("float")) for p, a in record.outputs.items()}
+            return outs["out"] if list(outs) == ["out"] else tuple(outs[str(i)] for i in range(len(outs)))
+
+        block.forward = answer
+        patched.append(block)
+    try:
+        yield
+    finally:
+        for block in patched:
+            del block.forward
+
+
+def _block_inputs(ps: Any, module: Any, call: Call, extra: dict) -> tuple[tuple, dict, list]:
+    """A recorded call's inputs as the port block takes them; floating ones as leaves."""
+    accepted = ps.accepted_kwargs(module)
+    leaves = []
+
+    def make(path: str, a: Any) -> Any:
+        t = ps.tensor(a, requires_grad=path in call.input_grads)
+        if path in call.input_grads:
+            leaves.append((path, t))
+        return t
+
+    def walk(obj: Any, path: str) -> Any:
+        if hasattr(obj, "dtype") and hasattr(obj, "data") and not isinstance(obj, (dict, tuple, list)):
+            return make(path, obj)
+        if isinstance(obj, dict):
+            return {k: walk(v, f"{path}.{k}" if path else k) for k, v in obj.items()}
+        if isinstance(obj, (tuple, list)):
+            items = [walk(v, f"{path}.{i}") for i, v in enumerate(obj)]
+            return items if isinstance(obj, list) else tuple(items)
+        return obj
+
+    args = tuple(walk(a, call.arg_path(i)) for i, a in enumerate(call.args))
+    kwargs = {k: walk(v, k) for k, v in call.kwargs.items() if accepted is None or k in accepted}
+    kwargs.update({k: v for k, v in extra.items() if accepted is None or k in accepted})
+    return args, kwargs, leaves
+
+
+def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Progress = lambda s: None,
+                   command: str = "") -> Any:
+    """Align `spec` on `checkpoint` block by block (fp32, teacher-forced); returns a Report."""
+    import torch
+
+    from align import build
+    from align.checkpoint import Checkpoint
+    from align.diagnose import Observer, environment, port_environment, reference_environment
+    from align.paddle_side import PaddleSide
+    from align.run import Report, _as_reference, _call_kwargs_for, _forced_layers, _port_inputs, _seed
+    from align.torch_side import TorchSide
+
+    blocks = spec.stream_blocks
+    if not blocks:
+        raise ConfigError(spec.source, f"models.{spec.name}.stream.blocks",
+                          'missing: name the reference\'s block list (e.g. "model.layers") to stream layers')
+    ts, ps = TorchSide(), PaddleSide()
+    rules = W.load_rules(spec.weights_file)
+    rename = lambda m: rules.rename_module(m)[0]  # noqa: E731
+    cfg = build.reference_config(spec, config)
+    tolerances = Tolerances(spec.tolerance, spec.overrides)
+    progress("building both models as skeletons (no weights)")
+    ref = build.reference_skeleton(spec, cfg)
+    port = build.port_skeleton(spec, cfg.to_dict())
+    port_modules = {ROOT} | {n for n, _ in port.named_sublayers()}
+    to_reference = lambda key, g: _as_reference({key: g}, wmap)  # noqa: E731
+    found = Collector(tolerances)  # every block's comparisons; the shell's go to their own
+    layers, unpaired = [], []
+    with Checkpoint(checkpoint) as ckpt:
+        slots = W.describe_slots(port.state_dict(), dict(port.named_sublayers(include_self=True)))
+        wmap = W.plan(rules, ckpt.shapes(), slots, cfg.to_dict())
+        loader = Loader(ckpt, wmap, ref, port, rename)
+        inputs = build.make_inputs(spec, cfg)
+
+        progress("reference: the shell with gradients, each block without")
+        loader.load_ref("", exclude=blocks)
+        recorder = _ShellRecorder(ts, blocks, loader)
+        with hooked(ts, ref, recorder) as calls:
+            ts.backward(_seed(ts, spec)(ref(**{k: ts.tensor(a, False) for k, a in inputs.items()})))
+        order = {n: (c.start, c.end) for n, c in calls.items()}  # every call, blocks' insides too
+        ref_calls = {n: c for n, c in calls.items() if not recorder.inside(c.module)}
+        ref_grads: dict[str, np.ndarray] = {}
+
+        for i, b in reversed(list(enumerate(recorder.seen))):
+            progress(f"block {i + 1}/{len(recorder.seen)} ({b.name}): reference, then port on its inputs")
+            grads = {p: leaf.grad for p, leaf in b.leaves if leaf.grad is not None}
+            if not grads:
+                raise ConfigError(spec.source, f"models.{spec.name}.stream.blocks",
+                                  f"no gradient reached {b.name}'s output: the blocks must feed each other directly")
+            loader.load_ref(b.name)
+            module = ts.submodule(ref, b.name)
+            with hooked(ts, module, Recorder(ts, keep_inputs=True), prefix=b.name) as inner:
+                outs = dict(flatten(module(*b.args, **b.kwargs), ts))
+                torch.autograd.backward([outs[p] for p in grads], list(grads.values()))
+            block_calls = dict(inner)
+            ref_calls[b.name] = block_calls[b.name]
+            own = {k: ts.record(p.grad).data for k, p in ref.named_parameters() if _under(k, b.name) and p.grad is not None}
+            ref_grads.update(own)
+            loader.free_ref(b.name)
+            b.args, b.kwargs, b.leaves = (), {}, []
+
+            port_name = rename(b.name)
+            loader.load_port(b.name)
+            port_block = ps.submodule(port, port_name)
+            pairing = pair_calls([(n, c.module) for n, c in block_calls.items()], port_modules, rules.rename_module)
+            forcer = Forcer(ps, block_calls, {p.port: p.ref for p in pairing.pairs}, found, prefix=port_name)
+            args, kwargs, leaves = _block_inputs(ps, port_block, block_calls[b.name], _call_kwargs_for(spec, b.name))
+            ps.clear_grads(port_block)
+            with hooked(ps, port_block, forcer, prefix=port_name):
+                port_block(*args, **kwargs)
+            forcer.backward(port_block, own, to_reference)
+            for path, leaf in leaves:
+                g = ps.grad(leaf)
+                ref_g = block_calls[b.name].input_grads[path]
+                found.compare(b.name, BACKWARD, f"grad of input {path}", np.zeros_like(ref_g) if g is None else g, ref_g)
+            layers += _forced_layers(pairing.pairs, block_calls, forcer, found, tolerances)
+            unpaired += pairing.unpaired
+            ps.clear_grads(port_block)
+            loader.free_port(b.name)
+
+        ref_grads.update({k: ts.record(p.grad).data for k, p in ref.named_parameters()
+                          if not _under(k, blocks) and p.grad is not None})
+        loader.free_ref("", exclude=blocks)
+        del ref, recorder, calls
+
+        progress("port: the shell, forced, each block answered from the reference's record")
+        loader.load_port("", exclude=blocks)
+        block_records = {n: c for n, c in ref_calls.items() if fnmatch.fnmatchcase(n, f"{blocks}.*")
+                         and "." not in n[len(blocks) + 1:]}
+        pairing = pair_calls([(n, c.module) for n, c in ref_calls.items()], port_modules, rules.rename_module)
+        shell_pairs = [p for p in pairing.pairs if p.ref not in block_records]
+        shell = Collector(tolerances)
+        forcer = Forcer(ps, ref_calls, {p.port: p.ref for p in pairing.pairs}, shell)
+        with _answered(ps, port, {rename(n): c for n, c in block_records.items()}):
+            with hooked(ps, port, forcer):
+                port(**{k: ps.tensor(a, False) for k, a in _port_inputs(inputs, spec).items()},
+                     **_call_kwargs_for(spec, ROOT))
+            forcer.backward(port, {k: g for k, g in ref_grads.items() if not _under(k, blocks)}, to_reference)
+        layers += _forced_layers(shell_pairs, ref_calls, forcer, shell, tolerances)
+        unpaired += [u for u in pairing.unpaired if not _under(u.name.split("#")[0], blocks)]
+        loader.free_port("", exclude=blocks)
+
+    layers = sorted(layers, key=lambda layer: order[layer.name][0])
+    fwd_order = sorted(order, key=lambda n: order[n][1])
+    bwd_order = sorted(order, key=lambda n: order[n][0])[::-1]
+    run = RunResult("float32", TEACHER_FORCED, spec.tolerance, spec.tolerance.describe() + "; layer-streamed",
+                    tuple(layers), first_divergence(tuple(layers), fwd_order, bwd_order),
+                    culprits(tuple(layers), fwd_order, bwd_order))
+    outputs = tuple(TensorResult(k, m, tolerances.for_name(k)) for k, m in shell.labelled(ROOT, FORWARD, "output "))
+    param_grads = tuple(TensorResult(k, m, tolerances.for_name(k))
+                        for collector in (found, shell) for layer in layers
+                        for k, m in collector.labelled(layer.name, BACKWARD, "grad of parameter "))
+    param_grads += tuple(TensorResult(k, missing("the port parameter got no gradient", k), tolerances.for_name(k))
+                         for k in sorted(set(ref_grads) - {p.name for p in param_grads}))
+    env = environment(reference_environment(), port_environment(), {"init": None, "inputs": spec.inputs.seed})
+    return Report(
+        model=spec.name, config=config, port=spec.port_class, runs=(run,), outputs=outputs,
+        param_grads=param_grads, weights=loader.weight_map(),
+        unpaired=tuple(u if not (why := rules.unpaired_reason(u.name.split("#")[0]))
+                       else Unpaired(u.name, u.side, f"{why} ({rules.source.name})", allowed=True) for u in unpaired),
+        env=env, command=command or f"align run {spec.name} --stream-layers", path="stream",
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), checkpoint=str(checkpoint),
+        observer=(Observer("torch", True, True, (), checked=False), Observer("paddle", True, True, (), checked=False)),
+    )
