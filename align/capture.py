@@ -281,6 +281,10 @@ class Recorder:
         self.fw, self.keep_inputs = fw, keep_inputs
         self._seen: dict[int, tuple[Any, Arr]] = {}  # id -> (tensor kept alive, its snapshot)
 
+    def forget(self) -> None:
+        """Drop the tensors kept for de-duplication (and, through their graphs, the weights)."""
+        self._seen.clear()
+
     def snapshot(self, t: Any) -> Arr:
         hit = self._seen.get(id(t))
         if hit is None or hit[0] is not t:

@@ -72,7 +72,7 @@ class PaddleSide:
         return dict(root.named_buffers())
 
     def clear_grads(self, model) -> None:
-        model.clear_gradients()
+        model.clear_gradients(set_to_zero=False)  # free them: zero-filled grads keep their memory
 
     def grad(self, param: paddle.Tensor) -> np.ndarray | None:
         return None if param.grad is None else self.record(param.grad).data

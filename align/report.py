@@ -170,6 +170,9 @@ def render_console(report: dict, console: Console, paths: tuple[Path, ...] = ())
     gate_path = report.get("path") == "gate"
     if gate_path:
         console.print("gate path: teacher-forced only; outputs and parameter gradients as the forced pass saw them")
+    elif report.get("path") == "stream":
+        console.print("layer-streamed: one block at a time from the checkpoint, teacher-forced only (fp32); "
+                      "outputs and parameter gradients as the forced passes saw them")
     for kind, items in (("outputs", report["outputs"]), ("param grads", report["param_grads"])):
         if items:
             worst = max(items, key=lambda i: i["max_abs"])

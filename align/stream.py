@@ -283,9 +283,11 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
         recorder = _ShellRecorder(ts, blocks, loader)
         with hooked(ts, ref, recorder) as calls:
             ts.backward(_seed(ts, spec)(ref(**{k: ts.tensor(a, False) for k, a in inputs.items()})))
+        # Its snapshot cache holds the shell's outputs, whose graphs hold the shell's weights.
+        recorder.forget()
         order = {n: (c.start, c.end) for n, c in calls.items()}  # every call, blocks' insides too
         ref_calls = {n: c for n, c in calls.items() if not recorder.inside(c.module)}
-        ref_grads: dict[str, np.ndarray] = {}
+        graded: set[str] = set()  # every reference parameter that got a gradient
 
         for i, b in reversed(list(enumerate(recorder.seen))):
             progress(f"block {i + 1}/{len(recorder.seen)} ({b.name}): reference, then port on its inputs")
@@ -300,8 +302,9 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
                 torch.autograd.backward([outs[p] for p in grads], list(grads.values()))
             block_calls = dict(inner)
             ref_calls[b.name] = block_calls[b.name]
+            # This block's parameter gradients live only while its port twin is judged.
             own = {k: ts.record(p.grad).data for k, p in ref.named_parameters() if _under(k, b.name) and p.grad is not None}
-            ref_grads.update(own)
+            graded.update(own)
             loader.free_ref(b.name)
             b.args, b.kwargs, b.leaves = (), {}, []
 
@@ -324,8 +327,9 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
             ps.clear_grads(port_block)
             loader.free_port(b.name)
 
-        ref_grads.update({k: ts.record(p.grad).data for k, p in ref.named_parameters()
-                          if not _under(k, blocks) and p.grad is not None})
+        shell_grads = {k: ts.record(p.grad).data for k, p in ref.named_parameters()
+                       if not _under(k, blocks) and p.grad is not None}
+        graded.update(shell_grads)
         loader.free_ref("", exclude=blocks)
         del ref, recorder, calls
 
@@ -341,7 +345,7 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
             with hooked(ps, port, forcer):
                 port(**{k: ps.tensor(a, False) for k, a in _port_inputs(inputs, spec).items()},
                      **_call_kwargs_for(spec, ROOT))
-            forcer.backward(port, {k: g for k, g in ref_grads.items() if not _under(k, blocks)}, to_reference)
+            forcer.backward(port, shell_grads, to_reference)
         layers += _forced_layers(shell_pairs, ref_calls, forcer, shell, tolerances)
         unpaired += [u for u in pairing.unpaired if not _under(u.name.split("#")[0], blocks)]
         loader.free_port("", exclude=blocks)
@@ -357,7 +361,7 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
                         for collector in (found, shell) for layer in layers
                         for k, m in collector.labelled(layer.name, BACKWARD, "grad of parameter "))
     param_grads += tuple(TensorResult(k, missing("the port parameter got no gradient", k), tolerances.for_name(k))
-                         for k in sorted(set(ref_grads) - {p.name for p in param_grads}))
+                         for k in sorted(graded - {p.name for p in param_grads}))
     env = environment(reference_environment(), port_environment(), {"init": None, "inputs": spec.inputs.seed})
     return Report(
         model=spec.name, config=config, port=spec.port_class, runs=(run,), outputs=outputs,

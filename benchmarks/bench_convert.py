@@ -25,12 +25,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import RESULTS, ROOT, gemma2_full_shapes, update_readme, write_checkpoint
+
 PY = sys.executable
 # Peak RSS of THIS process: VmHWM resets at exec, where ru_maxrss carries over the parent's
 # peak across fork + exec on Linux (it would report the generator's memory for every child).
 HWM_EXPR = 'int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024'
-RESULTS = ROOT / "benchmarks" / "results"
 
 CHILD_FLOOR = r"""
 import json, sys, time
@@ -61,47 +61,8 @@ print(json.dumps({"code": code, "seconds": time.perf_counter() - t, "peak_rss_mb
 
 def generate(dst: Path, shard_gb: float) -> dict:
     """A full-shape Gemma2-2B reference checkpoint, seeded random bf16, written tensor by tensor."""
-    import numpy as np
 
-    from align import build
-    from align.safetensors_io import Planned, write_streaming
-    from align.spec import load_registry
-
-    spec = load_registry(ROOT / "align.toml").get("gemma2")
-    shapes = build.reference_shapes(spec, build.reference_config(spec, "full"))
-    shapes.pop("lm_head.weight")  # tied, and not stored by save_pretrained
-    rng = np.random.default_rng(0)
-
-    def words(shape):
-        # bf16 bit patterns of values in about +-[1e-3, 0.06]: random sign and mantissa,
-        # exponents 117..122. Cheap to draw, and every value is a normal finite bf16.
-        n = int(np.prod(shape))
-        sign = rng.integers(0, 2, n, dtype=np.uint16) << np.uint16(15)
-        exp = rng.integers(117, 123, n, dtype=np.uint16) << np.uint16(7)
-        mant = rng.integers(0, 128, n, dtype=np.uint16)
-        return (sign | exp | mant).reshape(shape)
-
-    dst.mkdir(parents=True)
-    shards, current, size, limit = [], [], 0, shard_gb * 1e9
-    for key, shape in shapes.items():
-        nbytes = int(np.prod(shape)) * 2
-        if current and size + nbytes > limit:
-            shards.append(current)
-            current, size = [], 0
-        current.append((key, shape))
-        size += nbytes
-    shards.append(current)
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        planned = [Planned(k, "BF16", tuple(s), lambda s=s: words(s)) for k, s in shard]
-        total += write_streaming(dst / name, planned, {"format": "pt"})
-        weight_map.update({k: name for k, _ in shard})
-    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                   "weight_map": weight_map}))
-    largest = max(int(np.prod(s)) * 2 for s in shapes.values())
-    sizes = [sum(int(np.prod(s)) * 2 for _, s in shard) for shard in shards]
-    return {"bytes": total, "shards": len(shards), "largest_shard_mb": max(sizes) / 1e6, "largest_tensor_mb": largest / 1e6}
+    return write_checkpoint(dst, gemma2_full_shapes(), "BF16", shard_gb)
 
 
 def child(code: str, *args: str) -> dict:
@@ -157,7 +118,7 @@ def main() -> None:
     (RESULTS / "convert.json").write_text(json.dumps(result, indent=1) + "\n")
     table = render(result)
     print(table)
-    update_readme(table)
+    update_readme("convert", table)
     if not args.keep:
         shutil.rmtree(args.workdir)
 
@@ -171,15 +132,6 @@ def render(r: dict) -> str:
         f"{r['largest_shard_mb']} + {r['largest_tensor_mb']} + {r['ours_baseline_rss_mb']} = {r['rss_bound_mb']} MB | "
         f"{'bit-exact' if r['verified'] else 'FAILED'} |",
     ])
-
-
-def update_readme(table: str) -> None:
-    readme = ROOT / "benchmarks" / "README.md"
-    begin, end = "<!-- convert:begin -->", "<!-- convert:end -->"
-    text = readme.read_text() if readme.exists() else ""
-    if begin in text:
-        text = text[: text.index(begin) + len(begin)] + "\n" + table + "\n" + text[text.index(end):]
-        readme.write_text(text)
 
 
 if __name__ == "__main__":

@@ -1,47 +1,67 @@
-"""Alignment overhead: `align run` against a bare forward + backward of both models, one run.
+"""Alignment overhead against a bare forward + backward of both models, measured in one run.
 
-    .venv/bin/python benchmarks/bench_overhead.py
+    .venv/bin/python benchmarks/bench_overhead.py [--configs tiny,mid] [--no-padiff]
 
-For each config (the tiny Gemma2, and a mid-size one: 8 layers, hidden 512, 256 tokens):
-- bare: the reference and the port, weights already loaded, forward + backward once each
-  with no hooks (after one warm-up), on the same inputs and threads;
-- align: the whole in-process `align_model` (fp32: build, weight mapping, hooked runs of both,
-  the observer runs, teacher-forced replay of every module, comparison), timed end to end.
-The ratio is align / bare. Peak RSS is each phase's own (VmHWM of a fresh process).
+For each config (the tiny Gemma2, and a mid-size one: 8 layers, hidden 512, 256 tokens), each
+phase in its own fresh process (same inputs, same default threads, torch and paddle imported
+before any clock starts):
+- bare: build both models and load the weights, then one forward + backward of each with no
+  hooks. The first such pass is "cold" (what any process that runs the models once pays:
+  kernel selection, allocator growth); a second one is "warm".
+- gate path: `align_model(..., fast=True)`: the reference under hooks, then one forced
+  pass of the port (every module teacher-forced, forward and backward).
+- full path: `align_model(...)`: the gate path plus the port free-running (compared as it
+  goes) and both observer runs (each model once more without hooks).
+For the align phases the clock covers the whole call; "alignment" is that minus building the
+two models and loading the weights, which the bare run needs too and does not time. The
+ratio is alignment / bare cold (and / bare warm, for the pessimist). Peak RSS is each
+process's own VmHWM.
+PaDiff 0.2.0 (in .venv-padiff, see `make venv-padiff`) runs `benchmarks/padiff_run.py` on the
+same models, API mode off and on; its time is compared with our full path.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from common import RESULTS, ROOT, update_readme
+
+PADIFF_PY = ROOT / ".venv-padiff" / "bin" / "python"
 
 MID = {"vocab_size": 256, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 8,
        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64, "query_pre_attn_scalar": 64,
        "sliding_window": 128, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
        "tie_word_embeddings": True, "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "pad_token_id": 0,
        "use_cache": False, "attn_implementation": "eager"}
+CONFIGS = {"tiny": ("tiny Gemma2 (4 layers, hidden 64, 16 tokens)", "tiny", 16),
+           "mid": ("mid Gemma2 (8 layers, hidden 512, 256 tokens)", str(RESULTS / "gemma2-mid.json"), 256)}
 
 CHILD = r"""
 import dataclasses, json, sys, time
+import torch, paddle
 HWM = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
-from align import build
+from align import build, weights as W
 from align.spec import load_registry
 from align.run import align_model, _load_weights, _seed
-from align import weights as W
 from align.paddle_side import PaddleSide
 from align.torch_side import TorchSide
-mode, config, seq_len = sys.argv[1], sys.argv[2], int(sys.argv[3])
+phase, config, seq_len = sys.argv[1], sys.argv[2], int(sys.argv[3])
 spec = load_registry("align.toml").get("gemma2")
 spec = dataclasses.replace(spec, inputs=dataclasses.replace(spec.inputs, seq_len=seq_len))
-if mode == "align":
-    t = time.perf_counter()
-    report = align_model(spec, config, ("float32",))
-    print(json.dumps({"seconds": time.perf_counter() - t, "rss_mb": HWM(), "verdict": report.verdict}))
+if phase in ("gate", "full"):
+    marks = []
+    t0 = time.perf_counter()
+    report = align_model(spec, config, ("float32",), fast=phase == "gate",
+                         progress=lambda s: marks.append((time.perf_counter() - t0, s)))
+    total = time.perf_counter() - t0
+    at = lambda prefix: next(t for t, s in marks if s.startswith(prefix))
+    # Building the reference (seeded init), and building the port + loading its weights.
+    build_s = (at("running the reference") - at("building the reference")) + (at("float32:") - at("building the port"))
+    print(json.dumps({"seconds": total, "build_s": build_s, "rss_mb": HWM(), "verdict": report.verdict}))
 else:
     ts, ps = TorchSide(), PaddleSide()
     cfg = build.reference_config(spec, config)
@@ -49,16 +69,16 @@ else:
     _load_weights(W.load_rules(spec.weights_file), {k: ts.record(v).data for k, v in ref.state_dict().items()},
                   port, ps, cfg.to_dict())
     inputs = build.make_inputs(spec, cfg)
-    def once(fw, model):
-        fw.clear_grads(model)
-        out = model(**{k: fw.tensor(a, False) for k, a in inputs.items()})
-        fw.backward(_seed(fw, spec)(out))
-    for fw, model in ((ts, ref), (ps, port)):
-        once(fw, model)  # warm-up
-    t = time.perf_counter()
-    for fw, model in ((ts, ref), (ps, port)):
-        once(fw, model)
-    print(json.dumps({"seconds": time.perf_counter() - t, "rss_mb": HWM()}))
+    def both():
+        t = time.perf_counter()
+        for fw, model in ((ts, ref), (ps, port)):
+            fw.clear_grads(model)
+            out = model(**{k: fw.tensor(a, False) for k, a in inputs.items()})
+            fw.backward(_seed(fw, spec)(out))
+        return time.perf_counter() - t
+    cold = both()
+    warm = both()
+    print(json.dumps({"cold_s": cold, "warm_s": warm, "rss_mb": HWM()}))
 """
 
 
@@ -69,30 +89,73 @@ def child(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def padiff(config: str) -> dict[str, dict]:
+    """PaDiff's auto_diff, API mode off and on, each run by padiff_run.py in its own process."""
+    if not PADIFF_PY.is_file():
+        return {}
+    rows = {}
+    for mode in ("api-off", "api-on"):
+        out = subprocess.run([str(PADIFF_PY), str(ROOT / "benchmarks" / "padiff_run.py"), "--config", config,
+                              "--mode", mode, "--out", str(RESULTS / f"padiff-{config}-{mode}.json")],
+                             capture_output=True, text=True, cwd=ROOT)
+        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+        rows[mode] = json.loads(lines[-1]) if out.returncode == 0 and lines else {"error": out.stderr[-500:]}
+    return rows
+
+
 def main() -> None:
-    mid = ROOT / "benchmarks" / "results" / "gemma2-mid.json"
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default="tiny,mid")
+    ap.add_argument("--no-padiff", action="store_true")
+    args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    mid.write_text(json.dumps(MID))
+    (RESULTS / "gemma2-mid.json").write_text(json.dumps(MID))
     rows = []
-    for name, config, seq in (("tiny Gemma2 (4 layers, hidden 64, 16 tokens)", "tiny", 16),
-                              ("mid Gemma2 (8 layers, hidden 512, 256 tokens)", str(mid), 256)):
-        bare, aligned = child("bare", config, str(seq)), child("align", config, str(seq))
-        rows.append({"config": name, "bare_s": round(bare["seconds"], 3), "align_s": round(aligned["seconds"], 2),
-                     "ratio": round(aligned["seconds"] / bare["seconds"], 1), "bare_rss_mb": round(bare["rss_mb"]),
-                     "align_rss_mb": round(aligned["rss_mb"]),
-                     "rss_ratio": round(aligned["rss_mb"] / bare["rss_mb"], 2), "verdict": aligned["verdict"]})
+    for key in args.configs.split(","):
+        name, config, seq = CONFIGS[key]
+        bare, gate, full = (child(phase, config, str(seq)) for phase in ("bare", "gate", "full"))
+        row = {"config": name, "bare_cold_s": round(bare["cold_s"], 3), "bare_warm_s": round(bare["warm_s"], 3),
+               "bare_rss_mb": round(bare["rss_mb"])}
+        for path, r in (("gate", gate), ("full", full)):
+            align_s = r["seconds"] - r["build_s"]
+            row[path] = {"total_s": round(r["seconds"], 2), "build_s": round(r["build_s"], 2),
+                         "align_s": round(align_s, 2), "ratio_cold": round(align_s / bare["cold_s"], 2),
+                         "ratio_warm": round(align_s / bare["warm_s"], 2), "rss_mb": round(r["rss_mb"]),
+                         "rss_ratio": round(r["rss_mb"] / bare["rss_mb"], 2), "verdict": r["verdict"]}
+        if not args.no_padiff:
+            row["padiff"] = {mode: r for mode, r in padiff(key).items()}
+        rows.append(row)
+        print(json.dumps(row))
     (RESULTS / "overhead.json").write_text(json.dumps(rows, indent=1) + "\n")
-    table = "\n".join(
-        ["| config | bare fwd+bwd, both | `align run` (fp32, both modes) | ratio | peak RSS bare | peak RSS align | ratio |",
-         "|---|---|---|---|---|---|---|"]
-        + [f"| {r['config']} | {r['bare_s']} s | {r['align_s']} s | {r['ratio']}x | {r['bare_rss_mb']} MB | "
-           f"{r['align_rss_mb']} MB | {r['rss_ratio']}x |" for r in rows])
+    table = render(rows)
     print(table)
-    readme = ROOT / "benchmarks" / "README.md"
-    text = readme.read_text()
-    begin, end = "<!-- overhead:begin -->", "<!-- overhead:end -->"
-    if begin in text:
-        readme.write_text(text[: text.index(begin) + len(begin)] + "\n" + table + "\n" + text[text.index(end):])
+    update_readme("overhead", table)
+
+
+def render(rows: list[dict]) -> str:
+    lines = ["| config | bare fwd+bwd, both (cold / warm) | path | alignment time | ratio to bare cold (warm) "
+             "| end to end (build + load) | peak RSS (vs bare) | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for path, label in (("gate", "gate (`--fast`)"), ("full", "full diagnostic")):
+            p = r[path]
+            lines.append(f"| {r['config']} | {r['bare_cold_s']} / {r['bare_warm_s']} s | {label} | {p['align_s']} s | "
+                         f"**{p['ratio_cold']}x** ({p['ratio_warm']}x) | {p['total_s']} s ({p['build_s']} s) | "
+                         f"{p['rss_mb']} MB ({p['rss_ratio']}x of {r['bare_rss_mb']} MB) | {p['verdict']} |")
+    if any(r.get("padiff") for r in rows):
+        lines += ["", "| config | PaDiff 0.2.0 auto_diff | seconds | vs our full path | vs our gate path | peak RSS | PaDiff's verdict |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            for mode, p in (r.get("padiff") or {}).items():
+                if "error" in p or "seconds" not in p:
+                    lines.append(f"| {r['config']} | API mode {mode[4:]} | failed to run | - | - | - | "
+                                 f"{str(p.get('error', p))[:80]} |")
+                    continue
+                lines.append(f"| {r['config']} | API mode {mode[4:]} | {p['seconds']:.2f} s | "
+                             f"PaDiff takes {p['seconds'] / r['full']['align_s']:.1f}x our time | "
+                             f"{p['seconds'] / r['gate']['align_s']:.1f}x | {p.get('peak_rss_mb', 0):.0f} MB | "
+                             f"{p.get('padiff_verdict', '?')} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

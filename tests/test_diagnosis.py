@@ -139,7 +139,7 @@ def test_repro_of_a_fixed_module_matches(buggy_port_registry, tmp_path):
     assert "MATCHES the reference" in proc.stdout
 
 
-def test_only_replays_the_chosen_modules_and_still_catches_their_bug(monkeypatch, run_cli):
+def test_only_reports_the_chosen_modules_and_still_catches_their_bug(monkeypatch, run_cli):
     from test_injected_bugs import attention_without_softcap
 
     code, report, err = run_cli("run", "gemma2", "--dtype", "fp32")
@@ -155,7 +155,7 @@ def test_only_replays_the_chosen_modules_and_still_catches_their_bug(monkeypatch
         "model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.o_proj"}
     assert code == 1 and partial["only"] == ["model.layers.0.self_attn*"]
     assert partial["culprits"]["forward"] == ["model.layers.0.self_attn"]
-    assert "partial: teacher forcing limited to --only model.layers.0.self_attn*" in err
+    assert "partial: the report is limited to --only model.layers.0.self_attn*" in err
 
 
 def test_only_that_matches_nothing_is_an_error(run_cli):

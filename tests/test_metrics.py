@@ -78,3 +78,24 @@ def test_combine_takes_the_worst_and_none_for_nothing():
     both = combine([good, bad])
     assert not both.passed and both.max_abs == 1.0 and both.worst.startswith("out b") and both.numel == 4
     assert combine([]) is None
+
+
+def test_large_tensors_are_compared_in_slices_with_the_same_result(monkeypatch):
+    """Slicing keeps the temporaries of a 2.4 GB gradient's comparison small; the verdict,
+    the statistics and the index of the worst element must not change."""
+    import align.metrics as M
+    from align.spec import Tolerance
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((64, 1000, 3)).astype(np.float32)
+    e = a + rng.standard_normal(a.shape).astype(np.float32) * 1e-5
+    e[5, 7, 1] = 0.0
+    whole = M.compare_arrays(a, e, Tolerance(1e-5, 1e-5), "g")
+    monkeypatch.setattr(M, "CHUNK", 10_000)
+    sliced = M.compare_arrays(a, e, Tolerance(1e-5, 1e-5), "g")
+    assert sliced.worst == whole.worst == "g[5, 7, 1]"
+    assert (sliced.passed, sliced.mismatched, sliced.numel) == (whole.passed, whole.mismatched, whole.numel)
+    for field in ("max_abs", "mean_abs", "max_rel", "needed_atol", "cosine"):
+        assert getattr(sliced, field) == pytest.approx(getattr(whole, field), rel=1e-9), field
+    e[10, 0, 0] = np.nan  # a NaN in any slice fails the whole comparison, with its note
+    assert "NaN or Inf" in M.compare_arrays(a, e, Tolerance(1e-5, 1e-5)).note

@@ -1,0 +1,83 @@
+"""A full-size Gemma2-2B aligned forward and backward on this machine, one layer at a time.
+
+    .venv/bin/python benchmarks/bench_stream.py [--workdir DIR] [--shard-gb 2.0] [--keep]
+
+1. Generates (seeded, streamed, one tensor in memory at a time) a random-weight fp32
+   checkpoint with the full google/gemma-2-2b configuration (about 10.5 GB).
+2. In a fresh process: `align run gemma2 --config full --checkpoint DIR --stream-layers`.
+3. Records the wall time, the child's peak RSS (VmHWM) and the verdict, next to what the two
+   whole models would need: both sets of fp32 weights, and the same again for their gradients.
+Too slow for CI: this is a benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import RESULTS, ROOT, gemma2_full_shapes, update_readme, write_checkpoint
+
+CHILD = r"""
+import json, sys, time
+HWM = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
+from align.cli import main
+t = time.perf_counter()
+code = main(["run", "gemma2", "--config", "full", "--checkpoint", sys.argv[1], "--stream-layers", "--quiet",
+             "--out", sys.argv[2]])
+print(json.dumps({"code": code, "seconds": time.perf_counter() - t, "peak_rss_mb": HWM()}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/align-bench-stream"))
+    ap.add_argument("--shard-gb", type=float, default=2.0)
+    ap.add_argument("--keep", action="store_true", help="keep (and reuse) the generated checkpoint")
+    args = ap.parse_args()
+    ckpt, out = args.workdir / "gemma2-2b-fp32", args.workdir / "report"
+    shapes = gemma2_full_shapes()
+    weights_gb = sum(int(np.prod(s)) for s in shapes.values()) * 4 / 1e9
+    if not (ckpt / "model.safetensors.index.json").is_file():
+        shutil.rmtree(ckpt, ignore_errors=True)
+        t = time.perf_counter()
+        gen = write_checkpoint(ckpt, shapes, "F32", args.shard_gb)
+        print(f"generated {gen['bytes'] / 1e9:.2f} GB in {gen['shards']} shards in {time.perf_counter() - t:.0f} s")
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), str(out)], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode not in (0, 1):
+        raise SystemExit(f"the streamed run failed:\n{proc.stderr[-3000:]}")
+    run = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads((out / "report.json").read_text())
+    [tf] = [r for r in report["runs"] if r["status"] == "ran"]
+    worst = {d: max((layer[d]["max_abs"] for layer in tf["layers"] if layer[d]), default=0.0)
+             for d in ("forward", "backward")}
+    row = {
+        "model": "Gemma2-2B (google/gemma-2-2b config), random fp32 weights",
+        "checkpoint_gb": round(weights_gb, 2), "layers": len(tf["layers"]), "seconds": round(run["seconds"], 1),
+        "peak_rss_mb": round(run["peak_rss_mb"]), "both_models_weights_gb": round(2 * weights_gb, 1),
+        "both_models_with_grads_gb": round(4 * weights_gb, 1), "verdict": report["verdict"],
+        "worst_forward": worst["forward"], "worst_backward": worst["backward"],
+        "culprits": report["culprits"], "tokens": f"{report['env'].get('seeds')}",
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "stream.json").write_text(json.dumps(row, indent=1) + "\n")
+    table = "\n".join([
+        "| model | checkpoint | modules judged | wall time | peak RSS | both whole models: weights / with grads | verdict | worst fwd / bwd (teacher-forced) |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {row['model']} | {row['checkpoint_gb']} GB fp32 | {row['layers']} | {row['seconds'] / 60:.1f} min | "
+        f"{row['peak_rss_mb'] / 1024:.1f} GB | {row['both_models_weights_gb']} GB / {row['both_models_with_grads_gb']} GB | "
+        f"{row['verdict']} | {row['worst_forward']:.2e} / {row['worst_backward']:.2e} |"])
+    print(table)
+    update_readme("stream", table)
+    if not args.keep:
+        shutil.rmtree(ckpt)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""What the benchmarks share: seeded random-weight checkpoints with a model's full shapes
+(written tensor by tensor, nothing held beyond one tensor), and their README tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def update_readme(section: str, table: str) -> None:
+    """Replace the table between `<!-- section:begin -->` and `<!-- section:end -->`."""
+    readme = ROOT / "benchmarks" / "README.md"
+    text = readme.read_text()
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
+    if begin in text:
+        readme.write_text(text[: text.index(begin) + len(begin)] + "\n" + table + "\n" + text[text.index(end):])
+
+
+def gemma2_full_shapes() -> dict[str, tuple[int, ...]]:
+    """Every tensor google/gemma-2-2b stores (the tied head is not stored)."""
+    from align import build
+    from align.spec import load_registry
+
+    spec = load_registry(ROOT / "align.toml").get("gemma2")
+    shapes = build.reference_shapes(spec, build.reference_config(spec, "full"))
+    shapes.pop("lm_head.weight")
+    return shapes
+
+
+def write_checkpoint(dst: Path, shapes: dict[str, tuple[int, ...]], dtype: str, shard_gb: float, seed: int = 0) -> dict:
+    """A sharded safetensors checkpoint (with model.safetensors.index.json) of seeded random
+    values: "BF16", drawn as bit patterns of normal values in about +-[1e-3, 0.06]; or "F32",
+    N(0, 0.02) for matrices (the configs' initializer_range) and N(0, 0.1) for vectors (norm
+    weights around Gemma's 1 + w, so a dropped "1 +" shows)."""
+    from align.safetensors_io import Planned, write_streaming
+
+    rng = np.random.default_rng(seed)
+    width = {"BF16": 2, "F32": 4}[dtype]
+
+    def draw(shape: tuple[int, ...]) -> np.ndarray:
+        n = int(np.prod(shape))
+        if dtype == "F32":
+            std = np.float32(0.02 if len(shape) > 1 else 0.1)
+            return (rng.standard_normal(n, dtype=np.float32) * std).reshape(shape)
+        sign = rng.integers(0, 2, n, dtype=np.uint16) << np.uint16(15)
+        exp = rng.integers(117, 123, n, dtype=np.uint16) << np.uint16(7)
+        mant = rng.integers(0, 128, n, dtype=np.uint16)
+        return (sign | exp | mant).reshape(shape)
+
+    dst.mkdir(parents=True)
+    shards, current, size, limit = [], [], 0, shard_gb * 1e9
+    for key, shape in shapes.items():
+        nbytes = int(np.prod(shape)) * width
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = [], 0
+        current.append((key, shape))
+        size += nbytes
+    shards.append(current)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        planned = [Planned(k, dtype, tuple(s), lambda s=s: draw(s)) for k, s in shard]
+        total += write_streaming(dst / name, planned, {"format": "pt"})
+        weight_map.update({k: name for k, _ in shard})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                   "weight_map": weight_map}))
+    largest = max(int(np.prod(s)) * width for s in shapes.values())
+    sizes = [sum(int(np.prod(s)) * width for _, s in shard) for shard in shards]
+    return {"bytes": total, "shards": len(shards), "largest_shard_mb": max(sizes) / 1e6, "largest_tensor_mb": largest / 1e6}
