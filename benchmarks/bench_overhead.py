@@ -89,13 +89,14 @@ def child(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def padiff(config: str) -> dict[str, dict]:
+def padiff(config: str, python: Path) -> dict[str, dict]:
     """PaDiff's auto_diff, API mode off and on, each run by padiff_run.py in its own process."""
-    if not PADIFF_PY.is_file():
+    if not python.is_file():
+        print(f"PaDiff not measured: no {python} (make venv-padiff)", file=sys.stderr)
         return {}
     rows = {}
     for mode in ("api-off", "api-on"):
-        out = subprocess.run([str(PADIFF_PY), str(ROOT / "benchmarks" / "padiff_run.py"), "--config", config,
+        out = subprocess.run([str(python), str(ROOT / "benchmarks" / "padiff_run.py"), "--config", config,
                               "--mode", mode, "--out", str(RESULTS / f"padiff-{config}-{mode}.json")],
                              capture_output=True, text=True, cwd=ROOT)
         lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
@@ -107,6 +108,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="tiny,mid")
     ap.add_argument("--no-padiff", action="store_true")
+    ap.add_argument("--padiff-python", type=Path, default=PADIFF_PY, help="the python of PaDiff's environment")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "gemma2-mid.json").write_text(json.dumps(MID))
@@ -123,7 +125,7 @@ def main() -> None:
                          "ratio_warm": round(align_s / bare["warm_s"], 2), "rss_mb": round(r["rss_mb"]),
                          "rss_ratio": round(r["rss_mb"] / bare["rss_mb"], 2), "verdict": r["verdict"]}
         if not args.no_padiff:
-            row["padiff"] = {mode: r for mode, r in padiff(key).items()}
+            row["padiff"] = padiff(key, args.padiff_python)
         rows.append(row)
         print(json.dumps(row))
     (RESULTS / "overhead.json").write_text(json.dumps(rows, indent=1) + "\n")
@@ -147,9 +149,9 @@ def render(rows: list[dict]) -> str:
                   "|---|---|---|---|---|---|---|"]
         for r in rows:
             for mode, p in (r.get("padiff") or {}).items():
-                if "error" in p or "seconds" not in p:
-                    lines.append(f"| {r['config']} | API mode {mode[4:]} | failed to run | - | - | - | "
-                                 f"{str(p.get('error', p))[:80]} |")
+                if p.get("seconds") is None:
+                    lines.append(f"| {r['config']} | API mode {mode[4:]} | did not run to the end | - | - | - | "
+                                 f"{str(p.get('error') or p.get('padiff_verdict'))[:80]} |")
                     continue
                 lines.append(f"| {r['config']} | API mode {mode[4:]} | {p['seconds']:.2f} s | "
                              f"PaDiff takes {p['seconds'] / r['full']['align_s']:.1f}x our time | "
