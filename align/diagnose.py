@@ -45,7 +45,7 @@ class Observer:
     grads_identical: bool
     differing: tuple[str, ...]
     checked: bool = True  # False on the gate and layer-streamed paths, which skip the run without hooks
-    # Worst parameter-gradient difference, in units of the gradient's largest value's ulp.
+    # Worst parameter-gradient difference, in ulps of the model's largest gradient value.
     # Boundary identities add autograd nodes, which can reorder how torch sums a tensor's
     # gradient contributions: a rounding-level change, never a semantic one.
     grad_ulps: float = 0.0
@@ -88,17 +88,20 @@ def observer_check(fw: Any, model: Any, inputs: dict[str, Any], seed_fn: Callabl
     out_diff = [k for k in set(outputs) | set(trace.outputs)
                 if k not in outputs or k not in trace.outputs or not _same(outputs[k], trace.outputs[k].data)]
     grad_diff = [k for k in grads if not _same(grads[k], trace.param_grads.get(k))]
-    ulps = max((_ulps(grads[k], trace.param_grads.get(k)) for k in grad_diff), default=0.0)
+    # Summation-order rounding scales with the terms summed, not with the result (a key bias's
+    # gradient is ~0 by softmax invariance, its rounding is not): ulps of the model's largest gradient.
+    scale = max((float(np.abs(g).max(initial=0.0)) for g in trace.param_grads.values()), default=0.0)
+    ulps = max((_ulps(grads[k], trace.param_grads.get(k), scale) for k in grad_diff), default=0.0)
     return Observer(fw.name, not out_diff, not grad_diff, tuple(sorted(out_diff) + sorted(grad_diff)), grad_ulps=ulps)
 
 
-def _ulps(a: np.ndarray | None, b: np.ndarray | None) -> float:
-    """max|a - b| in ulps of max|b| (inf when only one exists, or the shapes differ)."""
+def _ulps(a: np.ndarray | None, b: np.ndarray | None, scale: float) -> float:
+    """max|a - b| in ulps of `scale` (inf when only one exists, or the shapes differ)."""
     if a is None or b is None or a.shape != b.shape:
         return float("inf")
-    scale = float(np.abs(b).max(initial=0.0)) * float(np.finfo(b.dtype).eps if b.dtype.kind == "f" else 1.0)
+    unit = scale * float(np.finfo(b.dtype).eps if b.dtype.kind == "f" else 1.0)
     diff = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max(initial=0.0))
-    return diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+    return diff / unit if unit > 0 else (0.0 if diff == 0 else float("inf"))
 
 
 def _process() -> dict[str, Any]:
