@@ -262,14 +262,20 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
                           'missing: name the reference\'s block list (e.g. "model.layers") to stream layers')
     ts, ps = TorchSide(), PaddleSide()
     rules = W.load_rules(spec.weights_file)
-    rename = lambda m: rules.rename_module(m)[0]  # noqa: E731
+
+    def rename(module: str) -> str:
+        return rules.rename_module(module)[0]
+
     cfg = build.reference_config(spec, config)
     tolerances = Tolerances(spec.tolerance, spec.overrides)
     progress("building both models as skeletons (no weights)")
     ref = build.reference_skeleton(spec, cfg)
     port = build.port_skeleton(spec, cfg.to_dict())
     port_modules = {ROOT} | {n for n, _ in port.named_sublayers()}
-    to_reference = lambda key, g: _as_reference({key: g}, wmap)  # noqa: E731
+
+    def to_reference(key: str, g: np.ndarray) -> dict[str, np.ndarray]:
+        return _as_reference({key: g}, wmap)
+
     found = Collector(tolerances)  # every block's comparisons; the shell's go to their own
     layers, unpaired = [], []
     with Checkpoint(checkpoint) as ckpt:
