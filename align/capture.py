@@ -99,31 +99,6 @@ class Trace:
         return sorted(self.calls, key=lambda n: self.calls[n].start)
 
 
-def float_inputs(call: Call, positional_names: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-    """A call's recorded floating inputs by path ("hidden_states", "position_embeddings.1", ...).
-
-    `positional_names` names positional arguments by another forward's parameter names (the
-    reference's), so that `input` and `x` at position 0 are one input.
-    """
-    out: dict[str, np.ndarray] = {}
-
-    def walk(obj: Any, path: str) -> None:
-        if isinstance(obj, Arr):
-            if obj.dtype.startswith(("float", "bfloat")):
-                out[path] = obj.data
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(v, f"{path}.{k}" if path else k)
-        elif isinstance(obj, (tuple, list)):
-            for i, v in enumerate(obj):
-                walk(v, f"{path}.{i}")
-
-    for i, a in enumerate(call.args):
-        walk(a, positional_names[i] if i < len(positional_names) else call.arg_path(i))
-    walk(call.kwargs, "")
-    return out
-
-
 def flatten(obj: Any, fw: Framework, prefix: str = "") -> list[tuple[str, Any]]:
     """(path, leaf) pairs of a nested output or input structure; None leaves are dropped."""
     join = (lambda k: f"{prefix}.{k}") if prefix else str
@@ -231,8 +206,8 @@ def hooked(fw: Framework, model: Any, sink: Sink, prefix: str = "") -> Iterator[
 
 
 def named_inputs(args: tuple, kwargs: dict, arg_names: tuple[str, ...], fw: Framework | None = None):
-    """(path, leaf) for every leaf of a call's inputs, keyed as `float_inputs` keys them:
-    positional args by the forward's parameter names, nested items by ".i" / ".key"."""
+    """(path, leaf) for every leaf of a call's inputs: positional args by the forward's
+    parameter names, nested items by ".i" / ".key"."""
     out = []
 
     def walk(obj: Any, path: str) -> None:
@@ -251,11 +226,13 @@ def named_inputs(args: tuple, kwargs: dict, arg_names: tuple[str, ...], fw: Fram
     return out
 
 
-def map_inputs(args: tuple, kwargs: dict, arg_names: tuple[str, ...], fw: Framework, fn: Any) -> tuple[tuple, dict]:
-    """(args, kwargs) with every tensor leaf replaced by fn(path, leaf); paths as named_inputs."""
+def map_inputs(args: tuple, kwargs: dict, arg_names: tuple[str, ...], fw: Framework | None,
+               fn: Any) -> tuple[tuple, dict]:
+    """(args, kwargs) with every tensor leaf (with no `fw`, every recorded Arr) replaced by
+    fn(path, leaf); paths as named_inputs."""
 
     def walk(obj: Any, path: str) -> Any:
-        if fw.is_tensor(obj):
+        if (fw.is_tensor(obj) if fw else isinstance(obj, Arr)):
             return fn(path, obj)
         if isinstance(obj, dict):
             return {k: walk(v, f"{path}.{k}" if path else str(k)) for k, v in obj.items()}

@@ -27,6 +27,13 @@ class Amplification:
     output_error: float  # worst over its outputs
     flagged: bool  # its output error is well beyond what its input error explains
 
+    @classmethod
+    def of(cls, input_error: float, output_error: float) -> Amplification:
+        """Flagged when the output error is beyond AMPLIFICATION_FLOOR and more than
+        AMPLIFICATION_FACTOR times the input error."""
+        flagged = output_error > AMPLIFICATION_FLOOR and output_error > AMPLIFICATION_FACTOR * input_error
+        return cls(input_error, output_error, flagged)
+
     @property
     def ratio(self) -> float:
         return self.output_error / self.input_error if self.input_error > 0 else float("inf")
@@ -58,8 +65,7 @@ def amplification(port_in: Mapping[str, np.ndarray], ref_in: Mapping[str, np.nda
     """Compare the error at a module's output with the error at its input (shared keys only)."""
     in_err = max((rel_l2(port_in[k], ref_in[k]) for k in ref_in if k in port_in), default=0.0)
     out_err = max((rel_l2(port_out[k], ref_out[k]) for k in ref_out if k in port_out), default=0.0)
-    flagged = out_err > AMPLIFICATION_FLOOR and out_err > AMPLIFICATION_FACTOR * in_err
-    return Amplification(in_err, out_err, flagged)
+    return Amplification.of(in_err, out_err)
 
 
 @dataclass(frozen=True)
@@ -184,28 +190,6 @@ class Tolerances:
 
     def unmatched(self, names: list[str]) -> list[str]:
         return [o.glob for o in self.overrides if not any(fnmatch.fnmatchcase(n, o.glob) for n in names)]
-
-
-def compare_named(port: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], tol: Tolerance,
-                  what: str, extra_fails: bool = True, truth: Mapping[str, np.ndarray] | None = None,
-                  factor: float | None = None) -> Metrics | None:
-    """Compare two dicts of tensors keyed alike. A reference key the port lacks fails; a port
-    key the reference lacks fails too unless extra_fails is off (a module's extra outputs,
-    such as attention weights asked for with output_attentions). None if nothing to compare."""
-    parts = []
-    for key in ref:
-        label = f"{what} {key}"
-        if key not in port:
-            parts.append(missing(f"the port produced no {what} {key!r}", label))
-        else:
-            m = compare_arrays(port[key], ref[key], tol, label)
-            if factor is not None and truth is not None:
-                m = within_noise(m, port[key], ref[key], truth.get(key), tol, factor)
-            parts.append(m)
-    for key in port:
-        if key not in ref and extra_fails:
-            parts.append(missing(f"the port produced {what} {key!r}, which the reference has not", f"{what} {key}"))
-    return combine(parts)
 
 
 def first_divergence(layers: tuple[LayerResult, ...], forward_order: list[str], backward_order: list[str]) -> Divergence:

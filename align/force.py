@@ -74,13 +74,18 @@ def _arg_names(call: Call, ref_call: Call, n: int) -> tuple[str, ...]:
                  for i in range(n))
 
 
-def _absent(judge: Judge, ref_name: str, ref_call: Call, produced: set[str], is_model: bool) -> None:
-    """A reference output the port does not return fails when something depended on it: it
-    is the model's own, or a gradient came back to it. Attention weights nobody asked the
-    port for are not a mismatch."""
+def _produced(fw: Framework, judge: Judge, ref_name: str, ref_call: Call, output: Any,
+              is_model: bool) -> tuple[list[tuple[str, Any]], list[str]]:
+    """A call's output tensors by path, and the paths the reference has not (extras, not
+    compared). A reference output the port does not return fails when something depended on
+    it: it is the model's own, or a gradient came back to it. Attention weights nobody asked
+    the port for are not a mismatch."""
+    flat = [(p, t) for p, t in flatten(output, fw) if fw.is_tensor(t)]
+    produced = {p for p, _ in flat}
     for path in ref_call.outputs:
         if path not in produced and (is_model or path in ref_call.grads):
             judge.fail(ref_name, FORWARD, f"output {path}", f"the port produced no output {path!r}")
+    return flat, [p for p, _ in flat if p not in ref_call.outputs]
 
 
 class Forcer:
@@ -151,10 +156,8 @@ class Forcer:
             return output
         fw, ref_call = self.fw, self.ref_calls[ref_name]
         parent = self.owner.get(caller.name) if caller else None
-        flat = [(p, t) for p, t in flatten(output, fw) if fw.is_tensor(t)]
-        produced = {p for p, _ in flat}
-        _absent(self.judge, ref_name, ref_call, produced, caller is None)
-        self.notes[ref_name].extra.extend(p for p in produced if p not in ref_call.outputs)
+        flat, extra = _produced(fw, self.judge, ref_name, ref_call, output, caller is None)
+        self.notes[ref_name].extra.extend(extra)
         paths = iter(p for p, _ in flat)
 
         def swap(t: Any) -> Any:
@@ -256,10 +259,7 @@ class Follower:
             return output
         self.called.add(ref_name)
         ref_call = self.ref_calls[ref_name]
-        flat = [(p, t) for p, t in flatten(output, fw) if fw.is_tensor(t)]
-        produced = {p for p, _ in flat}
-        _absent(self.judge, ref_name, ref_call, produced, caller is None)
-        self.extra[ref_name] = [p for p in produced if p not in ref_call.outputs]
+        flat, self.extra[ref_name] = _produced(fw, self.judge, ref_name, ref_call, output, caller is None)
         errors = []
         paths = iter(p for p, _ in flat)
 

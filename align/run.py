@@ -17,8 +17,6 @@ import numpy as np
 from align import weights as W
 from align.capture import ROOT, Arr, Trace, flatten, run_and_record
 from align.compare import (
-    AMPLIFICATION_FACTOR,
-    AMPLIFICATION_FLOOR,
     BACKWARD,
     DERIVED,
     FORWARD,
@@ -557,8 +555,7 @@ def _free_layers(pairs: list, ref_trace: Trace, follower: Any, fr: Collector,
             layers.append(LayerResult(p.ref, p.port, call.type, missing("the port never called this module"), None, tol,
                                       module=p.ref_module))
             continue
-        in_err, out_err = follower.input_error.get(p.ref, 0.0), follower.output_error.get(p.ref, 0.0)
-        amp = Amplification(in_err, out_err, out_err > AMPLIFICATION_FLOOR and out_err > AMPLIFICATION_FACTOR * in_err)
+        amp = Amplification.of(follower.input_error.get(p.ref, 0.0), follower.output_error.get(p.ref, 0.0))
         layers.append(LayerResult(p.ref, p.port, call.type, fr.get(p.ref, FORWARD) or missing("the module returned no tensor"),
                                   fr.get(p.ref, BACKWARD), tol, extra_outputs=tuple(follower.extra.get(p.ref, ())),
                                   module=p.ref_module, amplification=amp))

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from align import weights as W
-from align.capture import ROOT, Call, Recorder, _snapshot, flatten, hooked, map_tensors
+from align.capture import ROOT, Arr, Call, Recorder, _snapshot, flatten, hooked, map_inputs, map_tensors
 from align.compare import BACKWARD, FORWARD, TEACHER_FORCED, Collector, RunResult, TensorResult, Tolerances, \
     culprits, first_divergence
 from align.force import Forcer
@@ -122,15 +122,20 @@ class Loader:
                            self.wmap.unmapped, self.wmap.unwritten)
 
 
-class _Source(dict):
-    """The checkpoint as W.verify reads it (key -> mapped array)."""
+class _Source(Mapping):
+    """The checkpoint as W.verify reads it: key -> array, mapped on demand."""
 
     def __init__(self, ckpt: Any):
-        super().__init__()
         self.ckpt = ckpt
 
     def __getitem__(self, key: str) -> np.ndarray:
         return self.ckpt.get(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.ckpt.where)
+
+    def __len__(self) -> int:
+        return len(self.ckpt.where)
 
 
 @dataclass
@@ -218,28 +223,19 @@ def _answered(fw: Any, port: Any, records: dict[str, Call]) -> Iterator[None]:
 
 
 def _block_inputs(ps: Any, module: Any, call: Call, extra: dict) -> tuple[tuple, dict, list]:
-    """A recorded call's inputs as the port block takes them; floating ones as leaves."""
+    """A recorded call's inputs as the port block takes them; those the reference sent a
+    gradient back to as leaves, whose gradients are then judged."""
     accepted = ps.accepted_kwargs(module)
     leaves = []
 
-    def make(path: str, a: Any) -> Any:
+    def make(path: str, a: Arr) -> Any:
         t = ps.tensor(a, requires_grad=path in call.input_grads)
         if path in call.input_grads:
             leaves.append((path, t))
         return t
 
-    def walk(obj: Any, path: str) -> Any:
-        if hasattr(obj, "dtype") and hasattr(obj, "data") and not isinstance(obj, (dict, tuple, list)):
-            return make(path, obj)
-        if isinstance(obj, dict):
-            return {k: walk(v, f"{path}.{k}" if path else k) for k, v in obj.items()}
-        if isinstance(obj, (tuple, list)):
-            items = [walk(v, f"{path}.{i}") for i, v in enumerate(obj)]
-            return items if isinstance(obj, list) else tuple(items)
-        return obj
-
-    args = tuple(walk(a, call.arg_path(i)) for i, a in enumerate(call.args))
-    kwargs = {k: walk(v, k) for k, v in call.kwargs.items() if accepted is None or k in accepted}
+    kwargs = {k: v for k, v in call.kwargs.items() if accepted is None or k in accepted}
+    args, kwargs = map_inputs(call.args, kwargs, call.arg_names, None, make)
     kwargs.update({k: v for k, v in extra.items() if accepted is None or k in accepted})
     return args, kwargs, leaves
 
