@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import tokenize
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from align.spec import ConfigError, ModelSpec, PortVariant

@@ -8,7 +8,6 @@ it). They work in a copy of the registry under tmp_path, so build/ and reports/ 
 import json
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 
