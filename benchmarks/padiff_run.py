@@ -75,6 +75,22 @@ BARE_REPEATS = 3
 SAID = re.compile(r"\s*(\w+Error\b|Mismatched elements|Max absolute|Max relative|[\w.]+\.(weight|bias)$)")
 
 
+def _loss_and_logits(base: type) -> type:
+    """A wrapper class (of torch's Module or paddle's Layer) whose forward returns the wrapped
+    model's (loss, logits): PaDiff finds no tensor inside the port's output dataclass."""
+
+    class Pair(base):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, **kw):
+            out = self.m(**kw)
+            return out.loss, out.logits
+
+    return Pair
+
+
 def hwm_mb() -> float:
     """This process's peak RSS so far (VmHWM; ru_maxrss would be inherited across exec)."""
     with open("/proc/self/status") as f:
@@ -183,25 +199,7 @@ def child(config: str, mode: str, raw: bool, scratch: Path, bug: bool = False, t
         notes.append("raw: PaDiff's defaults (auto_weights=True, compare_mode mean, atol 0, rtol 1e-7, "
                      "its own loss: the mean of the output tensors), models called directly")
     else:
-        class TorchPair(torch.nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
-
-            def forward(self, **kw):
-                out = self.m(**kw)
-                return out.loss, out.logits
-
-        class PaddlePair(paddle.nn.Layer):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
-
-            def forward(self, **kw):
-                out = self.m(**kw)
-                return out.loss, out.logits
-
-        layer, module = PaddlePair(port), TorchPair(ref)
+        layer, module = _loss_and_logits(paddle.nn.Layer)(port), _loss_and_logits(torch.nn.Module)(ref)
         single_step = MODES[mode][1]
         tolerance = tolerance or TOLERANCE
         kwargs = {"auto_weights": False, "options": {"compare_mode": "strict", **tolerance, "single_step": single_step},
