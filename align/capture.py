@@ -1,6 +1,6 @@
 """Record every module call of one model: inputs, outputs, output gradients, parameter grads.
 
-Hooks live only inside `recording(...)`, a context manager that removes them in `finally`.
+Hooks live only inside `hooked(...)`, a context manager that removes them in `finally`.
 Torch and Paddle meet only here and in replay, through a small adapter (`align.torch_side`,
 `align.paddle_side`); everything a Trace holds is numpy.
 
@@ -49,6 +49,9 @@ class Framework(Protocol):
 
     def is_tensor(self, x: Any) -> bool: ...
     def record(self, t: Any) -> Arr: ...
+    def view(self, t: Any) -> np.ndarray: ...
+    def borrow(self, t: Any) -> tuple[Arr, Any] | None: ...
+    def written(self, token: Any) -> bool: ...
     def dtype_name(self, t: Any) -> str: ...
     def needs_grad(self, t: Any) -> bool: ...
     def identity(self, t: Any) -> Any: ...
@@ -252,20 +255,38 @@ class Recorder:
     Floating inputs and outputs pass through an exact identity at the boundary, and the
     gradient is taken on that identity: at an output it is the EXTERNAL gradient (what the
     rest of the network sends back), at an input it is what the module itself sends back.
-    A tensor handed to several modules is snapshotted once."""
+    A tensor handed to several modules is snapshotted once.
 
-    def __init__(self, fw: Framework, keep_inputs: bool):
-        self.fw, self.keep_inputs = fw, keep_inputs
+    With `share`, records share the tensors' memory where the framework can tell afterwards
+    whether anything wrote to them (`overwritten`); a run that did must be recorded again
+    without sharing. Copying every activation and gradient is most of what recording costs.
+    """
+
+    def __init__(self, fw: Framework, keep_inputs: bool, share: bool = False):
+        self.fw, self.keep_inputs, self.share = fw, keep_inputs, share
         self._seen: dict[int, tuple[Any, Arr]] = {}  # id -> (tensor kept alive, its snapshot)
+        self._borrowed: list[Any] = []  # what to check for writes after the run
 
     def forget(self) -> None:
         """Drop the tensors kept for de-duplication (and, through their graphs, the weights)."""
         self._seen.clear()
 
+    def overwritten(self) -> bool:
+        """Whether anything wrote in place to a tensor whose memory a record shares."""
+        return any(self.fw.written(token) for token in self._borrowed)
+
+    def keep(self, t: Any) -> Arr:
+        """A record of `t`: shared with it when allowed and possible, else a copy."""
+        lent = self.fw.borrow(t) if self.share else None
+        if lent is None:
+            return self.fw.record(t)
+        self._borrowed.append(lent[1])
+        return lent[0]
+
     def snapshot(self, t: Any) -> Arr:
         hit = self._seen.get(id(t))
         if hit is None or hit[0] is not t:
-            hit = self._seen[id(t)] = (t, self.fw.record(t))
+            hit = self._seen[id(t)] = (t, self.keep(t))
         return hit[1]
 
     def enter(self, call: Call, module: Any, args: tuple, kwargs: dict, caller: Call | None) -> tuple | None:
@@ -277,7 +298,7 @@ class Recorder:
             if not fw.needs_grad(t):
                 return t
             out = fw.identity(t)
-            fw.on_grad(out, lambda g: call.input_grads.__setitem__(path, g))
+            fw.on_grad(out, lambda g: call.input_grads.__setitem__(path, self.keep(g).data))
             return out
 
         if not any(fw.needs_grad(t) for _, t in named_inputs(args, kwargs, call.arg_names, fw)):
@@ -296,35 +317,36 @@ class Recorder:
             if not fw.needs_grad(t):
                 return t
             out = fw.identity(t)
-            fw.on_grad(out, lambda g, path=path: call.grads.__setitem__(path, g))
+            fw.on_grad(out, lambda g, path=path: call.grads.__setitem__(path, self.keep(g).data))
             self._seen[id(out)] = (out, call.outputs[path])  # the consumer's input is this very value
             return out
 
         return map_tensors(output, fw, wrap)
 
 
-@contextmanager
-def recording(fw: Framework, model: Any, keep_inputs: bool) -> Iterator[dict[str, Call]]:
-    """Hook every module of `model`; yields the dict of calls that fills as the model runs."""
-    with hooked(fw, model, Recorder(fw, keep_inputs)) as calls:
-        yield calls
-
-
 def run_and_record(fw: Framework, model: Any, inputs: dict[str, Any], seed_fn: Any, keep_inputs: bool) -> Trace:
     """Run forward and backward once under hooks; return the Trace.
 
     `seed_fn(outputs) -> scalar` picks what to differentiate (the loss, when there is one).
+    The records share the model's tensors (and its gradients) unless something wrote to one
+    of them in place after it was recorded; then the run is recorded again, copying.
     """
-    fw.clear_grads(model)
-    with recording(fw, model, keep_inputs) as calls:
-        output = model(**inputs)
-        fw.backward(seed_fn(output))
-    params = fw.parameters(model)
+    for share in (True, False):
+        fw.clear_grads(model)
+        recorder = Recorder(fw, keep_inputs, share)
+        with hooked(fw, model, recorder) as calls:
+            output = model(**inputs)
+            fw.backward(seed_fn(output))
+        recorder.forget()
+        params = fw.parameters(model)
+        param_grads = {k: recorder.keep(p.grad).data for k, p in params.items() if p.grad is not None}
+        if not recorder.overwritten():
+            break
     root = calls[ROOT]
     return Trace(
         framework=fw.name,
         calls={n: calls[n] for n in sorted(calls, key=lambda n: calls[n].end)},
-        param_grads={k: g for k, p in params.items() if (g := fw.grad(p)) is not None},
+        param_grads=param_grads,
         params_dtype={k: fw.dtype_name(p) for k, p in params.items()},
         outputs=dict(root.outputs),
     )

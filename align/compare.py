@@ -292,13 +292,14 @@ class Collector:
 
 
 class Keeper:
-    """A Judge that keeps what it is shown, as the truth a Collector judges against."""
+    """A Judge that keeps (a copy of) what it is shown, as the truth a Collector judges
+    against: a judge is shown views that the model may still write to."""
 
     def __init__(self):
         self.kept: dict[str, np.ndarray] = {}
 
     def compare(self, owner: str, direction: str, label: str, port: np.ndarray, ref: np.ndarray) -> None:
-        self.kept[truth_key(owner, label)] = port
+        self.kept[truth_key(owner, label)] = np.array(port)
 
     def fail(self, owner: str, direction: str, label: str, note: str) -> None:
         pass

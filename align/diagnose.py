@@ -74,7 +74,12 @@ OBSERVER_ULPS = 8.0  # allowance for summation order in the observer check's gra
 def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     if a is None or b is None:
         return a is None and b is None
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype.itemsize not in (1, 2, 4, 8):
+        return a.tobytes() == b.tobytes()
+    bits = f"u{a.dtype.itemsize}"  # bitwise: -0.0 is not 0.0, and a NaN equals the same NaN
+    return bool(np.array_equal(np.ascontiguousarray(a).view(bits), np.ascontiguousarray(b).view(bits)))
 
 
 def observer_check(fw: Any, model: Any, inputs: dict[str, Any], seed_fn: Callable, trace: Trace) -> Observer:
@@ -82,7 +87,7 @@ def observer_check(fw: Any, model: Any, inputs: dict[str, Any], seed_fn: Callabl
     fw.clear_grads(model)
     output = model(**inputs)
     fw.backward(seed_fn(output))
-    outputs = {p: fw.record(t).data for p, t in flatten(output, fw) if fw.is_tensor(t)}
+    outputs = {p: fw.view(t) for p, t in flatten(output, fw) if fw.is_tensor(t)}
     grads = {k: fw.grad(p) for k, p in fw.parameters(model).items()}
     fw.clear_grads(model)
     out_diff = [k for k in set(outputs) | set(trace.outputs)

@@ -36,7 +36,8 @@ ToReference = Callable[[str, np.ndarray], dict[str, np.ndarray]]
 
 class Judge(Protocol):
     """Receives each comparison as it happens. `owner` is the reference call the code under
-    test belongs to; `label` names the tensor within it."""
+    test belongs to; `label` names the tensor within it. `port` may share memory the model
+    writes to later: a judge that keeps it must copy it."""
 
     def compare(self, owner: str, direction: str, label: str, port: np.ndarray, ref: np.ndarray) -> None: ...
     def fail(self, owner: str, direction: str, label: str, note: str) -> None: ...
@@ -133,7 +134,7 @@ class Forcer:
                 return t
             label = f"{call.name} input {path}"
             if parent is not None:
-                self.judge.compare(parent, FORWARD, label, fw.record(t).data, _seen_as(tuple(t.shape), a.data))
+                self.judge.compare(parent, FORWARD, label, fw.view(t), _seen_as(tuple(t.shape), a.data))
             grad = ref_call.input_grads.get(path)
             if grad is not None and parent is not None and tuple(t.shape) == grad.shape:
                 if fw.needs_grad(t):
@@ -165,7 +166,7 @@ class Forcer:
             a = ref_call.outputs.get(path)
             if a is None:
                 return t
-            self.judge.compare(ref_name, FORWARD, f"output {path}", fw.record(t).data, a.data)
+            self.judge.compare(ref_name, FORWARD, f"output {path}", fw.view(t), a.data)
             grad = ref_call.grads.get(path)
             if grad is not None:
                 if fw.needs_grad(t):
@@ -245,7 +246,7 @@ class Follower:
         names = _arg_names(call, ref_call, len(args))
         ref_in = {p: a for p, a in named_inputs(ref_call.args, ref_call.kwargs, ref_call.arg_names)
                   if a.dtype.startswith(("float", "bfloat"))}
-        errors = [rel_l2(self.fw.record(t).data, ref_in[p].data)
+        errors = [rel_l2(self.fw.view(t), ref_in[p].data)
                   for p, t in named_inputs(args, kwargs, names, self.fw) if p in ref_in]
         self.input_error[ref_name] = max(errors, default=0.0)
         return None
@@ -268,7 +269,7 @@ class Follower:
             a = ref_call.outputs.get(path)
             if a is None:
                 return t
-            port = fw.record(t).data
+            port = fw.view(t)
             self.judge.compare(ref_name, FORWARD, f"output {path}", port, a.data)
             errors.append(rel_l2(port, a.data))
             if path not in ref_call.grads:
@@ -286,8 +287,9 @@ class Follower:
         self.output_error[ref_name] = max(errors, default=0.0)
         return output
 
-    def _arrived(self, ref_name: str, path: str, g: np.ndarray) -> None:
-        self.judge.compare(ref_name, BACKWARD, f"grad of output {path}", g, self.pending.pop((ref_name, path)))
+    def _arrived(self, ref_name: str, path: str, g: Any) -> None:
+        self.judge.compare(ref_name, BACKWARD, f"grad of output {path}", self.fw.view(g),
+                           self.pending.pop((ref_name, path)))
 
     def finish(self) -> None:
         """After backward: an output gradient that never arrived counts as zeros."""

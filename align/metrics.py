@@ -94,29 +94,56 @@ def compare_arrays(actual: np.ndarray, expected: np.ndarray, tol: Tolerance, lab
     with np.errstate(invalid="ignore", over="ignore"):
         diff = np.subtract(actual, expected, dtype=work)
     np.abs(diff, out=diff)
-    if not np.isfinite(diff).all():
+    worst_flat = int(np.argmax(diff))  # argmax stops at the first NaN, and a NaN or Inf anywhere
+    if not np.isfinite(diff.flat[worst_flat]):  # on either side makes the difference non-finite
+        if work is np.float32 and np.isfinite(actual).all() and np.isfinite(expected).all():
+            # finite values whose difference exceeds float32's range: in float64
+            return compare_arrays(actual.astype(np.float64), expected.astype(np.float64), tol, label)
         return _compare_nonfinite(actual, expected, tol, label)
     ref_abs = np.abs(expected, dtype=work)
     slack = np.multiply(ref_abs, tol.rtol, dtype=work)
     np.subtract(diff, slack, out=slack)  # > atol exactly where |a - e| > atol + rtol * |e|
-    mismatched = int(np.count_nonzero(slack > tol.atol))
-    worst = np.unravel_index(int(np.argmax(diff)), diff.shape)
-    nonzero = ref_abs > 0
-    rel = np.divide(diff, ref_abs, out=np.zeros_like(diff), where=nonzero)
-    max_rel = float(rel.max())
-    if not nonzero.all() and bool((diff[~nonzero] > 0).any()):
-        max_rel = float("inf")
+    needed = float(slack.max())
+    mismatched = int(np.count_nonzero(slack > tol.atol)) if needed > tol.atol else 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.divide(diff, ref_abs, out=slack)  # x/0 is inf, 0/0 NaN (fmax skips it: equal zeros)
+    max_rel = float(np.fmax.reduce(rel, axis=None))
+    worst = np.unravel_index(worst_flat, diff.shape)
+    with np.errstate(over="ignore"):
+        total = float(np.add.reduce(diff, axis=None))
+    if not np.isfinite(total):  # float32's range exceeded: the float64 sum
+        total = float(np.add.reduce(diff, axis=None, dtype=np.float64))
     return Metrics(
-        max_abs=float(diff[worst]),
-        mean_abs=float(diff.mean(dtype=np.float64)),
-        max_rel=max_rel,
-        cosine=cosine(actual, expected),
+        max_abs=float(diff.flat[worst_flat]),
+        mean_abs=total / diff.size,
+        max_rel=0.0 if np.isnan(max_rel) else max_rel,
+        cosine=_cosine_near(actual, expected, diff),
         passed=mismatched == 0,
         numel=int(diff.size),
         mismatched=mismatched,
-        needed_atol=max(float(slack.max()), 0.0),
+        needed_atol=max(needed, 0.0),
         worst=f"{label}{list(map(int, worst))}" if label else str(list(map(int, worst))),
     )
+
+
+def _cosine_near(actual: np.ndarray, expected: np.ndarray, diff: np.ndarray) -> float:
+    """cosine(actual, expected), from the norms and the difference's norm:
+    1 - cos = (|a - e|^2 - (|a| - |e|)^2) / (2 |a| |e|). For nearly equal tensors the
+    numerator comes from the small difference itself, so float32 sums keep it exact to far
+    below 1e-7, where a float32 dot product would have rounded the cosine to 1."""
+    if actual.dtype != np.float32 or expected.dtype != np.float32:
+        return cosine(actual, expected)
+    a, e, d = actual.ravel(), expected.ravel(), diff.ravel()
+    with np.errstate(over="ignore", invalid="ignore"):
+        sa, se, sd = float(np.dot(a, a)), float(np.dot(e, e)), float(np.dot(d, d))
+    if not np.isfinite(sa + se + sd):  # squares beyond float32's range
+        return cosine(actual, expected)
+    na, ne = np.sqrt(sa), np.sqrt(se)
+    if na == 0 and ne == 0:
+        return 1.0
+    if na == 0 or ne == 0:
+        return 0.0
+    return float(np.clip(1.0 - (sd - (na - ne) ** 2) / (2.0 * na * ne), -1.0, 1.0))
 
 
 # Above this many elements a comparison runs in slices, so that its temporaries stay small

@@ -20,6 +20,18 @@ _DTYPES = {paddle.float32: "float32", paddle.bfloat16: "bfloat16", paddle.float1
            paddle.float64: "float64", paddle.int64: "int64", paddle.int32: "int32", paddle.bool: "bool"}
 
 
+def _numpy(t: paddle.Tensor) -> np.ndarray:
+    """An owned numpy copy."""
+    data = t.detach()
+    if data.dtype in (paddle.bfloat16, paddle.float16):
+        data = data.astype("float32")  # numpy has no bf16; fp32 holds every bf16 value exactly
+    return data.numpy()  # numpy() is already a copy
+
+
+def _shareable(data: np.ndarray, dtype: str) -> bool:
+    return str(data.dtype) == dtype and data.flags.c_contiguous and data.size > 0
+
+
 class PaddleSide:
     name = "paddle"
 
@@ -27,11 +39,20 @@ class PaddleSide:
         return isinstance(x, paddle.Tensor)
 
     def record(self, t: paddle.Tensor) -> Arr:
-        dtype = self.dtype_name(t)
-        data = t.detach()
-        if data.dtype in (paddle.bfloat16, paddle.float16):
-            data = data.astype("float32")  # numpy has no bf16; fp32 holds every bf16 value exactly
-        return Arr(data.numpy(), dtype, not t.stop_gradient)  # numpy() is already a copy
+        return Arr(_numpy(t), self.dtype_name(t), not t.stop_gradient)
+
+    def view(self, t: paddle.Tensor) -> np.ndarray:
+        """The tensor's values as numpy, sharing its memory where it can: for use before
+        anything can write to it again (a comparison made on the spot)."""
+        if t.dtype in (paddle.float32, paddle.float64, paddle.int64, paddle.int32, paddle.bool):
+            try:
+                return np.from_dlpack(t.detach())
+            except (BufferError, RuntimeError, TypeError, ValueError):
+                pass  # a layout DLPack cannot describe: copy
+        return _numpy(t)
+
+    def borrow(self, t: paddle.Tensor) -> None:
+        return None  # Paddle may reuse a gradient's buffer without a visible in-place write: always copy
 
     def dtype_name(self, t) -> str:
         return _DTYPES.get(t.dtype, str(t.dtype).removeprefix("paddle."))
@@ -40,11 +61,13 @@ class PaddleSide:
         return not t.stop_gradient
 
     def identity(self, t: paddle.Tensor) -> paddle.Tensor:
+        if t.is_contiguous():
+            return t.view(t.shape)  # a new autograd node on the same memory
         return paddle.assign(t)
 
     def on_grad(self, t: paddle.Tensor, fn) -> None:
         def hook(g):
-            fn(self.record(g).data)  # must return None: paddle crashes on any other non-tensor
+            fn(g)  # must return None: paddle crashes on any other non-tensor
 
         t.register_hook(hook)
 
@@ -75,13 +98,22 @@ class PaddleSide:
         model.clear_gradients(set_to_zero=False)  # free them: zero-filled grads keep their memory
 
     def grad(self, param: paddle.Tensor) -> np.ndarray | None:
-        return None if param.grad is None else self.record(param.grad).data
+        return None if param.grad is None else self.view(param.grad)
 
     def backward(self, loss: paddle.Tensor) -> None:
         loss.backward()
 
     def tensor(self, arr: Arr, requires_grad: bool) -> paddle.Tensor:
-        t = paddle.to_tensor(np.array(arr.data)).astype(arr.dtype)
+        """A tensor of the recorded values. A leaf that requires grad shares the record's
+        memory (Paddle refuses in-place writes to such a leaf); any other tensor is a copy,
+        since the model may write to it."""
+        data = arr.data
+        if requires_grad and _shareable(data, arr.dtype):
+            t = paddle.from_dlpack(data)
+        else:
+            t = paddle.to_tensor(np.array(data))
+            if arr.dtype != str(data.dtype):
+                t = t.astype(arr.dtype)
         t.stop_gradient = not requires_grad
         return t
 
@@ -92,7 +124,9 @@ class PaddleSide:
         return accepted_kwargs(module.forward)
 
     def backward_from(self, tensors: list, grads: list[np.ndarray]) -> None:
-        seeds = [paddle.to_tensor(np.array(g)).astype(t.dtype) for t, g in zip(tensors, grads)]
+        # Paddle reads the seeds and never writes to them: they may share the records' memory.
+        seeds = [paddle.from_dlpack(g) if _shareable(g, self.dtype_name(t)) else
+                 paddle.to_tensor(np.array(g)).astype(t.dtype) for t, g in zip(tensors, grads)]
         paddle.autograd.backward(tensors, seeds)
 
     def set_seed(self, seed: int) -> None:

@@ -244,10 +244,10 @@ def run_reference(spec: ModelSpec, config: str | None = None, checkpoint: Path |
     config = config or spec.default_config
     if checkpoint is None and config in spec.checkpoints:
         checkpoint = resolve_path(spec.checkpoints[config], spec.source)
+    progress("building the reference")
     ts = TorchSide()
     rules = W.load_rules(spec.weights_file)
     cfg = build.reference_config(spec, config)
-    progress("building the reference")
     ref = build.build_reference(spec, cfg, checkpoint, ignore=rules.ignored)
     inputs = build.make_inputs(spec, cfg)
     ref_inputs = {k: ts.tensor(a, False) for k, a in inputs.items()}
@@ -265,7 +265,7 @@ def run_reference(spec: ModelSpec, config: str | None = None, checkpoint: Path |
     return ReferenceRun(
         model=spec.name, config_name=config, config=cfg.to_dict(), fingerprint=fingerprint(spec, config),
         inputs=inputs, trace=trace, fp64=fp64, only=tuple(only),
-        weights={k: ts.record(v).data for k, v in ref.state_dict().items()},
+        weights={k: ts.view(v) for k, v in ref.state_dict().items()},  # nothing writes to them: shared
         dtypes={k: ts.dtype_name(t) for k, t in {**ts.parameters(ref), **ts.buffers(ref)}.items()},
         observer=observer, env=reference_environment(),
         checkpoint=None if checkpoint is None else str(checkpoint),

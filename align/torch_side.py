@@ -22,11 +22,27 @@ class TorchSide:
         return isinstance(x, torch.Tensor)
 
     def record(self, t: torch.Tensor) -> Arr:
-        dtype = self.dtype_name(t)
+        return Arr(self.view(t).copy(), self.dtype_name(t), bool(t.requires_grad))
+
+    def view(self, t: torch.Tensor) -> np.ndarray:
+        """The tensor's values as numpy, sharing its memory where the dtype allows: for use
+        before anything can write to it again."""
         t = t.detach()
         if t.dtype in (torch.bfloat16, torch.float16):
             t = t.float()  # numpy has no bf16; fp32 holds every bf16 value exactly
-        return Arr(t.cpu().numpy().copy(), dtype, bool(t.requires_grad))
+        return t.cpu().numpy()
+
+    def borrow(self, t: torch.Tensor) -> tuple[Arr, Any] | None:
+        """A record that shares the tensor's memory, and the tensor to check later (with
+        `written`) that nothing wrote to it in place since. None when it cannot share."""
+        if t.dtype in (torch.bfloat16, torch.float16) or t.device.type != "cpu":
+            return None
+        d = t.detach()  # shares the version counter: an in-place write through t shows on d
+        return Arr(d.numpy(), self.dtype_name(t), bool(t.requires_grad)), (d, d._version)
+
+    def written(self, token: Any) -> bool:
+        d, version = token
+        return d._version != version
 
     def dtype_name(self, t) -> str:
         return _DTYPES.get(t.dtype, str(t.dtype).removeprefix("torch."))
@@ -39,7 +55,7 @@ class TorchSide:
 
     def on_grad(self, t: torch.Tensor, fn) -> None:
         def hook(g):
-            fn(self.record(g).data)  # returns None: the gradient passes on unchanged
+            fn(g)  # returns None: the gradient passes on unchanged
 
         t.register_hook(hook)
 
@@ -68,7 +84,7 @@ class TorchSide:
         model.zero_grad(set_to_none=True)
 
     def grad(self, param: torch.Tensor) -> np.ndarray | None:
-        return None if param.grad is None else self.record(param.grad).data
+        return None if param.grad is None else self.view(param.grad)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()

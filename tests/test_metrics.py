@@ -99,3 +99,26 @@ def test_large_tensors_are_compared_in_slices_with_the_same_result(monkeypatch):
         assert getattr(sliced, field) == pytest.approx(getattr(whole, field), rel=1e-9), field
     e[10, 0, 0] = np.nan  # a NaN in any slice fails the whole comparison, with its note
     assert "NaN or Inf" in M.compare_arrays(a, e, Tolerance(1e-5, 1e-5)).note
+
+
+def test_float32_work_agrees_with_float64():
+    """float32 tensors are compared in float32 (and the cosine from the difference's norm);
+    every statistic must match the float64 computation on the same values."""
+    rng = np.random.default_rng(1)
+    e = rng.standard_normal((300, 500)).astype(np.float32)
+    for scale in (1e-7, 1e-3, 1.0):  # nearly equal, close, unrelated-ish
+        a = (e + scale * rng.standard_normal(e.shape)).astype(np.float32)
+        a[0, :3], e[0, :3] = [0.0, 1e-3, 2.0], [0.0, 0.0, 2.0]  # 0/0 counts as equal, x/0 as inf
+        f32, f64 = compare_arrays(a, e, TOL), compare_arrays(a.astype(np.float64), e.astype(np.float64), TOL)
+        assert (f32.passed, f32.mismatched, f32.worst, f32.max_rel) == (f64.passed, f64.mismatched, f64.worst, f64.max_rel)
+        for field in ("max_abs", "mean_abs", "needed_atol"):
+            assert getattr(f32, field) == pytest.approx(getattr(f64, field), rel=1e-6), field
+        truth = float(a.astype(np.float64).ravel() @ e.astype(np.float64).ravel()
+                      / np.linalg.norm(a.astype(np.float64)) / np.linalg.norm(e.astype(np.float64)))
+        assert abs(f32.cosine - truth) <= 1e-6 * max(1 - truth, 1e-7), (scale, f32.cosine, truth)
+
+
+def test_a_difference_beyond_float32_range_is_still_measured():
+    a = np.full(4, 3e38, np.float32)
+    m = compare_arrays(a, -a, TOL)
+    assert not m.passed and m.note == "" and m.max_abs == pytest.approx(6e38) and m.cosine == -1.0
