@@ -57,6 +57,43 @@ def test_amplification_separates_a_local_bug_from_drift():
     assert amp.flagged and amp.ratio == pytest.approx(100, rel=1e-3)
 
 
+def test_a_record_written_to_later_is_recorded_again_with_copies():
+    """Records share the reference's tensors; a model that writes in place to a tensor after
+    it was recorded must not change what was recorded (torch's version counter shows it)."""
+    import torch
+
+    from align.capture import run_and_record
+    from align.torch_side import TorchSide
+
+    class Writer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = self.lin(x)
+            before = h.detach().clone()
+            h.mul_(2)  # in place, after the child's output was recorded
+            return h.sum() + before.sum() * 0
+
+    torch.manual_seed(0)
+    model, x = Writer(), torch.randn(2, 3)
+    expected = model.lin(x).detach().numpy().copy()
+    trace = run_and_record(TorchSide(), model, {"x": x}, lambda out: out, keep_inputs=True)
+    assert np.array_equal(trace.calls["lin"].outputs["out"].data, expected)
+    assert np.array_equal(trace.param_grads["lin.bias"], np.full(3, 4.0, np.float32))  # d(sum(2h))/db = 2 * 2 rows
+
+    class Reader(Writer):  # the same model without the write: its records stay shared
+        def forward(self, x):
+            return (self.lin(x) * 2).sum()
+
+    reader = Reader()
+    reader.load_state_dict(model.state_dict())
+    shared = run_and_record(TorchSide(), reader, {"x": x}, lambda out: out, keep_inputs=True)
+    assert np.array_equal(shared.calls["lin"].outputs["out"].data, expected)
+    assert not shared.calls["lin"].outputs["out"].data.flags.owndata
+
+
 def test_observer_effect_is_caught(monkeypatch, run_cli):
     """Instrumentation that perturbs what it records must not go unnoticed."""
     from align.paddle_side import PaddleSide, paddle
