@@ -13,7 +13,7 @@ therefore runs on reference values only, and its error is its own:
 Backward is forced the same way. Every replaced value is a fresh leaf, so the stretches are
 separate graphs; each is seeded with the reference's gradient at its far boundary, all in
 one backward call. The gradient that arrives at a leaf then measures the stretch that
-consumed it, seeded exactly as the reference was.
+consumed it, seeded exactly as the reference was; it is judged as it arrives.
 
 The comparisons happen as the tensors appear, through a `Judge`; nothing of the port is
 kept. The same pass on the reference in float64 (with a judge that keeps what it is shown)
@@ -103,11 +103,38 @@ class Forcer:
         self.owner: dict[str, str | None] = {}  # model call name -> the reference call its code counts for
         self.notes: dict[str, Notes] = {}
         self.seeds: list[tuple[Any, np.ndarray]] = []
-        self.leaves: list[tuple[str, str, Any, np.ndarray]] = []  # owner, label, leaf, reference gradient
+        self.pending: dict[int, tuple[str, str, np.ndarray]] = {}  # leaf -> owner, label, reference gradient
+        self.leaves: list[Any] = []
+        self.arrived: list[int] = []  # leaves whose gradient was judged: dropped when the next one arrives
         self.first_calls: dict[str, str] = {}  # module path -> its first call's reference name
 
-    def _leaf(self, a: Arr, grad: np.ndarray | None) -> Any:
-        return self.fw.tensor(a, requires_grad=grad is not None and a.dtype.startswith(("float", "bfloat")))
+    def _leaf(self, a: Arr, grad: np.ndarray | None, owner: str | None, label: str) -> Any:
+        """The reference's value, handed on in place of the port's. With a gradient, the
+        gradient that comes back to it is judged (as `owner`'s, unless None) as it arrives,
+        and dropped soon after: kept to the end, they would double the backward's memory.
+        Both frameworks refuse in-place writes to such a leaf, so it may share the record."""
+        if grad is None or not a.dtype.startswith(("float", "bfloat")):
+            return self.fw.tensor(a, requires_grad=False)
+        key = len(self.leaves)
+        leaf = self.fw.tensor(a, requires_grad=True)
+        self.leaves.append(leaf)
+        if owner is not None:
+            self.pending[key] = (owner, label, grad)
+        self.fw.on_grad(leaf, lambda g: self._arrived(key, g))
+        return leaf
+
+    def _arrived(self, key: int, g: Any) -> None:
+        # A leaf's hook runs once, with its whole gradient, before it is stored in .grad:
+        # the leaves that arrived before this one are done with once that is stored.
+        self._drop_arrived()
+        self.arrived.append(key)
+        hit = self.pending.pop(key, None)
+        if hit is not None:
+            owner, label, ref_grad = hit
+            self.judge.compare(owner, BACKWARD, label, self.fw.view(g), ref_grad)
+
+    def _drop_arrived(self) -> None:
+        self.arrived = [key for key in self.arrived if not self.fw.drop_grad(self.leaves[key])]
 
     def enter(self, call: Call, module: Any, args: tuple, kwargs: dict, caller: Call | None) -> tuple | None:
         ref_name = self.to_ref.get(call.name)
@@ -142,10 +169,7 @@ class Forcer:
                 else:
                     self.judge.fail(parent, BACKWARD, label,
                                     f"no gradient reaches {label} (detached?), while the reference's does")
-            leaf = self._leaf(a, grad)
-            if grad is not None:
-                self.leaves.append((ref_name, f"grad of input {path}", leaf, grad))
-            return leaf
+            return self._leaf(a, grad, ref_name, f"grad of input {path}")
 
         new_args, new_kwargs = map_inputs(args, kwargs, names, fw, swap)
         notes.ignored.extend(p for p, a in ref_inputs.items() if p not in seen)
@@ -177,10 +201,7 @@ class Forcer:
                                     f"non-differentiable), while the reference's does")
             if caller is None or not _compatible(fw, t, a):
                 return t  # the model's own outputs go back to the caller as they are
-            leaf = self._leaf(a, grad)
-            if grad is not None and parent is not None:
-                self.leaves.append((parent, f"grad of {call.name} output {path}", leaf, grad))
-            return leaf
+            return self._leaf(a, grad, parent, f"grad of {call.name} output {path}")
 
         return map_tensors(output, fw, swap)
 
@@ -193,11 +214,10 @@ class Forcer:
             merged[id(t)] = (t, merged[id(t)][1] + g) if id(t) in merged else (t, g)
         if merged:
             fw.backward_from([t for t, _ in merged.values()], [g for _, g in merged.values()])
-        for owner, label, leaf, ref_grad in self.leaves:
-            g = fw.grad(leaf)
-            if g is None:
-                g = np.zeros_like(ref_grad)  # nothing flowed back: equal to the reference only if it sent zeros
-            self.judge.compare(owner, BACKWARD, label, g, ref_grad)
+        self._drop_arrived()
+        for owner, label, ref_grad in self.pending.values():
+            # nothing flowed back: equal to the reference only if it sent zeros
+            self.judge.compare(owner, BACKWARD, label, np.zeros_like(ref_grad), ref_grad)
         for module_path, ref_name in self.first_calls.items():
             inner = module_path[len(self.prefix) + 1:] if self.prefix else module_path
             module = fw.submodule(model, inner or ROOT)
@@ -209,7 +229,7 @@ class Forcer:
                 for key, rg in to_reference(prefix + attr, g).items():
                     if key in ref_param_grads:
                         self.judge.compare(ref_name, BACKWARD, f"grad of parameter {key}", rg, ref_param_grads[key])
-        self.seeds, self.leaves = [], []
+        self.seeds, self.pending, self.leaves = [], {}, []  # the hooks hold this Forcer: let go of the leaves
 
 
 def force(fw: Framework, model: Any, inputs: dict[str, Any], ref_calls: dict[str, Call], to_ref: dict[str, str],
@@ -217,9 +237,12 @@ def force(fw: Framework, model: Any, inputs: dict[str, Any], ref_calls: dict[str
     """One forced forward and backward of `model`; the judge has seen every comparison."""
     forcer = Forcer(fw, ref_calls, to_ref, judge)
     fw.clear_grads(model)
-    with hooked(fw, model, forcer):
-        model(**inputs)
-    forcer.backward(model, ref_param_grads, to_reference)
+    try:
+        with hooked(fw, model, forcer):
+            model(**inputs)
+        forcer.backward(model, ref_param_grads, to_reference)
+    finally:
+        forcer.leaves = []  # their hooks hold the Forcer: a cycle through the framework
     fw.clear_grads(model)
     return forcer
 

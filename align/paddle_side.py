@@ -123,6 +123,14 @@ class PaddleSide:
     def accepted_kwargs(self, module: paddle.nn.Layer) -> set[str] | None:
         return accepted_kwargs(module.forward)
 
+    def drop_grad(self, t: paddle.Tensor) -> bool:
+        """Free a tensor's .grad; False if it has none (yet)."""
+        g = t.grad
+        if g is None or not g._is_initialized():
+            return False
+        g._clear_data()  # its memory (clear_gradient during a backward only zeroes it)
+        return True
+
     def backward_from(self, tensors: list, grads: list[np.ndarray]) -> None:
         # Paddle reads the seeds and never writes to them: they may share the records' memory.
         seeds = [paddle.from_dlpack(g) if _shareable(g, self.dtype_name(t)) else

@@ -99,6 +99,11 @@ class TorchSide:
     def accepted_kwargs(self, module: torch.nn.Module) -> set[str] | None:
         return accepted_kwargs(module.forward)
 
+    def drop_grad(self, t: torch.Tensor) -> bool:
+        """Free a tensor's .grad; False if it has none (yet)."""
+        had, t.grad = t.grad is not None, None
+        return had
+
     def backward_from(self, tensors: list, grads: list[np.ndarray]) -> None:
         seeds = [torch.from_numpy(np.array(g)).to(t.dtype) for t, g in zip(tensors, grads)]
         torch.autograd.backward(tensors, seeds)
