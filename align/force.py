@@ -218,9 +218,10 @@ class Forcer:
         for owner, label, ref_grad in self.pending.values():
             # nothing flowed back: equal to the reference only if it sent zeros
             self.judge.compare(owner, BACKWARD, label, np.zeros_like(ref_grad), ref_grad)
+        modules = dict(fw.modules(model))
         for module_path, ref_name in self.first_calls.items():
             inner = module_path[len(self.prefix) + 1:] if self.prefix else module_path
-            module = fw.submodule(model, inner or ROOT)
+            module = modules["" if inner in ("", ROOT) else inner]
             prefix = "" if module_path == ROOT else module_path + "."
             for attr, p in fw.direct_parameters(module).items():
                 g = fw.grad(p)

@@ -86,7 +86,7 @@ def compare_arrays(actual: np.ndarray, expected: np.ndarray, tol: Tolerance, lab
     if expected.ndim == 0:  # a loss: ufuncs would hand back scalars, which cannot be written into
         m = compare_arrays(actual.reshape(1), expected.reshape(1), tol, label)
         return Metrics(**{**m.to_dict(), "worst": f"{label}[]" if label else "[]"})
-    if actual.dtype == expected.dtype and (_same_memory(actual, expected) or np.array_equal(actual, expected)) \
+    if actual.dtype == expected.dtype and (_same_memory(actual, expected) or _equal(actual, expected)) \
             and np.isfinite(expected).all():
         return _identical(expected, label)  # common under teacher forcing, and cheap to see
     if expected.size > CHUNK:
@@ -133,7 +133,18 @@ def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
             and a.strides == b.strides and a.shape == b.shape)
 
 
-def _sum_sq(x: np.ndarray) -> float:
+def _equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """array_equal, after a look at three elements: rounding differences touch most
+    elements, so a differing pair is usually known without reading either tensor."""
+    n = a.size
+    for i in (0, n // 2, n - 1):
+        if a.flat[i] != b.flat[i]:
+            return False
+    return bool(np.array_equal(a, b))
+
+
+def sum_squares(x: np.ndarray) -> float:
+    """The sum of x's squares, in x's precision (BLAS for contiguous x), without copying x."""
     if x.flags.c_contiguous:
         flat = x.reshape(-1)
         return float(np.dot(flat, flat))
@@ -149,7 +160,7 @@ def _cosine_near(actual: np.ndarray, expected: np.ndarray, diff: np.ndarray) -> 
     if actual.dtype != np.float32 or expected.dtype != np.float32:
         return cosine(actual, expected)
     with np.errstate(over="ignore", invalid="ignore"):
-        sa, se, sd = _sum_sq(actual), _sum_sq(expected), _sum_sq(diff)
+        sa, se, sd = sum_squares(actual), sum_squares(expected), sum_squares(diff)
     if not np.isfinite(sa + se + sd):  # squares beyond float32's range
         return cosine(actual, expected)
     na, ne = np.sqrt(sa), np.sqrt(se)

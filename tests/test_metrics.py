@@ -122,3 +122,15 @@ def test_a_difference_beyond_float32_range_is_still_measured():
     a = np.full(4, 3e38, np.float32)
     m = compare_arrays(a, -a, TOL)
     assert not m.passed and m.note == "" and m.max_abs == pytest.approx(6e38) and m.cosine == -1.0
+
+
+def test_relative_l2_in_float32_agrees_with_float64():
+    from align.compare import rel_l2
+
+    rng = np.random.default_rng(2)
+    e = rng.standard_normal((128, 64)).astype(np.float32)
+    for scale in (1e-7, 1e-3, 1.0):
+        a = (e + scale * rng.standard_normal(e.shape)).astype(np.float32)
+        assert rel_l2(a, e) == pytest.approx(rel_l2(a.astype(np.float64), e.astype(np.float64)), rel=1e-5)
+    assert rel_l2(np.full(3, 1e30, np.float32), np.full(3, 2e30, np.float32)) == pytest.approx(0.5)  # squares overflow
+    assert rel_l2(np.array([np.nan], np.float32), np.ones(1, np.float32)) == math.inf
