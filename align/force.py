@@ -126,12 +126,12 @@ class Forcer:
     def _arrived(self, key: int, g: Any) -> None:
         # A leaf's hook runs once, with its whole gradient, before it is stored in .grad:
         # the leaves that arrived before this one are done with once that is stored.
-        self._drop_arrived()
-        self.arrived.append(key)
         hit = self.pending.pop(key, None)
         if hit is not None:
             owner, label, ref_grad = hit
             self.judge.compare(owner, BACKWARD, label, self.fw.view(g), ref_grad)
+        self._drop_arrived()
+        self.arrived.append(key)
 
     def _drop_arrived(self) -> None:
         self.arrived = [key for key in self.arrived if not self.fw.drop_grad(self.leaves[key])]

@@ -29,7 +29,8 @@ def _numpy(t: paddle.Tensor) -> np.ndarray:
 
 
 def _shareable(data: np.ndarray, dtype: str) -> bool:
-    return str(data.dtype) == dtype and data.flags.c_contiguous and data.size > 0
+    """Whether Paddle can use the array's memory as is (DLPack refuses read-only arrays)."""
+    return str(data.dtype) == dtype and data.flags.c_contiguous and data.flags.writeable and data.size > 0
 
 
 class PaddleSide:
@@ -53,6 +54,9 @@ class PaddleSide:
 
     def borrow(self, t: paddle.Tensor) -> None:
         return None  # Paddle may reuse a gradient's buffer without a visible in-place write: always copy
+
+    def written(self, token: Any) -> bool:
+        return False  # nothing is ever lent (see borrow)
 
     def dtype_name(self, t) -> str:
         return _DTYPES.get(t.dtype, str(t.dtype).removeprefix("paddle."))
