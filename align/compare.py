@@ -291,6 +291,10 @@ class Collector:
     def fail(self, owner: str, direction: str, label: str, note: str) -> None:
         self.found.setdefault((owner, direction), []).append((label, missing(note, label)))
 
+    def clear(self) -> None:
+        """Forget everything seen (the pass is being made again)."""
+        self.found = {}
+
     def get(self, owner: str, direction: str) -> Metrics | None:
         return combine([m for _, m in self.found.get((owner, direction), [])])
 
@@ -312,6 +316,9 @@ class Keeper:
 
     def fail(self, owner: str, direction: str, label: str, note: str) -> None:
         pass
+
+    def clear(self) -> None:
+        self.kept = {}
 
 
 def truth_key(owner: str, label: str) -> str:

@@ -34,6 +34,10 @@ from align.compare import BACKWARD, FORWARD, rel_l2
 ToReference = Callable[[str, np.ndarray], dict[str, np.ndarray]]
 
 
+class Rejoined(Exception):
+    """Two stretches turned out to be one graph after the first one's backward had run."""
+
+
 class Judge(Protocol):
     """Receives each comparison as it happens. `owner` is the reference call the code under
     test belongs to; `label` names the tensor within it. `port` may share memory the model
@@ -41,6 +45,7 @@ class Judge(Protocol):
 
     def compare(self, owner: str, direction: str, label: str, port: np.ndarray, ref: np.ndarray) -> None: ...
     def fail(self, owner: str, direction: str, label: str, note: str) -> None: ...
+    def clear(self) -> None: ...
 
 
 @dataclass
@@ -97,15 +102,19 @@ class Forcer:
     """
 
     def __init__(self, fw: Framework, ref_calls: dict[str, Call], to_ref: dict[str, str], judge: Judge,
-                 prefix: str = ""):
+                 prefix: str = "", eager: bool = True):
         self.fw, self.ref_calls, self.to_ref, self.judge = fw, ref_calls, to_ref, judge
         self.prefix = prefix  # the model being forced is this submodule of the whole (see capture.hooked)
+        self.eager = eager  # run each stretch's backward as soon as its call returns (see exit)
         self.owner: dict[str, str | None] = {}  # model call name -> the reference call its code counts for
         self.notes: dict[str, Notes] = {}
-        self.seeds: list[tuple[Any, np.ndarray]] = []
+        self.stretches: dict[str | None, list[tuple[Any, np.ndarray]]] = {}  # owner -> its seeds
+        self.joined: set[str] = set()  # stretches a port value crosses into or out of: run with the caller's
+        self.made: set[int] = set()  # the leaves that stand for reference values
         self.pending: dict[int, tuple[str, str, np.ndarray]] = {}  # leaf -> owner, label, reference gradient
         self.leaves: list[Any] = []
         self.arrived: list[int] = []  # leaves whose gradient was judged: dropped when the next one arrives
+        self.fired: set[int] = set()  # leaves whose gradient has arrived
         self.first_calls: dict[str, str] = {}  # module path -> its first call's reference name
 
     def _leaf(self, a: Arr, grad: np.ndarray | None, owner: str | None, label: str) -> Any:
@@ -118,6 +127,7 @@ class Forcer:
         key = len(self.leaves)
         leaf = self.fw.tensor(a, requires_grad=True)
         self.leaves.append(leaf)
+        self.made.add(id(leaf))
         if owner is not None:
             self.pending[key] = (owner, label, grad)
         self.fw.on_grad(leaf, lambda g: self._arrived(key, g))
@@ -126,6 +136,9 @@ class Forcer:
     def _arrived(self, key: int, g: Any) -> None:
         # A leaf's hook runs once, with its whole gradient, before it is stored in .grad:
         # the leaves that arrived before this one are done with once that is stored.
+        if key in self.fired:  # a second backward reached it: stretches joined by a way no boundary shows
+            raise Rejoined(f"a gradient reached leaf {key} in two backward passes")
+        self.fired.add(key)
         hit = self.pending.pop(key, None)
         if hit is not None:
             owner, label, ref_grad = hit
@@ -154,18 +167,18 @@ class Forcer:
         def swap(path: str, t: Any) -> Any:
             a = ref_inputs.get(path)
             if a is None:
-                return t
+                return self._kept(ref_name, t)
             seen.add(path)
             if not _compatible(fw, t, a):
                 notes.kept.append(f"{path} ({fw.dtype_name(t)}{list(t.shape)} vs reference {a.dtype}{list(a.data.shape)})")
-                return t
+                return self._kept(ref_name, t)
             label = f"{call.name} input {path}"
             if parent is not None:
                 self.judge.compare(parent, FORWARD, label, fw.view(t), _seen_as(tuple(t.shape), a.data))
             grad = ref_call.input_grads.get(path)
             if grad is not None and parent is not None and tuple(t.shape) == grad.shape:
                 if fw.needs_grad(t):
-                    self.seeds.append((t, grad))
+                    self.stretches.setdefault(parent, []).append((t, grad))
                 else:
                     self.judge.fail(parent, BACKWARD, label,
                                     f"no gradient reaches {label} (detached?), while the reference's does")
@@ -194,7 +207,7 @@ class Forcer:
             grad = ref_call.grads.get(path)
             if grad is not None:
                 if fw.needs_grad(t):
-                    self.seeds.append((t, grad))
+                    self.stretches.setdefault(ref_name, []).append((t, grad))
                 else:
                     self.judge.fail(ref_name, BACKWARD, f"grad of output {path}",
                                     f"no gradient flows from the port's output {path} (detached or "
@@ -203,25 +216,66 @@ class Forcer:
                 return t  # the model's own outputs go back to the caller as they are
             return self._leaf(a, grad, parent, f"grad of {call.name} output {path}")
 
-        return map_tensors(output, fw, swap)
+        output = map_tensors(output, fw, swap)
+        if caller is not None:
+            self._close(ref_name, parent, output)
+        return output
 
-    def backward(self, model: Any, ref_param_grads: dict[str, np.ndarray], to_reference: ToReference) -> None:
-        """Run the one backward, then judge the gradients that reached every leaf and every
-        module's own parameters (against the reference's, seeded identically)."""
+    def _caller_of(self, module_path: str) -> str | None:
+        """The call a module's parameters count for: its own first call, or, for a module
+        never called (a parent reading `embedding.weight` directly), its nearest called
+        ancestor's, whose code used them."""
+        top = self.prefix or ROOT  # the model being forced: nothing above it is
+        while module_path not in self.first_calls:
+            if module_path == top:
+                return None
+            module_path = module_path.rsplit(".", 1)[0] if "." in module_path else ROOT
+        return self.first_calls[module_path]
+
+    def _kept(self, ref_name: str, t: Any) -> Any:
+        """An input handed on as the port made it: if gradients flow through it, this call's
+        stretch is joined to the one that made it."""
+        if self.fw.needs_grad(t) and id(t) not in self.made:
+            self.joined.add(ref_name)
+        return t
+
+    def _close(self, ref_name: str, parent: str | None, output: Any) -> None:
+        """The call has returned, so its stretch (its own code, between the cuts) is whole:
+        its backward can run now, freeing its activations before the next call makes
+        more. Unless a port value crosses its boundary uncut (an input or output with no
+        reference counterpart): then it is one graph with its caller's, and runs with it."""
         fw = self.fw
+        seeds = self.stretches.pop(ref_name, [])
+        crossed = ref_name in self.joined or any(
+            fw.needs_grad(t) and id(t) not in self.made for _, t in flatten(output, fw) if fw.is_tensor(t))
+        if crossed or not self.eager:
+            self.stretches.setdefault(parent, []).extend(seeds)
+        else:
+            self._run(seeds)
+
+    def _run(self, seeds: list[tuple[Any, np.ndarray]]) -> None:
         merged: dict[int, tuple[Any, np.ndarray]] = {}
-        for t, g in self.seeds:  # one tensor handed to several modules: their seeds add up
+        for t, g in seeds:  # one tensor handed to several modules: their seeds add up
             merged[id(t)] = (t, merged[id(t)][1] + g) if id(t) in merged else (t, g)
         if merged:
-            fw.backward_from([t for t, _ in merged.values()], [g for _, g in merged.values()])
+            self.fw.backward_from([t for t, _ in merged.values()], [g for _, g in merged.values()])
+
+    def backward(self, model: Any, ref_param_grads: dict[str, np.ndarray], to_reference: ToReference) -> None:
+        """Run the backward of what is left (the model's own stretch, and any joined to it),
+        then judge what is left to judge: leaves nothing reached, and every module's own
+        parameters (against the reference's, seeded identically)."""
+        fw = self.fw
+        self._run([seed for seeds in self.stretches.values() for seed in seeds])
+        self.stretches = {}
         self._drop_arrived()
         for owner, label, ref_grad in self.pending.values():
             # nothing flowed back: equal to the reference only if it sent zeros
             self.judge.compare(owner, BACKWARD, label, np.zeros_like(ref_grad), ref_grad)
-        modules = dict(fw.modules(model))
-        for module_path, ref_name in self.first_calls.items():
-            inner = module_path[len(self.prefix) + 1:] if self.prefix else module_path
-            module = modules["" if inner in ("", ROOT) else inner]
+        for inner, module in fw.modules(model):
+            module_path = (f"{self.prefix}.{inner}" if inner else self.prefix) if self.prefix else (inner or ROOT)
+            ref_name = self._caller_of(module_path)
+            if ref_name is None:
+                continue
             prefix = "" if module_path == ROOT else module_path + "."
             for attr, p in fw.direct_parameters(module).items():
                 g = fw.grad(p)
@@ -230,20 +284,30 @@ class Forcer:
                 for key, rg in to_reference(prefix + attr, g).items():
                     if key in ref_param_grads:
                         self.judge.compare(ref_name, BACKWARD, f"grad of parameter {key}", rg, ref_param_grads[key])
-        self.seeds, self.pending, self.leaves = [], {}, []  # the hooks hold this Forcer: let go of the leaves
+        self.pending, self.leaves, self.made = {}, [], set()  # the hooks hold this Forcer: let go of the leaves
 
 
 def force(fw: Framework, model: Any, inputs: dict[str, Any], ref_calls: dict[str, Call], to_ref: dict[str, str],
           judge: Judge, ref_param_grads: dict[str, np.ndarray], to_reference: ToReference) -> Forcer:
-    """One forced forward and backward of `model`; the judge has seen every comparison."""
-    forcer = Forcer(fw, ref_calls, to_ref, judge)
-    fw.clear_grads(model)
-    try:
-        with hooked(fw, model, forcer):
-            model(**inputs)
-        forcer.backward(model, ref_param_grads, to_reference)
-    finally:
-        forcer.leaves = []  # their hooks hold the Forcer: a cycle through the framework
+    """One forced forward and backward of `model`; the judge has seen every comparison.
+
+    Each stretch's backward runs as soon as its call returns. Should that fail (a port value
+    reaching another module's code by a way no boundary shows, an attribute say, whose graph
+    was then already freed), the pass is made again with one backward at the end."""
+    for eager in (True, False):
+        forcer = Forcer(fw, ref_calls, to_ref, judge, eager=eager)
+        fw.clear_grads(model)
+        try:
+            with hooked(fw, model, forcer):
+                model(**inputs)
+            forcer.backward(model, ref_param_grads, to_reference)
+            break
+        except Exception:
+            if not eager:
+                raise
+            judge.clear()
+        finally:
+            forcer.leaves = []  # their hooks hold the Forcer: a cycle through the framework
     fw.clear_grads(model)
     return forcer
 

@@ -407,6 +407,10 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
         tf = Collector(tolerances, ref.fp64.truth if noise else None, factor)
         forced = force(ps, port, port_inputs, ref_trace.calls, to_ref, tf, ref_trace.param_grads,
                        lambda key, g: _as_reference({key: g}, wmap))
+        if not forced.eager:
+            warnings.append("the forced pass ran twice: a port value reaches another module's code by a way no "
+                            "module boundary shows (an attribute?), so its stretches could not run backward one "
+                            "by one")
         pairing = pair_calls(ref_calls, port_modules, rules.rename_module, [(n, n.split("#")[0]) for n in forced.owner])
         unpaired = tuple(u if not (why := rules.unpaired_reason(u.name.split("#")[0]))
                          else Unpaired(u.name, u.side, f"{why} ({rules.source.name})", allowed=True)

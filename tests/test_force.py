@@ -1,0 +1,102 @@
+"""The forced pass's mechanics: each stretch's backward runs as its call returns, with the
+same comparisons as one backward at the end, and falls back to that when a port value
+reaches another module's code by a way no boundary shows."""
+
+import numpy as np
+import pytest
+import torch
+
+from align.capture import hooked, run_and_record
+from align.compare import Collector, Tolerances
+from align.force import Forcer, Rejoined, force
+from align.spec import Tolerance
+from align.torch_side import TorchSide
+
+TOL = Tolerances(Tolerance(1e-5, 1e-5), ())
+
+
+class Child(torch.nn.Module):
+    def __init__(self, side_channel: bool):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+        self.side_channel = side_channel
+
+    def forward(self, x):
+        h = self.lin(x)
+        if self.side_channel:
+            self.saved = h * 2  # read by the parent: the graph crosses no boundary here
+        return torch.tanh(h)
+
+
+class Parent(torch.nn.Module):
+    def __init__(self, side_channel: bool):
+        super().__init__()
+        self.child, self.out = Child(side_channel), torch.nn.Linear(3, 1)
+        self.side_channel = side_channel
+
+    def forward(self, x):
+        y = self.out(self.child(x))
+        if self.side_channel:
+            y = y + self.child.saved.sum(-1, keepdim=True)
+        return y.sum()
+
+
+def _forced(side_channel: bool, eager: bool | None = None):
+    torch.manual_seed(0)
+    model, x = Parent(side_channel), torch.randn(4, 3)
+    ts = TorchSide()
+    trace = run_and_record(ts, model, {"x": x}, lambda out: out, keep_inputs=True)
+    judge = Collector(TOL)
+    names = {n: n for n in trace.calls}
+    if eager is None:
+        forcer = force(ts, model, {"x": x}, trace.calls, names, judge, trace.param_grads, lambda k, g: {k: g})
+    else:
+        forcer = Forcer(ts, trace.calls, names, judge, eager=eager)
+        with hooked(ts, model, forcer):
+            model(x=x)
+        forcer.backward(model, trace.param_grads, lambda k, g: {k: g})
+    return forcer, {(o, d, label): m for (o, d), items in judge.found.items() for label, m in items}
+
+
+def test_stretches_run_as_they_return_with_the_same_comparisons():
+    forcer, eager = _forced(False)
+    assert forcer.eager
+    _, once = _forced(False, eager=False)
+    assert eager.keys() == once.keys() and len(eager) > 5
+    assert all(m.passed for m in eager.values())
+    assert all(eager[k].max_abs == once[k].max_abs for k in eager)
+
+
+def test_a_side_channel_falls_back_to_one_backward():
+    forcer, found = _forced(True)
+    assert not forcer.eager  # the first attempt saw a leaf's gradient arrive twice
+    assert all(m.passed for m in found.values()), [k for k, m in found.items() if not m.passed]
+    assert all(np.isfinite(m.max_abs) for m in found.values())
+    # Eager alone would judge the child's leaf on part of its gradient: it must say so.
+    with pytest.raises(Rejoined, match="two backward passes"):
+        _forced(True, eager=True)
+
+
+class ReadsWeight(torch.nn.Module):
+    """Uses a submodule's weight without calling the submodule (as DeBERTa's relative
+    position embeddings do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.table, self.lin = torch.nn.Embedding(5, 3), torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return (self.lin(x) @ self.table.weight.T).sum()
+
+
+def test_parameters_of_a_module_never_called_count_for_the_caller_that_used_them():
+    torch.manual_seed(0)
+    model, x = ReadsWeight(), torch.randn(4, 3)
+    ts = TorchSide()
+    trace = run_and_record(ts, model, {"x": x}, lambda out: out, keep_inputs=True)
+    assert "table" not in trace.calls and "table.weight" in trace.param_grads
+    judge = Collector(TOL)
+    force(ts, model, {"x": x}, trace.calls, {n: n for n in trace.calls}, judge, trace.param_grads,
+          lambda k, g: {k: g})
+    root = dict(judge.labelled("<root>", "backward", "grad of parameter "))
+    assert root["table.weight"].passed and "lin.weight" not in root  # lin's own call judges lin's
