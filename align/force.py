@@ -11,9 +11,11 @@ therefore runs on reference values only, and its error is its own:
   it, so a wrong RoPE inside an attention is the attention's, not its o_proj's.
 
 Backward is forced the same way. Every replaced value is a fresh leaf, so the stretches are
-separate graphs; each is seeded with the reference's gradient at its far boundary, all in
-one backward call. The gradient that arrives at a leaf then measures the stretch that
-consumed it, seeded exactly as the reference was; it is judged as it arrives.
+separate graphs; each is seeded with the reference's gradient at its far boundary. The
+gradient that arrives at a leaf then measures the stretch that consumed it, seeded exactly
+as the reference was; it is judged as it arrives. Since the reference's gradients are all
+known beforehand, a stretch's backward runs as soon as its call returns: the forward and
+backward of the port are interleaved, call by call, and its activations never pile up.
 
 The comparisons happen as the tensors appear, through a `Judge`; nothing of the port is
 kept. The same pass on the reference in float64 (with a judge that keeps what it is shown)
