@@ -266,6 +266,20 @@ class Recorder:
         self.fw, self.keep_inputs, self.share = fw, keep_inputs, share
         self._seen: dict[int, tuple[Any, Arr]] = {}  # id -> (tensor kept alive, its snapshot)
         self._borrowed: list[Any] = []  # what to check for writes after the run
+        borrowed = self._borrowed
+
+        def keep(t: Any) -> Arr:
+            """A record of `t`: shared with it when allowed and possible, else a copy. (Not a
+            method: the gradient hooks hold it, and through a method they would hold this
+            Recorder, whose snapshot cache holds the hooked tensors, whose graphs hold the
+            weights: a cycle only the garbage collector breaks, one model's worth per run.)"""
+            lent = fw.borrow(t) if share else None
+            if lent is None:
+                return fw.record(t)
+            borrowed.append(lent[1])
+            return lent[0]
+
+        self.keep = keep
 
     def forget(self) -> None:
         """Drop the tensors kept for de-duplication (and, through their graphs, the weights)."""
@@ -274,14 +288,6 @@ class Recorder:
     def overwritten(self) -> bool:
         """Whether anything wrote in place to a tensor whose memory a record shares."""
         return any(self.fw.written(token) for token in self._borrowed)
-
-    def keep(self, t: Any) -> Arr:
-        """A record of `t`: shared with it when allowed and possible, else a copy."""
-        lent = self.fw.borrow(t) if self.share else None
-        if lent is None:
-            return self.fw.record(t)
-        self._borrowed.append(lent[1])
-        return lent[0]
 
     def snapshot(self, t: Any) -> Arr:
         hit = self._seen.get(id(t))
@@ -294,11 +300,13 @@ class Recorder:
         if self.keep_inputs:
             call.args, call.kwargs = _snapshot(args, fw, self.snapshot), _snapshot(kwargs, fw, self.snapshot)
 
+        keep = self.keep
+
         def wrap(path: str, t: Any) -> Any:
             if not fw.needs_grad(t):
                 return t
             out = fw.identity(t)
-            fw.on_grad(out, lambda g: call.input_grads.__setitem__(path, self.keep(g).data))
+            fw.on_grad(out, lambda g: call.input_grads.__setitem__(path, keep(g).data))
             return out
 
         if not any(fw.needs_grad(t) for _, t in named_inputs(args, kwargs, call.arg_names, fw)):
@@ -311,13 +319,14 @@ class Recorder:
         for path, t in leaves:
             call.outputs[path] = self.snapshot(t)
         paths = iter(p for p, _ in leaves)
+        keep = self.keep
 
         def wrap(t):
             path = next(paths)
             if not fw.needs_grad(t):
                 return t
             out = fw.identity(t)
-            fw.on_grad(out, lambda g, path=path: call.grads.__setitem__(path, self.keep(g).data))
+            fw.on_grad(out, lambda g, path=path: call.grads.__setitem__(path, keep(g).data))
             self._seen[id(out)] = (out, call.outputs[path])  # the consumer's input is this very value
             return out
 

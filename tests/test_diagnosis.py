@@ -94,6 +94,32 @@ def test_a_record_written_to_later_is_recorded_again_with_copies():
     assert not shared.calls["lin"].outputs["out"].data.flags.owndata
 
 
+def test_a_recorder_is_freed_by_reference_counting():
+    """The gradient hooks must not hold their Recorder: its snapshot cache holds the hooked
+    tensors, whose graphs hold the weights. A cycle there keeps a whole model alive until
+    the garbage collector happens to run (one block per block, when layers are streamed)."""
+    import gc
+    import weakref
+
+    import torch
+
+    from align.capture import Recorder, hooked
+    from align.torch_side import TorchSide
+
+    model, x = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh()), torch.randn(2, 3)
+    gc.disable()
+    try:
+        for share in (False, True):
+            recorder = Recorder(TorchSide(), keep_inputs=True, share=share)
+            with hooked(TorchSide(), model, recorder):
+                model(x).sum().backward()
+            alive = weakref.ref(recorder)
+            del recorder
+            assert alive() is None, f"share={share}: the Recorder outlived its last reference"
+    finally:
+        gc.enable()
+
+
 def test_observer_effect_is_caught(monkeypatch, run_cli):
     """Instrumentation that perturbs what it records must not go unnoticed."""
     from align.paddle_side import PaddleSide, paddle
