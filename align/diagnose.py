@@ -82,27 +82,14 @@ def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     return bool(np.array_equal(np.ascontiguousarray(a).view(bits), np.ascontiguousarray(b).view(bits)))
 
 
-Bare = tuple[dict[str, np.ndarray], dict[str, "np.ndarray | None"]]
-
-
-def bare_run(fw: Any, model: Any, inputs: dict[str, Any], seed_fn: Callable) -> Bare:
-    """Forward and backward with no hooks: the outputs and the parameter gradients. They
-    share the model's memory; every later run clears the gradients first, which gives the
-    new ones new memory."""
+def observer_check(fw: Any, model: Any, inputs: dict[str, Any], seed_fn: Callable, trace: Trace) -> Observer:
+    """Run forward and backward with no hooks and compare bitwise with the recorded trace."""
     fw.clear_grads(model)
     output = model(**inputs)
     fw.backward(seed_fn(output))
     outputs = {p: fw.view(t) for p, t in flatten(output, fw) if fw.is_tensor(t)}
     grads = {k: fw.grad(p) for k, p in fw.parameters(model).items()}
     fw.clear_grads(model)
-    return outputs, grads
-
-
-def observer_check(fw: Any, model: Any, inputs: dict[str, Any], seed_fn: Callable, trace: Trace,
-                   bare: Bare | None = None) -> Observer:
-    """Compare bitwise a run with no hooks (`bare`, made now if not given) with the
-    recorded trace."""
-    outputs, grads = bare if bare is not None else bare_run(fw, model, inputs, seed_fn)
     out_diff = [k for k in set(outputs) | set(trace.outputs)
                 if k not in outputs or k not in trace.outputs or not _same(outputs[k], trace.outputs[k].data)]
     grad_diff = [k for k in grads if not _same(grads[k], trace.param_grads.get(k))]

@@ -32,7 +32,7 @@ from align.compare import (
     first_divergence,
     truth_key,
 )
-from align.diagnose import Finding, Observer, bare_run, dtype_table, environment_warnings, observer_check
+from align.diagnose import Finding, Observer, dtype_table, environment_warnings, observer_check
 from align.force import force
 from align.metrics import compare_arrays, missing, within_noise
 from align.pair import Unpaired, pair_calls
@@ -251,13 +251,9 @@ def run_reference(spec: ModelSpec, config: str | None = None, checkpoint: Path |
     ref = build.build_reference(spec, cfg, checkpoint, ignore=rules.ignored)
     inputs = build.make_inputs(spec, cfg)
     ref_inputs = {k: ts.tensor(a, False) for k, a in inputs.items()}
-    bare = None
-    if observe:  # the observer's run without hooks goes first: the record then reuses its memory
-        progress("running the reference without hooks (the observer check)")
-        bare = bare_run(ts, ref, ref_inputs, _seed(ts, spec))
     progress("running the reference with hooks")
     trace = run_and_record(ts, ref, ref_inputs, _seed(ts, spec), keep_inputs=True)
-    observer = (observer_check(ts, ref, ref_inputs, _seed(ts, spec), trace, bare) if bare is not None
+    observer = (observer_check(ts, ref, ref_inputs, _seed(ts, spec), trace) if observe
                 else Observer("torch", True, True, (), checked=False))
     if only and not any(selected(c.module, only) for c in trace.calls.values()):
         raise ConfigError(spec.source, f"models.{spec.name}", f"--only {' '.join(only)} matches no module of the reference")
