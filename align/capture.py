@@ -263,7 +263,7 @@ class Recorder:
     """
 
     def __init__(self, fw: Framework, keep_inputs: bool, share: bool = False):
-        self.fw, self.keep_inputs, self.share = fw, keep_inputs, share
+        self.fw, self.keep_inputs = fw, keep_inputs
         self._seen: dict[int, tuple[Any, Arr]] = {}  # id -> (tensor kept alive, its snapshot)
         self._borrowed: list[Any] = []  # what to check for writes after the run
         borrowed = self._borrowed

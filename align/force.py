@@ -112,9 +112,9 @@ class Forcer:
         self.notes: dict[str, Notes] = {}
         self.stretches: dict[str | None, list[tuple[Any, np.ndarray]]] = {}  # owner -> its seeds
         self.joined: set[str] = set()  # stretches a port value crosses into or out of: run with the caller's
-        self.made: set[int] = set()  # the leaves that stand for reference values
+        # The leaves that stand for reference values, by id (kept alive, so their ids stay theirs).
+        self.leaves: dict[int, Any] = {}
         self.pending: dict[int, tuple[str, str, np.ndarray]] = {}  # leaf -> owner, label, reference gradient
-        self.leaves: list[Any] = []
         self.arrived: list[int] = []  # leaves whose gradient was judged: dropped when the next one arrives
         self.fired: set[int] = set()  # leaves whose gradient has arrived
         self.first_calls: dict[str, str] = {}  # module path -> its first call's reference name
@@ -126,10 +126,9 @@ class Forcer:
         Both frameworks refuse in-place writes to such a leaf, so it may share the record."""
         if grad is None or not a.dtype.startswith(("float", "bfloat")):
             return self.fw.tensor(a, requires_grad=False)
-        key = len(self.leaves)
         leaf = self.fw.tensor(a, requires_grad=True)
-        self.leaves.append(leaf)
-        self.made.add(id(leaf))
+        key = id(leaf)
+        self.leaves[key] = leaf
         if owner is not None:
             self.pending[key] = (owner, label, grad)
         self.fw.on_grad(leaf, lambda g: self._arrived(key, g))
@@ -139,7 +138,7 @@ class Forcer:
         # A leaf's hook runs once, with its whole gradient, before it is stored in .grad:
         # the leaves that arrived before this one are done with once that is stored.
         if key in self.fired:  # a second backward reached it: stretches joined by a way no boundary shows
-            raise Rejoined(f"a gradient reached leaf {key} in two backward passes")
+            raise Rejoined("a gradient reached one leaf in two backward passes")
         self.fired.add(key)
         hit = self.pending.pop(key, None)
         if hit is not None:
@@ -237,7 +236,7 @@ class Forcer:
     def _kept(self, ref_name: str, t: Any) -> Any:
         """An input handed on as the port made it: if gradients flow through it, this call's
         stretch is joined to the one that made it."""
-        if self.fw.needs_grad(t) and id(t) not in self.made:
+        if self.fw.needs_grad(t) and id(t) not in self.leaves:
             self.joined.add(ref_name)
         return t
 
@@ -249,7 +248,7 @@ class Forcer:
         fw = self.fw
         seeds = self.stretches.pop(ref_name, [])
         crossed = ref_name in self.joined or any(
-            fw.needs_grad(t) and id(t) not in self.made for _, t in flatten(output, fw) if fw.is_tensor(t))
+            fw.needs_grad(t) and id(t) not in self.leaves for _, t in flatten(output, fw) if fw.is_tensor(t))
         if crossed or not self.eager:
             self.stretches.setdefault(parent, []).extend(seeds)
         else:
@@ -286,7 +285,7 @@ class Forcer:
                 for key, rg in to_reference(prefix + attr, g).items():
                     if key in ref_param_grads:
                         self.judge.compare(ref_name, BACKWARD, f"grad of parameter {key}", rg, ref_param_grads[key])
-        self.pending, self.leaves, self.made = {}, [], set()  # the hooks hold this Forcer: let go of the leaves
+        self.pending, self.leaves = {}, {}  # the hooks hold this Forcer: let go of the leaves
 
 
 def force(fw: Framework, model: Any, inputs: dict[str, Any], ref_calls: dict[str, Call], to_ref: dict[str, str],
@@ -309,7 +308,7 @@ def force(fw: Framework, model: Any, inputs: dict[str, Any], ref_calls: dict[str
                 raise
             judge.clear()
         finally:
-            forcer.leaves = []  # their hooks hold the Forcer: a cycle through the framework
+            forcer.leaves = {}  # their hooks hold the Forcer: a cycle through the framework
     fw.clear_grads(model)
     return forcer
 

@@ -28,9 +28,13 @@ def _numpy(t: paddle.Tensor) -> np.ndarray:
     return data.numpy()  # numpy() is already a copy
 
 
-def _shareable(data: np.ndarray, dtype: str) -> bool:
-    """Whether Paddle can use the array's memory as is (DLPack refuses read-only arrays)."""
-    return str(data.dtype) == dtype and data.flags.c_contiguous and data.flags.writeable and data.size > 0
+def _to_paddle(data: np.ndarray, dtype: str, share: bool) -> paddle.Tensor:
+    """The values as a Paddle tensor of `dtype`: the array's own memory when `share` allows
+    and Paddle can use it as is (DLPack refuses read-only arrays), else a copy."""
+    if share and str(data.dtype) == dtype and data.flags.c_contiguous and data.flags.writeable and data.size > 0:
+        return paddle.from_dlpack(data)
+    t = paddle.to_tensor(np.array(data))
+    return t if str(data.dtype) == dtype else t.astype(dtype)
 
 
 class PaddleSide:
@@ -111,13 +115,7 @@ class PaddleSide:
         """A tensor of the recorded values. A leaf that requires grad shares the record's
         memory (Paddle refuses in-place writes to such a leaf); any other tensor is a copy,
         since the model may write to it."""
-        data = arr.data
-        if requires_grad and _shareable(data, arr.dtype):
-            t = paddle.from_dlpack(data)
-        else:
-            t = paddle.to_tensor(np.array(data))
-            if arr.dtype != str(data.dtype):
-                t = t.astype(arr.dtype)
+        t = _to_paddle(arr.data, arr.dtype, share=requires_grad)
         t.stop_gradient = not requires_grad
         return t
 
@@ -137,8 +135,7 @@ class PaddleSide:
 
     def backward_from(self, tensors: list, grads: list[np.ndarray]) -> None:
         # Paddle reads the seeds and never writes to them: they may share the records' memory.
-        seeds = [paddle.from_dlpack(g) if _shareable(g, self.dtype_name(t)) else
-                 paddle.to_tensor(np.array(g)).astype(t.dtype) for t, g in zip(tensors, grads)]
+        seeds = [_to_paddle(g, self.dtype_name(t), share=True) for t, g in zip(tensors, grads)]
         paddle.autograd.backward(tensors, seeds)
 
     def set_seed(self, seed: int) -> None:
