@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from align.capture import ROOT
-from align.metrics import Metrics, combine, compare_arrays, missing, sum_squares, within_noise
+from align.metrics import Metrics, combine, compare_arrays, missing, scratch, sum_squares, within_noise
 from align.spec import Override, Tolerance
 
 FORWARD, BACKWARD = "forward", "backward"
@@ -58,7 +58,7 @@ def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
         return float("inf")
     if actual.dtype == expected.dtype == np.float32 and actual.size:
         with np.errstate(over="ignore", invalid="ignore"):
-            d = np.subtract(actual, expected)
+            d = np.subtract(actual, expected, out=scratch(0, expected.shape, np.float32))
             num, den = sum_squares(d), sum_squares(expected)
         if np.isfinite(num) and np.isfinite(den) and den > 1e-30:
             return float(np.sqrt(num / den))

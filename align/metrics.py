@@ -6,6 +6,8 @@ relative error is relative to the reference.
 
 from __future__ import annotations
 
+import math
+import threading
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -92,28 +94,27 @@ def compare_arrays(actual: np.ndarray, expected: np.ndarray, tol: Tolerance, lab
     if expected.size > CHUNK:
         return _compare_chunked(actual, expected, tol, label)
     work = np.float32 if actual.dtype == expected.dtype == np.float32 else np.float64
-    with np.errstate(invalid="ignore", over="ignore"):
-        diff = np.subtract(actual, expected, dtype=work)
-    np.abs(diff, out=diff)
-    worst_flat = int(np.argmax(diff))  # argmax stops at the first NaN, and a NaN or Inf anywhere
-    if not np.isfinite(diff.flat[worst_flat]):  # on either side makes the difference non-finite
-        if work is np.float32 and np.isfinite(actual).all() and np.isfinite(expected).all():
-            # finite values whose difference exceeds float32's range: in float64
-            return compare_arrays(actual.astype(np.float64), expected.astype(np.float64), tol, label)
-        return _compare_nonfinite(actual, expected, tol, label)
-    ref_abs = np.abs(expected, dtype=work)
-    slack = np.multiply(ref_abs, tol.rtol, dtype=work)
-    np.subtract(diff, slack, out=slack)  # > atol exactly where |a - e| > atol + rtol * |e|
-    needed = float(slack.max())
-    mismatched = int(np.count_nonzero(slack > tol.atol)) if needed > tol.atol else 0
-    with np.errstate(divide="ignore", invalid="ignore"):
+    diff, ref_abs, slack = (scratch(i, expected.shape, work) for i in range(3))
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # inf - inf, x/0: handled below
+        np.subtract(actual, expected, out=diff, dtype=work)
+        np.abs(diff, out=diff)
+        worst_flat = int(np.argmax(diff))  # argmax stops at the first NaN, and a NaN or Inf anywhere
+        if not np.isfinite(diff.flat[worst_flat]):  # on either side makes the difference non-finite
+            if work is np.float32 and np.isfinite(actual).all() and np.isfinite(expected).all():
+                # finite values whose difference exceeds float32's range: in float64
+                return compare_arrays(actual.astype(np.float64), expected.astype(np.float64), tol, label)
+            return _compare_nonfinite(actual, expected, tol, label)
+        np.abs(expected, out=ref_abs, dtype=work)
+        np.multiply(ref_abs, tol.rtol, out=slack, dtype=work)
+        np.subtract(diff, slack, out=slack)  # > atol exactly where |a - e| > atol + rtol * |e|
+        needed = float(slack.max())
+        mismatched = int(np.count_nonzero(slack > tol.atol)) if needed > tol.atol else 0
         rel = np.divide(diff, ref_abs, out=slack)  # x/0 is inf, 0/0 NaN (fmax skips it: equal zeros)
-    max_rel = float(np.fmax.reduce(rel, axis=None))
-    worst = np.unravel_index(worst_flat, diff.shape)
-    with np.errstate(over="ignore"):
+        max_rel = float(np.fmax.reduce(rel, axis=None))
         total = float(np.add.reduce(diff, axis=None))
-    if not np.isfinite(total):  # float32's range exceeded: the float64 sum
-        total = float(np.add.reduce(diff, axis=None, dtype=np.float64))
+        if not np.isfinite(total):  # float32's range exceeded: the float64 sum
+            total = float(np.add.reduce(diff, axis=None, dtype=np.float64))
+    worst = np.unravel_index(worst_flat, diff.shape)
     return Metrics(
         max_abs=float(diff.flat[worst_flat]),
         mean_abs=total / diff.size,
@@ -125,6 +126,32 @@ def compare_arrays(actual: np.ndarray, expected: np.ndarray, tol: Tolerance, lab
         needed_atol=max(needed, 0.0),
         worst=f"{label}{list(map(int, worst))}" if label else str(list(map(int, worst))),
     )
+
+
+class _Scratch(threading.local):
+    buffers: dict[tuple[int, np.dtype], np.ndarray]
+
+    def __init__(self) -> None:
+        self.buffers = {}
+
+
+_SCRATCH = _Scratch()
+SCRATCH_MIN = 1 << 14  # below this (64 KiB of float32) malloc keeps the memory: a fresh array is cheaper
+
+
+def scratch(slot: int, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """Work buffer number `slot`, in this shape; its contents are garbage, and the next call
+    for the same slot (in this thread) reuses its memory. A fresh temporary the size of a
+    tensor costs a page fault per 4 KiB (glibc hands large blocks back to the OS when they
+    are freed), which made comparing five times slower than the arithmetic in it."""
+    n = math.prod(shape)
+    if n < SCRATCH_MIN:
+        return np.empty(shape, dtype)
+    key = (slot, np.dtype(dtype))
+    buf = _SCRATCH.buffers.get(key)
+    if buf is None or buf.size < n:
+        buf = _SCRATCH.buffers[key] = np.empty(n, dtype)
+    return buf[:n].reshape(shape)
 
 
 def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:

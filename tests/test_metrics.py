@@ -134,3 +134,26 @@ def test_relative_l2_in_float32_agrees_with_float64():
         assert rel_l2(a, e) == pytest.approx(rel_l2(a.astype(np.float64), e.astype(np.float64)), rel=1e-5)
     assert rel_l2(np.full(3, 1e30, np.float32), np.full(3, 2e30, np.float32)) == pytest.approx(0.5)  # squares overflow
     assert rel_l2(np.array([np.nan], np.float32), np.ones(1, np.float32)) == math.inf
+
+
+def test_work_buffers_are_reused_and_leave_no_trace_between_comparisons(monkeypatch):
+    """Comparisons write their temporaries into reused buffers (fresh ones cost a page fault
+    per 4 KiB). A comparison must give the same result whatever the one before it left in
+    them: larger or smaller, float32 or float64, passing or failing."""
+    import align.metrics as M
+
+    rng = np.random.default_rng(3)
+    first = M.scratch(0, (300, 200), np.float32)
+    assert np.shares_memory(first, M.scratch(0, (200, 300), np.float32))  # reused, in the shape asked for
+    assert first.base is not None and not np.shares_memory(first, M.scratch(1, (300, 200), np.float32))
+
+    pairs = []
+    for shape, scale in (((400, 300), 1e-3), ((50, 400), 1e-7), ((7, 3), 1.0), ((500, 300), 1e-6), ((200, 100), 0.0)):
+        e = rng.standard_normal(shape).astype(np.float32)
+        pairs.append(((e + scale * rng.standard_normal(shape)).astype(np.float32), e))
+    pairs.append((pairs[0][0].astype(np.float64), pairs[0][1].astype(np.float64)))
+    pairs.append((np.full((300, 100), 3e38, np.float32), np.full((300, 100), -3e38, np.float32)))  # float64 fallback
+    shared = [compare_arrays(a, e, TOL, "t") for a, e in pairs]
+    monkeypatch.setattr(M, "SCRATCH_MIN", 1 << 62)  # every temporary fresh
+    assert shared == [compare_arrays(a, e, TOL, "t") for a, e in pairs]
+    assert [m.passed for m in shared] == [False, True, False, True, True, False, False]
