@@ -77,12 +77,16 @@ class Call:
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
     arg_names: tuple[str, ...] = ()  # forward's parameter name for each positional arg
-
-    def arg_path(self, i: int) -> str:
-        return self.arg_names[i] if i < len(self.arg_names) else f"args[{i}]"
     outputs: dict[str, Arr] = field(default_factory=dict)
     grads: dict[str, np.ndarray] = field(default_factory=dict)  # external d(loss)/d(output)
     input_grads: dict[str, np.ndarray] = field(default_factory=dict)  # what the module sends back to each input
+
+    def arg_path(self, i: int) -> str:
+        return self.arg_names[i] if i < len(self.arg_names) else f"args[{i}]"
+
+    def release(self) -> None:
+        """Drop the recorded tensors (written out, or no longer needed); the names stay."""
+        self.args, self.kwargs, self.outputs, self.grads, self.input_grads = (), {}, {}, {}, {}
 
 
 @dataclass

@@ -143,9 +143,10 @@ def _progress(console: Console, name: str, quiet: bool):
 def _align_and_write(spec: ModelSpec, out: Path, console: Console, quiet: bool, command: str,
                      config: str | None = None, dtypes: tuple[str, ...] | None = None,
                      checkpoint: Path | None = None, reference=None, weights_from: str = "rules",
-                     only: tuple[str, ...] = (), fast: bool = False) -> dict:
+                     only: tuple[str, ...] = (), fast: bool = False, shared: bool = False) -> dict:
     """Align one model (against a saved `reference` run, if given); write report.json,
-    report.html, the repro, the history line and the dashboard. `fast`: the gate path."""
+    report.html, the repro, the history line and the dashboard. `fast`: the gate path.
+    `shared`: the reference is used again afterwards, so its tensors are not released."""
     from align.report import append_history, as_json, render_console, write_index, write_report
     from align.run import check_port, run_reference
 
@@ -154,7 +155,7 @@ def _align_and_write(spec: ModelSpec, out: Path, console: Console, quiet: bool, 
     started = time.perf_counter()
     with _progress(console, spec.name, quiet) as progress:
         reference = reference or run_reference(spec, config, checkpoint, progress, only, observe=not fast)
-        result = check_port(spec, reference, dtypes, progress, command, weights_from, fast=fast)
+        result = check_port(spec, reference, dtypes, progress, command, weights_from, fast=fast, release=not shared)
     report = result.to_dict()
     report["duration_s"] = round(time.perf_counter() - started, 3)
     if result.repro is not None:
@@ -286,7 +287,7 @@ def _run_side_by_side(spec: ModelSpec, specs: dict[str, ModelSpec], args: argpar
     for port, port_spec in specs.items():
         reports[port] = _align_and_write(port_spec, report_dir(root, spec.name, port), console, args.quiet,
                                          command, dtypes=dtypes, reference=reference, weights_from=args.weights_from,
-                                         fast=args.fast)
+                                         fast=args.fast, shared=True)
     path = root / f"{spec.name}-ports.html"
     write_atomic(path, side_by_side.render_html(reports))
     side_by_side.render_console(reports, console)

@@ -261,7 +261,7 @@ def run_reference(spec: ModelSpec, config: str | None = None, checkpoint: Path |
     if sink is not None:
         for name, call in trace.calls.items():
             sink.add(name, call)
-            call.args, call.kwargs, call.outputs, call.grads, call.input_grads = (), {}, {}, {}, {}
+            call.release()
     return ReferenceRun(
         model=spec.name, config_name=config, config=cfg.to_dict(), fingerprint=fingerprint(spec, config),
         inputs=inputs, trace=trace, fp64=fp64, only=tuple(only),
@@ -321,17 +321,20 @@ def align_model(spec: ModelSpec, config: str | None = None, dtypes: tuple[str, .
     names for that config (if any).
     """
     ref = run_reference(spec, config, checkpoint, progress, only, observe=not fast)
-    return check_port(spec, ref, dtypes, progress, command, fast=fast)
+    return check_port(spec, ref, dtypes, progress, command, fast=fast, release=True)
 
 
 def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | None = None,
                progress: Progress = lambda s: None, command: str = "", weights_from: str = "rules",
-               fast: bool = False) -> Report:
+               fast: bool = False, release: bool = False) -> Report:
     """Run only the port (Paddle) against a ReferenceRun, and judge it. Never imports torch.
 
     weights_from="rules" loads the port's weights with align's weight rules; "pretrained"
     lets the port's own loader (from_pretrained) convert the reference's checkpoint, and then
     checks every tensor it produced against what the rules say it should be.
+    With `release` (the caller has no further use for `ref`), the reference's recorded
+    tensors are dropped once the last comparison that needs them is made, so that the
+    port's observer run can reuse their memory instead of needing more.
     """
     from align import build
     from align.diagnose import environment, port_environment
@@ -381,7 +384,8 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
     unpaired: tuple[Unpaired, ...] = ()
     observers: list[Observer] = [ref.observer]
     repro: ReproCase | None = None
-    for dtype in dtypes or spec.dtypes:
+    dtype_list = tuple(dtypes or spec.dtypes)
+    for dtype in dtype_list:
         if dtype == "bfloat16":
             reason = bf16_unavailable()
             for mode in (TEACHER_FORCED, FREE_RUNNING):
@@ -419,9 +423,16 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
         tf_layers = tuple(_forced_layers(reported, ref_trace.calls, forced, tf, tolerances))
         fwd_order = ref_trace.completion_order()
         bwd_order = ref_trace.start_order()[::-1]
+        tf_culprits = culprits(tf_layers, fwd_order, bwd_order)
         runs.append(RunResult(dtype, TEACHER_FORCED, spec.tolerance, policy, tf_layers,
-                              first_divergence(tf_layers, fwd_order, bwd_order),
-                              culprits(tf_layers, fwd_order, bwd_order), gated=True))
+                              first_divergence(tf_layers, fwd_order, bwd_order), tf_culprits, gated=True))
+        first = (tf_culprits.forward or tf_culprits.backward or (None,))[0]
+        if first is not None and repro is None:
+            pair = next(p for p in pairing.pairs if p.ref == first)
+            prefix = "" if pair.ref_module == ROOT else pair.ref_module + "."
+            module_weights = {k[len(prefix):]: v for k, v in ref.weights.items() if k.startswith(prefix)}
+            repro = ReproCase.make(spec, ref.config, pair, ref_trace.calls[first], _reference_local(ref, pair),
+                                   module_weights, ps, port, tolerances.for_name(first), wmap)
         if fast:
             # The gate path: what the forced pass saw of the model's outputs and parameters.
             outputs = tuple(TensorResult(k, m, tolerances.for_name(k)) for k, m in tf.labelled(ROOT, FORWARD, "output "))
@@ -433,6 +444,9 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
                                  for k in sorted(missing_grads))
             observers = [ref.observer, Observer("paddle", True, True, (), checked=False)]
         else:
+            if release and dtype == dtype_list[-1]:
+                for call in ref_trace.calls.values():
+                    call.input_grads = {}  # only forcing judges them: memory for the free-running run
             progress(f"{dtype}: running the port free, comparing as it goes")
             fr = Collector(tolerances, _fp64_free_truth(ref.fp64) if noise else None, factor)
             follower, port_param_grads = _follow(ps, port, port_inputs, ref_trace.calls, to_ref, fr, _seed(ps, spec))
@@ -440,6 +454,12 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
             runs.append(RunResult(dtype, FREE_RUNNING, spec.tolerance, policy, fr_layers,
                                   first_divergence(fr_layers, fwd_order, bwd_order),
                                   culprits(fr_layers, fwd_order, bwd_order), gated=False))
+            outputs, param_grads = _model_outputs(spec, ref, follower.root_outputs, tolerances, noise), \
+                _param_grads(ref, port_param_grads, wmap, tolerances, spec)
+            if release and dtype == dtype_list[-1]:
+                for call in ref_trace.calls.values():
+                    call.release()
+                ref_trace.param_grads, ref.weights = {}, {}
             progress(f"{dtype}: checking that hooks change nothing")
             hooked_run = Trace("paddle", {}, port_param_grads, {}, follower.root_outputs)
             observers = [ref.observer, observer_check(ps, port, port_inputs, _seed(ps, spec), hooked_run)]
@@ -449,16 +469,6 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
                            f"installed ({', '.join(o.differing[:5])})")
                     warnings.append(msg)
                     findings.append(Finding("observer_effect", o.framework, msg, fails=False))
-            outputs, param_grads = _model_outputs(spec, ref, follower.root_outputs, tolerances, noise), \
-                _param_grads(ref, port_param_grads, wmap, tolerances, spec)
-        tf_culprits = culprits(tf_layers, fwd_order, bwd_order)
-        first = (tf_culprits.forward or tf_culprits.backward or (None,))[0]
-        if first is not None and repro is None:
-            pair = next(p for p in pairing.pairs if p.ref == first)
-            prefix = "" if pair.ref_module == ROOT else pair.ref_module + "."
-            module_weights = {k[len(prefix):]: v for k, v in ref.weights.items() if k.startswith(prefix)}
-            repro = ReproCase.make(spec, ref.config, pair, ref_trace.calls[first], _reference_local(ref, pair),
-                                   module_weights, ps, port, tolerances.for_name(first), wmap)
 
     return Report(
         model=spec.name, config=ref.config_name, port=spec.port_class, weights_from=weights_from,

@@ -122,3 +122,29 @@ def test_partial_trace_round_trips(tmp_path, capsys):
     partial = read_trace(tmp_path / "p")
     assert partial.only == ("model.norm",)
     assert len(partial.trace.calls) == len(read_trace(out).trace.calls)
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_a_released_reference_gives_the_same_report(monkeypatch, broken):
+    """check_port(release=True) drops the reference's recorded tensors before the port's
+    observer run (so that run reuses their memory): same report, repro included, and only
+    when asked (a reference shared by several ports is released by none)."""
+    from align.run import check_port, run_reference
+    from align.spec import load_registry
+
+    if broken:
+        attention_without_softcap(monkeypatch)
+    spec = load_registry(REGISTRY).get("gemma2")
+    ref = run_reference(spec)
+    held = lambda: [(len(c.args), len(c.outputs), len(c.grads), len(c.input_grads)) for c in ref.trace.calls.values()]
+    recorded = held()
+    kept = check_port(spec, ref, ("float32",)).to_dict()
+    assert held() == recorded and all(n[1] for n in recorded) and any(n[2] and n[3] for n in recorded)
+    released = check_port(spec, ref, ("float32",), release=True)
+    assert not any(c.outputs or c.grads or c.input_grads or c.args or c.kwargs for c in ref.trace.calls.values())
+    assert not ref.trace.param_grads and not ref.weights
+    assert (released.repro is not None) == broken
+    released = released.to_dict()
+    for report in (kept, released):
+        report.pop("created")
+    assert released == kept and released["verdict"] == ("fail" if broken else "pass")
