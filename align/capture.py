@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -365,11 +366,21 @@ def run_and_record(fw: Framework, model: Any, inputs: dict[str, Any], seed_fn: A
     )
 
 
+_POSITIONAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a bound forward's function -> its names
+
+
 def positional_names(forward: Any) -> tuple[str, ...]:
     """Names of a forward's positional parameters, so inputs are keyed the same whether a
-    caller passed them by position or by keyword."""
-    return tuple(p.name for p in inspect.signature(forward).parameters.values()
-                 if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
+    caller passed them by position or by keyword. (Asked at every call: for a bound method,
+    kept per function, since inspect.signature costs more than a small module's forward.)"""
+    func = getattr(forward, "__func__", None)
+    names = None if func is None else _POSITIONAL.get(func)
+    if names is None:
+        names = tuple(p.name for p in inspect.signature(forward).parameters.values()
+                      if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
+        if func is not None:
+            _POSITIONAL[func] = names
+    return names
 
 
 def accepted_kwargs(forward: Any) -> set[str] | None:

@@ -20,6 +20,9 @@ _DTYPES = {paddle.float32: "float32", paddle.bfloat16: "bfloat16", paddle.float1
            paddle.float64: "float64", paddle.int64: "int64", paddle.int32: "int32", paddle.bool: "bool"}
 
 
+_FLOATS = frozenset({paddle.float32, paddle.bfloat16, paddle.float16, paddle.float64})
+
+
 def _numpy(t: paddle.Tensor) -> np.ndarray:
     """An owned numpy copy."""
     data = t.detach()
@@ -31,10 +34,11 @@ def _numpy(t: paddle.Tensor) -> np.ndarray:
 def _to_paddle(data: np.ndarray, dtype: str, share: bool) -> paddle.Tensor:
     """The values as a Paddle tensor of `dtype`: the array's own memory when `share` allows
     and Paddle can use it as is (DLPack refuses read-only arrays), else a copy."""
-    if share and str(data.dtype) == dtype and data.flags.c_contiguous and data.flags.writeable and data.size > 0:
+    same = data.dtype.name == dtype
+    if share and same and data.flags.c_contiguous and data.flags.writeable and data.size > 0:
         return paddle.from_dlpack(data)
     t = paddle.to_tensor(np.array(data))
-    return t if str(data.dtype) == dtype else t.astype(dtype)
+    return t if same else t.astype(dtype)
 
 
 class PaddleSide:
@@ -120,7 +124,7 @@ class PaddleSide:
         return t
 
     def is_float(self, t: paddle.Tensor) -> bool:
-        return t.is_floating_point()
+        return t.dtype in _FLOATS  # what t.is_floating_point() says, without its Python overhead
 
     def accepted_kwargs(self, module: paddle.nn.Layer) -> set[str] | None:
         return accepted_kwargs(module.forward)

@@ -35,3 +35,36 @@ def test_position_never_decides():
     # Same structure, different names: nothing pairs, both sides are reported.
     p = pair_calls([("x", "x")], {"y"}, identity, [("y", "y")])
     assert p.pairs == () and len(p.unpaired) == 2
+
+
+def test_positional_names_are_each_forwards_own():
+    """Inputs are keyed by the forward's parameter names, kept per function once asked: two
+    classes, an override, and a forward set on one instance must each keep their own."""
+    import functools
+
+    from align.capture import positional_names
+
+    class A:
+        def forward(self, x, mask=None, *rest, scale=1.0):
+            return x
+
+    class B(A):
+        def forward(self, hidden_states, /, position_ids):
+            return hidden_states
+
+    def wrapper(fn):
+        @functools.wraps(fn)
+        def inner(self, *args, **kwargs):
+            return fn(self, *args, **kwargs)
+        return inner
+
+    class C:
+        forward = wrapper(B.forward)
+
+    a, b, c, other = A(), B(), C(), A()
+    other.forward = functools.partial(lambda q, k: q, 1)
+    for _ in range(2):  # asked again: the kept answer
+        assert positional_names(a.forward) == ("x", "mask")
+        assert positional_names(b.forward) == ("hidden_states", "position_ids")
+        assert positional_names(c.forward) == ("hidden_states", "position_ids")  # through functools.wraps
+        assert positional_names(other.forward) == ("k",)
