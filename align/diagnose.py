@@ -95,8 +95,10 @@ def observer_check(fw: Any, model: Any, inputs: dict[str, Any], seed_fn: Callabl
     grad_diff = [k for k in grads if not _same(grads[k], trace.param_grads.get(k))]
     # Summation-order rounding scales with the terms summed, not with the result (a key bias's
     # gradient is ~0 by softmax invariance, its rounding is not): ulps of the model's largest gradient.
-    scale = max((float(np.abs(g).max(initial=0.0)) for g in trace.param_grads.values()), default=0.0)
-    ulps = max((_ulps(grads[k], trace.param_grads.get(k), scale) for k in grad_diff), default=0.0)
+    ulps = 0.0
+    if grad_diff:
+        scale = max((max(float(g.max()), -float(g.min())) for g in trace.param_grads.values() if g.size), default=0.0)
+        ulps = max(_ulps(grads[k], trace.param_grads.get(k), scale) for k in grad_diff)
     return Observer(fw.name, not out_diff, not grad_diff, tuple(sorted(out_diff) + sorted(grad_diff)), grad_ulps=ulps)
 
 
