@@ -111,8 +111,19 @@ def _ulps(a: np.ndarray | None, b: np.ndarray | None, scale: float) -> float:
     return diff / unit if unit > 0 else (0.0 if diff == 0 else float("inf"))
 
 
+def _platform() -> str:
+    """platform.platform()'s answer ("Linux-6.1.0-x86_64-with-glibc2.36"), without the
+    `uname -p` process it starts on Linux for a processor name it then leaves out."""
+    system, _, release, _, machine = os.uname()
+    try:
+        libc = "".join(os.confstr("CS_GNU_LIBC_VERSION").split())  # "glibc 2.36" -> "glibc2.36"
+    except (ValueError, OSError, AttributeError):
+        libc = ""
+    return "-".join(p for p in (system, release, machine) if p) + (f"-with-{libc}" if libc else "")
+
+
 def _process() -> dict[str, Any]:
-    return {"python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
+    return {"python": platform.python_version(), "platform": _platform(), "machine": platform.machine(),
             "numpy": np.__version__, "cpu_count": os.cpu_count(),
             "env_vars": {k: os.environ.get(k) for k in THREAD_VARS}}
 

@@ -1,6 +1,7 @@
 """Localization, amplification, the observer check, the environment record, and the repro."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -225,3 +226,15 @@ def test_only_that_matches_nothing_is_an_error(run_cli):
     code, report, err = run_cli("run", "gemma2", "--only", "model.layrs.*")
     assert code == 2 and report is None
     assert err.strip().endswith("--only model.layrs.* matches no module of the reference")
+
+
+@pytest.mark.skipif(not hasattr(os, "confstr") or "CS_GNU_LIBC_VERSION" not in os.confstr_names,
+                    reason="platform.platform() is matched only where glibc reports its version")
+def test_the_platform_recorded_is_what_platform_reports():
+    """The environment record names the platform as platform.platform() does, without the
+    `uname -p` subprocess that starts on every run."""
+    import platform
+
+    from align.diagnose import _platform
+
+    assert _platform() == platform.platform()
