@@ -295,6 +295,11 @@ class Collector:
         """Forget everything seen (the pass is being made again)."""
         self.found = {}
 
+    def absorb(self, other: Collector) -> None:
+        """Take over another collector's comparisons (a part judged in a pass of its own)."""
+        for key, items in other.found.items():
+            self.found.setdefault(key, []).extend(items)
+
     def get(self, owner: str, direction: str) -> Metrics | None:
         return combine([m for _, m in self.found.get((owner, direction), [])])
 

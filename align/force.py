@@ -288,27 +288,35 @@ class Forcer:
         self.pending, self.leaves = {}, {}  # the hooks hold this Forcer: let go of the leaves
 
 
+def eager_or_once(judge: Judge, attempt: Callable[[bool], Forcer]) -> Forcer:
+    """`attempt(eager=True)`: a forced pass whose stretches run backward as their calls
+    return. Should that fail (a port value reaching another module's code by a way no
+    boundary shows, an attribute say, whose graph was then already freed), the judge
+    forgets what it saw and the pass is made again with one backward at the end."""
+    try:
+        return attempt(True)
+    except Exception:
+        judge.clear()
+        return attempt(False)
+
+
 def force(fw: Framework, model: Any, inputs: dict[str, Any], ref_calls: dict[str, Call], to_ref: dict[str, str],
           judge: Judge, ref_param_grads: dict[str, np.ndarray], to_reference: ToReference) -> Forcer:
-    """One forced forward and backward of `model`; the judge has seen every comparison.
+    """One forced forward and backward of `model`; the judge has seen every comparison
+    (made eagerly if it can be, see eager_or_once)."""
 
-    Each stretch's backward runs as soon as its call returns. Should that fail (a port value
-    reaching another module's code by a way no boundary shows, an attribute say, whose graph
-    was then already freed), the pass is made again with one backward at the end."""
-    for eager in (True, False):
+    def attempt(eager: bool) -> Forcer:
         forcer = Forcer(fw, ref_calls, to_ref, judge, eager=eager)
         fw.clear_grads(model)
         try:
             with hooked(fw, model, forcer):
                 model(**inputs)
             forcer.backward(model, ref_param_grads, to_reference)
-            break
-        except Exception:
-            if not eager:
-                raise
-            judge.clear()
         finally:
             forcer.leaves = {}  # their hooks hold the Forcer: a cycle through the framework
+        return forcer
+
+    forcer = eager_or_once(judge, attempt)
     fw.clear_grads(model)
     return forcer
 

@@ -40,6 +40,8 @@ from align.repro import Local, ReproCase
 from align.spec import ConfigError, ModelSpec
 
 SCHEMA_VERSION = 1
+FORCED_TWICE = ("the forced pass ran twice: a port value reaches another module's code by a way no module "
+                "boundary shows (an attribute?), so its stretches could not run backward one by one")
 Progress = Callable[[str], None]
 
 
@@ -412,9 +414,7 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
         forced = force(ps, port, port_inputs, ref_trace.calls, to_ref, tf, ref_trace.param_grads,
                        lambda key, g: _as_reference({key: g}, wmap))
         if not forced.eager:
-            warnings.append("the forced pass ran twice: a port value reaches another module's code by a way no "
-                            "module boundary shows (an attribute?), so its stretches could not run backward one "
-                            "by one")
+            warnings.append(FORCED_TWICE)
         pairing = pair_calls(ref_calls, port_modules, rules.rename_module, [(n, n.split("#")[0]) for n in forced.owner])
         unpaired = tuple(u if not (why := rules.unpaired_reason(u.name.split("#")[0]))
                          else Unpaired(u.name, u.side, f"{why} ({rules.source.name})", allowed=True)

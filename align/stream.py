@@ -39,7 +39,7 @@ from align import weights as W
 from align.capture import ROOT, Arr, Call, Recorder, _snapshot, flatten, hooked, map_inputs, map_tensors
 from align.compare import BACKWARD, FORWARD, TEACHER_FORCED, Collector, RunResult, TensorResult, Tolerances, \
     culprits, first_divergence
-from align.force import Forcer
+from align.force import Forcer, ToReference, eager_or_once
 from align.metrics import missing
 from align.pair import Unpaired, pair_calls
 from align.spec import ConfigError, ModelSpec
@@ -240,6 +240,31 @@ def _block_inputs(ps: Any, module: Any, call: Call, extra: dict) -> tuple[tuple,
     return args, kwargs, leaves
 
 
+def _force_block(ps: Any, block: Any, port_name: str, ref_name: str, calls: dict[str, Call], to_ref: dict[str, str],
+                 judge: Collector, ref_param_grads: dict[str, np.ndarray], to_reference: ToReference,
+                 extra: dict) -> Forcer:
+    """One port block forced on its reference record, inputs and all: the gradients that
+    come back to its inputs are judged as its own."""
+
+    def attempt(eager: bool) -> Forcer:
+        forcer = Forcer(ps, calls, to_ref, judge, prefix=port_name, eager=eager)
+        args, kwargs, leaves = _block_inputs(ps, block, calls[ref_name], extra)
+        ps.clear_grads(block)
+        try:
+            with hooked(ps, block, forcer, prefix=port_name):
+                block(*args, **kwargs)
+            forcer.backward(block, ref_param_grads, to_reference)
+        finally:
+            forcer.leaves = {}  # their hooks hold the Forcer
+        for path, leaf in leaves:
+            g = ps.grad(leaf)
+            ref_g = calls[ref_name].input_grads[path]
+            judge.compare(ref_name, BACKWARD, f"grad of input {path}", np.zeros_like(ref_g) if g is None else g, ref_g)
+        return forcer
+
+    return eager_or_once(judge, attempt)
+
+
 def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Progress = lambda s: None,
                    command: str = "") -> Any:
     """Align `spec` on `checkpoint` block by block (fp32, teacher-forced); returns a Report."""
@@ -249,7 +274,7 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
     from align.checkpoint import Checkpoint
     from align.diagnose import Observer, environment, port_environment, reference_environment
     from align.paddle_side import PaddleSide
-    from align.run import Report, _as_reference, _call_kwargs_for, _forced_layers, _port_inputs, _seed
+    from align.run import FORCED_TWICE, Report, _as_reference, _call_kwargs_for, _forced_layers, _port_inputs, _seed
     from align.torch_side import TorchSide
 
     blocks = spec.stream_blocks
@@ -290,6 +315,7 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
         order = {n: (c.start, c.end) for n, c in calls.items()}  # every call, blocks' insides too
         ref_calls = {n: c for n, c in calls.items() if not recorder.inside(c.module)}
         graded: set[str] = set()  # every reference parameter that got a gradient
+        twice = False  # some forced pass was made again with one backward (see force.eager_or_once)
 
         for i, b in reversed(list(enumerate(recorder.seen))):
             progress(f"block {i + 1}/{len(recorder.seen)} ({b.name}): reference, then port on its inputs")
@@ -314,16 +340,11 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
             loader.load_port(b.name)
             port_block = ps.submodule(port, port_name)
             pairing = pair_calls([(n, c.module) for n, c in block_calls.items()], port_modules, rules.rename_module)
-            forcer = Forcer(ps, block_calls, {p.port: p.ref for p in pairing.pairs}, found, prefix=port_name)
-            args, kwargs, leaves = _block_inputs(ps, port_block, block_calls[b.name], _call_kwargs_for(spec, b.name))
-            ps.clear_grads(port_block)
-            with hooked(ps, port_block, forcer, prefix=port_name):
-                port_block(*args, **kwargs)
-            forcer.backward(port_block, own, to_reference)
-            for path, leaf in leaves:
-                g = ps.grad(leaf)
-                ref_g = block_calls[b.name].input_grads[path]
-                found.compare(b.name, BACKWARD, f"grad of input {path}", np.zeros_like(ref_g) if g is None else g, ref_g)
+            judged = Collector(tolerances)
+            forcer = _force_block(ps, port_block, port_name, b.name, block_calls, {p.port: p.ref for p in pairing.pairs},
+                                  judged, own, to_reference, _call_kwargs_for(spec, b.name))
+            found.absorb(judged)
+            twice = twice or not forcer.eager
             layers += _forced_layers(pairing.pairs, block_calls, forcer, found, tolerances)
             unpaired += pairing.unpaired
             ps.clear_grads(port_block)
@@ -342,12 +363,22 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
         pairing = pair_calls([(n, c.module) for n, c in ref_calls.items()], port_modules, rules.rename_module)
         shell_pairs = [p for p in pairing.pairs if p.ref not in block_records]
         shell = Collector(tolerances)
-        forcer = Forcer(ps, ref_calls, {p.port: p.ref for p in pairing.pairs}, shell)
-        with _answered(ps, port, {rename(n): c for n, c in block_records.items()}):
-            with hooked(ps, port, forcer):
-                port(**{k: ps.tensor(a, False) for k, a in _port_inputs(inputs, spec).items()},
-                     **_call_kwargs_for(spec, ROOT))
-            forcer.backward(port, shell_grads, to_reference)
+
+        def attempt(eager: bool) -> Forcer:
+            forcer = Forcer(ps, ref_calls, {p.port: p.ref for p in pairing.pairs}, shell, eager=eager)
+            ps.clear_grads(port)
+            try:
+                with _answered(ps, port, {rename(n): c for n, c in block_records.items()}):
+                    with hooked(ps, port, forcer):
+                        port(**{k: ps.tensor(a, False) for k, a in _port_inputs(inputs, spec).items()},
+                             **_call_kwargs_for(spec, ROOT))
+                    forcer.backward(port, shell_grads, to_reference)
+            finally:
+                forcer.leaves = {}  # their hooks hold the Forcer
+            return forcer
+
+        forcer = eager_or_once(shell, attempt)
+        twice = twice or not forcer.eager
         layers += _forced_layers(shell_pairs, ref_calls, forcer, shell, tolerances)
         unpaired += [u for u in pairing.unpaired if not _under(u.name.split("#")[0], blocks)]
         loader.free_port("", exclude=blocks)
@@ -373,4 +404,5 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
         env=env, command=command or f"align run {spec.name} --stream-layers", path="stream",
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), checkpoint=str(checkpoint),
         observer=(Observer("torch", True, True, (), checked=False), Observer("paddle", True, True, (), checked=False)),
+        warnings=(FORCED_TWICE,) if twice else (),
     )

@@ -66,3 +66,35 @@ def test_streaming_needs_a_checkpoint_and_a_block_list(checkpoint, run_cli, tmp_
     assert code == 2 and "--stream-layers needs --checkpoint" in err and "Traceback" not in err
     code, _, err = run_cli("run", "phi3", "--checkpoint", str(checkpoint), "--stream-layers")
     assert code == 2 and "models.phi3.stream.blocks" in err and "Traceback" not in err
+
+
+def test_a_side_channel_inside_a_block_falls_back_as_the_whole_model_pass_does(checkpoint, monkeypatch, run_cli):
+    """A port value reaching another module's code by an attribute (no boundary shows it)
+    makes a stretch's gradient arrive twice in the eager pass. The block is then forced
+    again with one backward at its end, as the whole-model pass does, with the same errors
+    and a warning, not a traceback. (The side channel adds zeros: the port stays correct.)"""
+    import ports.gemma2.modeling as M
+
+    mlp_forward, layer_forward = M.Gemma2MLP.forward, M.Gemma2DecoderLayer.forward
+
+    def mlp(self, x):
+        self.seen = x * 2.0
+        return mlp_forward(self, x)
+
+    def layer(self, hidden_states, position_embeddings, attention_mask=None):
+        out = layer_forward(self, hidden_states, position_embeddings, attention_mask)
+        return out + 0.0 * self.mlp.seen.sum()
+
+    _, clean, _ = run_cli("run", "gemma2", "--checkpoint", str(checkpoint), "--stream-layers")
+    monkeypatch.setattr(M.Gemma2MLP, "forward", mlp)
+    monkeypatch.setattr(M.Gemma2DecoderLayer, "forward", layer)
+    code, streamed, err = run_cli("run", "gemma2", "--checkpoint", str(checkpoint), "--stream-layers")
+    assert code == 0 and streamed["verdict"] == "pass", err[-2000:]
+    assert any("ran twice" in w for w in streamed["warnings"])
+    _, whole, _ = run_cli("run", "gemma2", "--checkpoint", str(checkpoint), "--fast", "--dtype", "fp32")
+    assert any("ran twice" in w for w in whole["warnings"])
+    a, b = _by_layer(streamed), _by_layer(clean)
+    assert set(a) == set(b) and len(a) == 66
+    for name in a:
+        for d in ("forward", "backward"):
+            assert (a[name][d] or {}).get("max_abs") == (b[name][d] or {}).get("max_abs"), (name, d)
