@@ -295,7 +295,7 @@ def eager_or_once(judge: Judge, attempt: Callable[[bool], Forcer]) -> Forcer:
     forgets what it saw and the pass is made again with one backward at the end."""
     try:
         return attempt(True)
-    except Exception:
+    except Exception:  # noqa: BLE001 - Paddle rethrows Rejoined as its own error; a real one recurs below
         judge.clear()
         return attempt(False)
 
