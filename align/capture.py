@@ -169,6 +169,14 @@ class Sink(Protocol):
     def exit(self, call: Call, module: Any, args: tuple, output: Any, caller: Call | None) -> Any: ...
 
 
+def module_path(prefix: str, inner: str) -> str:
+    """A module's name in the whole model, from its name inside the submodule `prefix`
+    ("" when the model is the whole: the model itself is then ROOT)."""
+    if prefix:
+        return f"{prefix}.{inner}" if inner else prefix
+    return inner or ROOT
+
+
 @contextmanager
 def hooked(fw: Framework, model: Any, sink: Sink, prefix: str = "") -> Iterator[dict[str, Call]]:
     """Hook every module of `model` for `sink`; yields the calls as they complete.
@@ -204,7 +212,7 @@ def hooked(fw: Framework, model: Any, sink: Sink, prefix: str = "") -> Iterator[
 
     try:
         for path, module in fw.modules(model):
-            path = (f"{prefix}.{path}" if path else prefix) if prefix else (path or ROOT)
+            path = module_path(prefix, path)
             handles.append(fw.pre_hook(module, pre(path, type(module).__name__)))
             handles.append(fw.post_hook(module, post))
         yield calls

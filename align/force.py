@@ -30,7 +30,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from align.capture import ROOT, Arr, Call, Framework, flatten, hooked, map_inputs, map_tensors, named_inputs
+from align.capture import (ROOT, Arr, Call, Framework, flatten, hooked, map_inputs, map_tensors, module_path,
+                           named_inputs)
 from align.compare import BACKWARD, FORWARD, rel_l2
 
 ToReference = Callable[[str, np.ndarray], dict[str, np.ndarray]]
@@ -222,16 +223,16 @@ class Forcer:
             self._close(ref_name, parent, output)
         return output
 
-    def _caller_of(self, module_path: str) -> str | None:
+    def _caller_of(self, path: str) -> str | None:
         """The call a module's parameters count for: its own first call, or, for a module
         never called (a parent reading `embedding.weight` directly), its nearest called
         ancestor's, whose code used them."""
         top = self.prefix or ROOT  # the model being forced: nothing above it is
-        while module_path not in self.first_calls:
-            if module_path == top:
+        while path not in self.first_calls:
+            if path == top:
                 return None
-            module_path = module_path.rsplit(".", 1)[0] if "." in module_path else ROOT
-        return self.first_calls[module_path]
+            path = path.rsplit(".", 1)[0] if "." in path else ROOT
+        return self.first_calls[path]
 
     def _kept(self, ref_name: str, t: Any) -> Any:
         """An input handed on as the port made it: if gradients flow through it, this call's
@@ -273,11 +274,11 @@ class Forcer:
             # nothing flowed back: equal to the reference only if it sent zeros
             self.judge.compare(owner, BACKWARD, label, np.zeros_like(ref_grad), ref_grad)
         for inner, module in fw.modules(model):
-            module_path = (f"{self.prefix}.{inner}" if inner else self.prefix) if self.prefix else (inner or ROOT)
-            ref_name = self._caller_of(module_path)
+            path = module_path(self.prefix, inner)
+            ref_name = self._caller_of(path)
             if ref_name is None:
                 continue
-            prefix = "" if module_path == ROOT else module_path + "."
+            prefix = "" if path == ROOT else path + "."
             for attr, p in fw.direct_parameters(module).items():
                 g = fw.grad(p)
                 if g is None:
