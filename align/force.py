@@ -301,23 +301,31 @@ def eager_or_once(judge: Judge, attempt: Callable[[bool], Forcer]) -> Forcer:
         return attempt(False)
 
 
-def force(fw: Framework, model: Any, inputs: dict[str, Any], ref_calls: dict[str, Call], to_ref: dict[str, str],
-          judge: Judge, ref_param_grads: dict[str, np.ndarray], to_reference: ToReference) -> Forcer:
-    """One forced forward and backward of `model`; the judge has seen every comparison
-    (made eagerly if it can be, see eager_or_once)."""
+def force_call(fw: Framework, model: Any, run: Callable[[], Any], ref_calls: dict[str, Call], to_ref: dict[str, str],
+               judge: Judge, ref_param_grads: dict[str, np.ndarray], to_reference: ToReference,
+               prefix: str = "") -> Forcer:
+    """The forced pass of `model` (the submodule `prefix` of the whole, if given) over
+    `run()`, which calls it, making its inputs afresh each time; eager if it can be (see
+    eager_or_once). The judge has seen every comparison."""
 
     def attempt(eager: bool) -> Forcer:
-        forcer = Forcer(fw, ref_calls, to_ref, judge, eager=eager)
+        forcer = Forcer(fw, ref_calls, to_ref, judge, prefix=prefix, eager=eager)
         fw.clear_grads(model)
         try:
-            with hooked(fw, model, forcer):
-                model(**inputs)
+            with hooked(fw, model, forcer, prefix=prefix):
+                run()
             forcer.backward(model, ref_param_grads, to_reference)
         finally:
             forcer.leaves = {}  # their hooks hold the Forcer: a cycle through the framework
         return forcer
 
-    forcer = eager_or_once(judge, attempt)
+    return eager_or_once(judge, attempt)
+
+
+def force(fw: Framework, model: Any, inputs: dict[str, Any], ref_calls: dict[str, Call], to_ref: dict[str, str],
+          judge: Judge, ref_param_grads: dict[str, np.ndarray], to_reference: ToReference) -> Forcer:
+    """One forced forward and backward of the whole `model` on `inputs` (see force_call)."""
+    forcer = force_call(fw, model, lambda: model(**inputs), ref_calls, to_ref, judge, ref_param_grads, to_reference)
     fw.clear_grads(model)
     return forcer
 

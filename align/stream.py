@@ -39,7 +39,7 @@ from align import weights as W
 from align.capture import ROOT, Arr, Call, Recorder, _snapshot, flatten, hooked, map_inputs, map_tensors
 from align.compare import BACKWARD, FORWARD, TEACHER_FORCED, Collector, RunResult, TensorResult, Tolerances, \
     culprits, first_divergence
-from align.force import Forcer, ToReference, eager_or_once
+from align.force import Forcer, ToReference, force_call
 from align.metrics import missing
 from align.pair import Unpaired, pair_calls
 from align.spec import ConfigError, ModelSpec
@@ -245,24 +245,19 @@ def _force_block(ps: Any, block: Any, port_name: str, ref_name: str, calls: dict
                  extra: dict) -> Forcer:
     """One port block forced on its reference record, inputs and all: the gradients that
     come back to its inputs are judged as its own."""
+    leaves: list[tuple[str, Any]] = []
 
-    def attempt(eager: bool) -> Forcer:
-        forcer = Forcer(ps, calls, to_ref, judge, prefix=port_name, eager=eager)
-        args, kwargs, leaves = _block_inputs(ps, block, calls[ref_name], extra)
-        ps.clear_grads(block)
-        try:
-            with hooked(ps, block, forcer, prefix=port_name):
-                block(*args, **kwargs)
-            forcer.backward(block, ref_param_grads, to_reference)
-        finally:
-            forcer.leaves = {}  # their hooks hold the Forcer
-        for path, leaf in leaves:
-            g = ps.grad(leaf)
-            ref_g = calls[ref_name].input_grads[path]
-            judge.compare(ref_name, BACKWARD, f"grad of input {path}", np.zeros_like(ref_g) if g is None else g, ref_g)
-        return forcer
+    def run() -> None:
+        args, kwargs, made = _block_inputs(ps, block, calls[ref_name], extra)
+        leaves[:] = made  # this attempt's
+        block(*args, **kwargs)
 
-    return eager_or_once(judge, attempt)
+    forcer = force_call(ps, block, run, calls, to_ref, judge, ref_param_grads, to_reference, prefix=port_name)
+    for path, leaf in leaves:
+        g = ps.grad(leaf)
+        ref_g = calls[ref_name].input_grads[path]
+        judge.compare(ref_name, BACKWARD, f"grad of input {path}", np.zeros_like(ref_g) if g is None else g, ref_g)
+    return forcer
 
 
 def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Progress = lambda s: None,
@@ -364,20 +359,13 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
         shell_pairs = [p for p in pairing.pairs if p.ref not in block_records]
         shell = Collector(tolerances)
 
-        def attempt(eager: bool) -> Forcer:
-            forcer = Forcer(ps, ref_calls, {p.port: p.ref for p in pairing.pairs}, shell, eager=eager)
-            ps.clear_grads(port)
-            try:
-                with _answered(ps, port, {rename(n): c for n, c in block_records.items()}):
-                    with hooked(ps, port, forcer):
-                        port(**{k: ps.tensor(a, False) for k, a in _port_inputs(inputs, spec).items()},
-                             **_call_kwargs_for(spec, ROOT))
-                    forcer.backward(port, shell_grads, to_reference)
-            finally:
-                forcer.leaves = {}  # their hooks hold the Forcer
-            return forcer
+        def run() -> None:
+            with _answered(ps, port, {rename(n): c for n, c in block_records.items()}):
+                port(**{k: ps.tensor(a, False) for k, a in _port_inputs(inputs, spec).items()},
+                     **_call_kwargs_for(spec, ROOT))
 
-        forcer = eager_or_once(shell, attempt)
+        forcer = force_call(ps, port, run, ref_calls, {p.port: p.ref for p in pairing.pairs}, shell, shell_grads,
+                            to_reference)
         twice = twice or not forcer.eager
         layers += _forced_layers(shell_pairs, ref_calls, forcer, shell, tolerances)
         unpaired += [u for u in pairing.unpaired if not _under(u.name.split("#")[0], blocks)]
