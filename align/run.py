@@ -444,7 +444,8 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
                                  for k in sorted(missing_grads))
             observers = [ref.observer, Observer("paddle", True, True, (), checked=False)]
         else:
-            if release and dtype == dtype_list[-1]:
+            last = release and dtype == dtype_list[-1]  # the record is not needed after this dtype's runs
+            if last:
                 for call in ref_trace.calls.values():
                     call.input_grads = {}  # only forcing judges them: memory for the free-running run
             progress(f"{dtype}: running the port free, comparing as it goes")
@@ -456,7 +457,7 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
                                   culprits(fr_layers, fwd_order, bwd_order), gated=False))
             outputs, param_grads = _model_outputs(spec, ref, follower.root_outputs, tolerances, noise), \
                 _param_grads(ref, port_param_grads, wmap, tolerances, spec)
-            if release and dtype == dtype_list[-1]:
+            if last:
                 for call in ref_trace.calls.values():
                     call.release()
                 ref_trace.param_grads, ref.weights = {}, {}
