@@ -11,11 +11,13 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -49,6 +51,7 @@ class Observer:
     # Boundary identities add autograd nodes, which can reorder how torch sums a tensor's
     # gradient contributions: a rounding-level change, never a semantic one.
     grad_ulps: float = 0.0
+    alongside: bool = False  # the run without hooks was made on a copy, alongside the instrumented ones
 
     @property
     def perturbed(self) -> bool:
@@ -82,14 +85,102 @@ def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     return bool(np.array_equal(np.ascontiguousarray(a).view(bits), np.ascontiguousarray(b).view(bits)))
 
 
-def observer_check(fw: Any, model: Any, inputs: dict[str, Any], seed_fn: Callable, trace: Trace) -> Observer:
-    """Run forward and backward with no hooks and compare bitwise with the recorded trace."""
+def bare_run(fw: Any, model: Any, inputs: dict[str, Any], seed_fn: Callable) -> Observed:
+    """Forward and backward with no hooks: the model's outputs and its parameters' gradients."""
     fw.clear_grads(model)
     output = model(**inputs)
     fw.backward(seed_fn(output))
     outputs = {p: fw.view(t) for p, t in flatten(output, fw) if fw.is_tensor(t)}
     grads = {k: fw.grad(p) for k, p in fw.parameters(model).items()}
     fw.clear_grads(model)
+    return Observed(outputs, grads)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What a run without hooks gave: the model's outputs and its parameters' gradients."""
+
+    outputs: dict[str, np.ndarray]
+    grads: dict[str, np.ndarray | None]
+
+
+class Alongside:
+    """A model's run without hooks (see bare_run), made on a copy of it in a thread of its
+    own while the caller's instrumented runs go on with the original; a context manager,
+    which waits for the thread on the way out.
+
+    Paddle's CPU kernels keep to one core and release the GIL while they work, so on a
+    machine with a second core the observer run costs next to no wall time. The copy holds
+    bitwise the same weights and runs the same single-threaded kernels: its outputs and
+    gradients are those the original would give (tests/test_diagnosis.py checks both ways)."""
+
+    def __init__(self, fw: Any, model: Any, inputs: Callable[[], dict[str, Any]], seed_fn: Callable):
+        fw.clear_grads(model)
+        self._copy: Any = copy.deepcopy(model)
+        self._result: Observed | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fw, inputs, seed_fn), name="align-observer")
+
+    def _run(self, fw: Any, inputs: Callable[[], dict[str, Any]], seed_fn: Callable) -> None:
+        try:
+            self._result = bare_run(fw, self._copy, inputs(), seed_fn)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread by result()
+            self._error = e
+        finally:
+            self._copy = None
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._thread.join()
+
+    def result(self) -> Observed:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+
+def alongside(fw: Any, model: Any, inputs: Callable[[], dict[str, Any]], seed_fn: Callable) -> Alongside | None:
+    """An Alongside for this model if there is room for one (see room_alongside) and the
+    model can be copied; None otherwise: its observer run then comes after the others."""
+    nbytes = sum(fw.nbytes(t) for t in (*fw.parameters(model).values(), *fw.buffers(model).values()))
+    if not room_alongside(nbytes):
+        return None
+    try:
+        return Alongside(fw, model, inputs, seed_fn)
+    except Exception:  # noqa: BLE001 - a model deepcopy cannot copy is checked the other way
+        return None
+
+
+def room_alongside(nbytes: int) -> bool:
+    """Whether a copy of a model of `nbytes` can run alongside it: a second core to run on,
+    and memory for the copy, its gradients and as much again for its activations, with
+    half of what the system has available to spare."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return False  # unknown: the safe way is one run after another
+    return cores >= 2 and 3 * nbytes < available / 2
+
+
+def observer_check(fw: Any, model: Any, inputs: dict[str, Any], seed_fn: Callable, trace: Trace) -> Observer:
+    """Run forward and backward with no hooks and compare bitwise with the recorded trace."""
+    return judge_observed(fw.name, bare_run(fw, model, inputs, seed_fn), trace)
+
+
+def judge_observed(framework: str, run: Observed, trace: Trace) -> Observer:
+    """A run without hooks against the instrumented run's trace: outputs bitwise, gradients
+    bitwise or within OBSERVER_ULPS (summation order)."""
+    outputs, grads = run.outputs, run.grads
     out_diff = [k for k in set(outputs) | set(trace.outputs)
                 if k not in outputs or k not in trace.outputs or not _same(outputs[k], trace.outputs[k].data)]
     grad_diff = [k for k in grads if not _same(grads[k], trace.param_grads.get(k))]
@@ -99,7 +190,7 @@ def observer_check(fw: Any, model: Any, inputs: dict[str, Any], seed_fn: Callabl
     if grad_diff:
         scale = max((max(float(g.max()), -float(g.min())) for g in trace.param_grads.values() if g.size), default=0.0)
         ulps = max(_ulps(grads[k], trace.param_grads.get(k), scale) for k in grad_diff)
-    return Observer(fw.name, not out_diff, not grad_diff, tuple(sorted(out_diff) + sorted(grad_diff)), grad_ulps=ulps)
+    return Observer(framework, not out_diff, not grad_diff, tuple(sorted(out_diff) + sorted(grad_diff)), grad_ulps=ulps)
 
 
 def _ulps(a: np.ndarray | None, b: np.ndarray | None, scale: float) -> float:

@@ -256,7 +256,8 @@ def render_html(report: dict) -> str:
     notes += [f"<li>unpaired {esc(u['side'])} module <code>{esc(u['name'])}</code>: {esc(u['reason'])}</li>"
               for u in report["unpaired"]]
     observer = "".join(
-        f"<li>{esc(o['framework'])}, with hooks vs without: {esc(o.get('state', ''))}</li>"
+        f"<li>{esc(o['framework'])}, with hooks vs without: {esc(o.get('state', ''))}"
+        f"{' (the run without hooks on a copy, alongside the others)' if o.get('alongside') else ''}</li>"
         for o in report.get("observer", []))
     env_public = {k: v for k, v in env.items() if k != "dtypes"}
     dtype_rows = [("ok" if (d["port"] in (None, d["reference"])) else "bad",

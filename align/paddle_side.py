@@ -106,6 +106,9 @@ class PaddleSide:
     def buffers(self, root) -> dict:
         return dict(root.named_buffers())
 
+    def nbytes(self, t: paddle.Tensor) -> int:
+        return int(np.prod(t.shape)) * t.element_size()
+
     def clear_grads(self, model) -> None:
         model.clear_gradients(set_to_zero=False)  # free them: zero-filled grads keep their memory
 

@@ -201,7 +201,8 @@ def render_console(report: dict, console: Console, paths: tuple[Path, ...] = ())
     for o in report.get("observer", []):
         state = o.get("state", "identical" if o["outputs_identical"] and o["grads_identical"] else "DIFFERENT")
         state = "[red]DIFFERENT[/]" if state == "DIFFERENT" else state
-        console.print(f"observer check ({o['framework']}): outputs and grads with hooks vs without: {state}")
+        where = " (the run without hooks on a copy, alongside the others)" if o.get("alongside") else ""
+        console.print(f"observer check ({o['framework']}): outputs and grads with hooks vs without: {state}{where}")
     if report.get("repro"):
         console.print(f"repro of the first culprit: {report['repro']}/repro.py")
     for u in report["unpaired"]:

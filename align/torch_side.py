@@ -80,6 +80,9 @@ class TorchSide:
     def buffers(self, root) -> dict:
         return dict(root.named_buffers())
 
+    def nbytes(self, t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
     def clear_grads(self, model) -> None:
         model.zero_grad(set_to_none=True)
 

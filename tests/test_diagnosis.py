@@ -12,7 +12,7 @@ import pytest
 from align.capture import ROOT
 from align.compare import LayerResult, amplification, culprits, deepest
 from align.metrics import compare_arrays
-from align.spec import Tolerance
+from align.spec import Tolerance, load_registry
 from conftest import REGISTRY, ROOT as PROJECT
 
 TOL = Tolerance(1e-5, 1e-5)
@@ -121,17 +121,118 @@ def test_a_recorder_is_freed_by_reference_counting():
         gc.enable()
 
 
-def test_observer_effect_is_caught(monkeypatch, run_cli):
-    """Instrumentation that perturbs what it records must not go unnoticed."""
+@pytest.mark.parametrize("room", [True, False], ids=["alongside", "after"])
+def test_observer_effect_is_caught(monkeypatch, run_cli, room):
+    """Instrumentation that perturbs what it records must not go unnoticed, whether the
+    port's run without hooks goes alongside the instrumented ones or after them."""
+    from align import diagnose
     from align.paddle_side import PaddleSide, paddle
 
+    monkeypatch.setattr(diagnose, "room_alongside", lambda nbytes: room)
     monkeypatch.setattr(PaddleSide, "identity", lambda self, t: t * paddle.to_tensor(1.0 + 1e-6, dtype=t.dtype))
     _, report, err = run_cli("run", "gemma2", "--dtype", "fp32")
     by_fw = {o["framework"]: o for o in report["observer"]}
-    assert not by_fw["torch"]["perturbed"]
+    assert not by_fw["torch"]["perturbed"] and not by_fw["torch"]["alongside"]
+    assert by_fw["paddle"]["alongside"] is room
     assert not by_fw["paddle"]["outputs_identical"] and by_fw["paddle"]["perturbed"]
     assert any(w.startswith("observer effect: the paddle model") for w in report["warnings"])
     assert "observer check (paddle): outputs and grads with hooks vs without: DIFFERENT" in err
+    assert ("on a copy, alongside the others" in err) is room
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_the_observer_run_alongside_judges_as_the_one_after(monkeypatch, broken):
+    """The port's run without hooks, made on a copy in a thread of its own while the forced
+    and free-running runs go on, gives the very report the run made after them gives."""
+    from test_injected_bugs import attention_without_softcap
+
+    from align import diagnose
+    from align.run import align_model
+
+    if broken:
+        attention_without_softcap(monkeypatch)
+    spec = load_registry(REGISTRY).get("gemma2")
+    reports = {}
+    for room in (True, False):
+        monkeypatch.setattr(diagnose, "room_alongside", lambda nbytes, room=room: room)
+        reports[room] = align_model(spec, dtypes=("float32",)).to_dict()
+    for room, report in reports.items():
+        report.pop("created")
+        paddle_observer = report["observer"][1]
+        assert paddle_observer.pop("alongside") is room and paddle_observer["state"] == "identical"
+    assert reports[True] == reports[False] and reports[True]["verdict"] == ("fail" if broken else "pass")
+
+
+def test_an_error_in_the_observer_run_alongside_reaches_the_caller(monkeypatch):
+    import threading
+
+    from align import diagnose
+    from align.run import check_port, run_reference
+
+    spec = load_registry(REGISTRY).get("gemma2")
+    ref = run_reference(spec)
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("the copy's forward failed")
+
+    monkeypatch.setattr(diagnose, "room_alongside", lambda nbytes: True)
+    monkeypatch.setattr(diagnose, "bare_run", fails)
+    with pytest.raises(RuntimeError, match="the copy's forward failed"):
+        check_port(spec, ref, ("float32",))
+    assert not [t for t in threading.enumerate() if t.name == "align-observer"]
+
+
+def test_a_failing_pass_waits_for_the_observer_run_alongside(monkeypatch):
+    """No thread outlives check_port, whatever it raises."""
+    import threading
+
+    from align import diagnose, run
+    from align.run import check_port, run_reference
+
+    spec = load_registry(REGISTRY).get("gemma2")
+    ref = run_reference(spec)
+    started = []
+    real = diagnose.Alongside.__enter__
+    monkeypatch.setattr(diagnose, "room_alongside", lambda nbytes: True)
+    monkeypatch.setattr(diagnose.Alongside, "__enter__", lambda self: started.append(self) or real(self))
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("the forced pass failed")
+
+    monkeypatch.setattr(run, "force", fails)
+    with pytest.raises(RuntimeError, match="the forced pass failed"):
+        check_port(spec, ref, ("float32",))
+    assert started and not started[0]._thread.is_alive()
+    assert not [t for t in threading.enumerate() if t.name == "align-observer"]
+
+
+def test_a_port_that_cannot_be_copied_is_observed_after_the_runs(monkeypatch):
+    from align import diagnose
+    from align.run import check_port, run_reference
+
+    spec = load_registry(REGISTRY).get("gemma2")
+    ref = run_reference(spec)
+
+    def cannot(self, memo):
+        raise TypeError("cannot pickle 'SomeHandle' object")
+
+    from ports.gemma2 import Gemma2ForCausalLM
+
+    monkeypatch.setattr(diagnose, "room_alongside", lambda nbytes: True)
+    monkeypatch.setattr(Gemma2ForCausalLM, "__deepcopy__", cannot, raising=False)
+    report = check_port(spec, ref, ("float32",))
+    paddle_observer = report.observer[1]
+    assert paddle_observer.checked and not paddle_observer.alongside and not paddle_observer.perturbed
+
+
+def test_room_alongside_needs_a_second_core_and_memory(monkeypatch):
+    from align import diagnose
+
+    monkeypatch.setattr(diagnose.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert diagnose.room_alongside(1 << 20)
+    assert not diagnose.room_alongside(1 << 50)  # a petabyte of weights
+    monkeypatch.setattr(diagnose.os, "sched_getaffinity", lambda pid: {0})
+    assert not diagnose.room_alongside(1 << 20)
 
 
 def test_correct_run_records_environment_and_observer(run_cli):
