@@ -100,6 +100,12 @@ class Trace:
     params_dtype: dict[str, str]
     outputs: dict[str, Arr]  # the model's own outputs (logits, loss, ...)
 
+    def output_bytes(self) -> int:
+        """The memory of every module output recorded (each buffer once): about what a run
+        of the model keeps for its backward."""
+        seen = {id(a.data): a.data.nbytes for c in self.calls.values() for a in c.outputs.values()}
+        return sum(seen.values())
+
     def completion_order(self) -> list[str]:
         return sorted(self.calls, key=lambda n: self.calls[n].end)
 

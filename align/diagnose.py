@@ -144,11 +144,14 @@ class Alongside:
         return self._result
 
 
-def alongside(fw: Any, model: Any, inputs: Callable[[], dict[str, Any]], seed_fn: Callable) -> Alongside | None:
-    """An Alongside for this model if there is room for one (see room_alongside) and the
-    model can be copied; None otherwise: its observer run then comes after the others."""
-    nbytes = sum(fw.nbytes(t) for t in (*fw.parameters(model).values(), *fw.buffers(model).values()))
-    if not room_alongside(nbytes):
+def alongside(fw: Any, model: Any, inputs: Callable[[], dict[str, Any]], seed_fn: Callable,
+              activations: int) -> Alongside | None:
+    """An Alongside for this model if there is room for one and the model can be copied;
+    None otherwise: its observer run then comes after the others. `activations` is about
+    what a run keeps for its backward (see Trace.output_bytes): the copy needs its weights,
+    their gradients, that, and as much again for what boundaries do not show."""
+    weights = sum(fw.nbytes(t) for t in (*fw.parameters(model).values(), *fw.buffers(model).values()))
+    if not room_alongside(2 * weights + 2 * activations):
         return None
     try:
         return Alongside(fw, model, inputs, seed_fn)
@@ -157,9 +160,8 @@ def alongside(fw: Any, model: Any, inputs: Callable[[], dict[str, Any]], seed_fn
 
 
 def room_alongside(nbytes: int) -> bool:
-    """Whether a copy of a model of `nbytes` can run alongside it: a second core to run on,
-    and memory for the copy, its gradients and as much again for its activations, with
-    half of what the system has available to spare."""
+    """Whether a second run that needs `nbytes` can go alongside the first: a core to run
+    on, and at most half of the memory the system has available."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -169,7 +171,7 @@ def room_alongside(nbytes: int) -> bool:
             available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError, IndexError):
         return False  # unknown: the safe way is one run after another
-    return cores >= 2 and 3 * nbytes < available / 2
+    return cores >= 2 and nbytes < available / 2
 
 
 def observer_check(fw: Any, model: Any, inputs: dict[str, Any], seed_fn: Callable, trace: Trace) -> Observer:

@@ -417,7 +417,7 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
 
             # The full path's observer run (no hooks) goes alongside the instrumented runs
             # when there is a core and the memory for it, on a copy of the port.
-            watch = None if fast else alongside(ps, port, make_inputs, _seed(ps, spec))
+            watch = None if fast else alongside(ps, port, make_inputs, _seed(ps, spec), ref_trace.output_bytes())
             if watch is not None:
                 running.enter_context(watch)
             progress(f"{dtype}: teacher-forcing all {len(pairing.pairs)} modules in one pass"
