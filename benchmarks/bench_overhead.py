@@ -13,7 +13,8 @@ how much of it a process meets varies from run to run):
 - gate path: `align_model(..., fast=True)`: the reference under hooks, then one forced
   pass of the port (every module teacher-forced, forward and backward).
 - full path: `align_model(...)`: the gate path plus the port free-running (compared as it
-  goes) and both observer runs (each model once more without hooks).
+  goes) and both observer runs (each model once more without hooks; the port's on a copy,
+  alongside the forced pass, when there is a core and memory to spare).
 For the align phases the clock covers the whole call; "alignment" is that minus building the
 two models and loading the weights, which the bare run needs too and does not time. The
 ratio is alignment / bare cold (and / bare warm, for the pessimist). Peak RSS is each
