@@ -17,7 +17,7 @@ import platform
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 
@@ -104,59 +104,47 @@ class Observed:
     grads: dict[str, np.ndarray | None]
 
 
-class Alongside:
-    """A model's run without hooks (see bare_run), made on a copy of it in a thread of its
-    own while the caller's instrumented runs go on with the original; a context manager,
-    which waits for the thread on the way out.
+def observer_copy(fw: Any, model: Any, activations: int) -> Any | None:
+    """A copy of the model for its run without hooks to go alongside the instrumented runs
+    (see alongside), if there is room for one and the model can be copied; None otherwise,
+    and the run without hooks comes after the others.
 
     Paddle's CPU kernels keep to one core and release the GIL while they work, so on a
-    machine with a second core the observer run costs next to no wall time. The copy holds
-    bitwise the same weights and runs the same single-threaded kernels: its outputs and
-    gradients are those the original would give (tests/test_diagnosis.py checks both ways)."""
-
-    def __init__(self, fw: Any, model: Any, inputs: Callable[[], dict[str, Any]], seed_fn: Callable):
-        fw.clear_grads(model)
-        self._copy: Any = copy.deepcopy(model)
-        self._result: Observed | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fw, inputs, seed_fn), name="align-observer")
-
-    def _run(self, fw: Any, inputs: Callable[[], dict[str, Any]], seed_fn: Callable) -> None:
-        try:
-            self._result = bare_run(fw, self._copy, inputs(), seed_fn)
-        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread by result()
-            self._error = e
-        finally:
-            self._copy = None
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._thread.join()
-
-    def result(self) -> Observed:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._result is not None
-        return self._result
-
-
-def alongside(fw: Any, model: Any, inputs: Callable[[], dict[str, Any]], seed_fn: Callable,
-              activations: int) -> Alongside | None:
-    """An Alongside for this model if there is room for one and the model can be copied;
-    None otherwise: its observer run then comes after the others. `activations` is about
-    what a run keeps for its backward (see Trace.output_bytes): the copy needs its weights,
-    their gradients, that, and as much again for what boundaries do not show."""
+    machine with a second core that run costs next to no wall time. The copy holds bitwise
+    the same weights and runs the same single-threaded kernels: its outputs and gradients
+    are those the original would give (tests/test_diagnosis.py checks both ways).
+    `activations` is about what a run keeps for its backward (Trace.output_bytes): the copy
+    needs its weights, their gradients, that, and as much again for what boundaries miss."""
     weights = sum(fw.nbytes(t) for t in (*fw.parameters(model).values(), *fw.buffers(model).values()))
     if not room_alongside(2 * weights + 2 * activations):
         return None
+    fw.clear_grads(model)
     try:
-        return Alongside(fw, model, inputs, seed_fn)
+        return copy.deepcopy(model)
     except Exception:  # noqa: BLE001 - a model deepcopy cannot copy is checked the other way
         return None
+
+
+def alongside(background: Callable[[], Any], foreground: Callable[[], Any]) -> tuple[Any, Any]:
+    """Both results: `background()` run in a thread of its own while `foreground()` runs in
+    this one. The thread is always waited for; an error in either reaches the caller."""
+    done: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            done["result"] = background()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
+            done["error"] = e
+
+    thread = threading.Thread(target=run, name="align-alongside")
+    thread.start()
+    try:
+        ahead = foreground()
+    finally:
+        thread.join()
+    if "error" in done:
+        raise done["error"]
+    return done["result"], ahead
 
 
 def room_alongside(nbytes: int) -> bool:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,8 @@ from align.compare import (
     first_divergence,
     truth_key,
 )
-from align.diagnose import (Finding, Observer, alongside, dtype_table, environment_warnings, judge_observed,
-                            observer_check)
+from align.diagnose import (Finding, Observer, alongside, bare_run, dtype_table, environment_warnings,
+                            judge_observed, observer_check, observer_copy)
 from align.force import force
 from align.metrics import compare_arrays, missing, within_noise
 from align.pair import Unpaired, pair_calls
@@ -389,101 +389,106 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
     observers: list[Observer] = [ref.observer]
     repro: ReproCase | None = None
     dtype_list = tuple(dtypes or spec.dtypes)
-    with ExitStack() as running:  # an observer run alongside is waited for, whatever happens
-        for dtype in dtype_list:
-            if dtype == "bfloat16":
-                reason = bf16_unavailable()
-                for mode in (TEACHER_FORCED, FREE_RUNNING):
-                    runs.append(RunResult(dtype, mode, spec.tolerance, spec.bf16.describe(),
-                                          status="not_run", reason=reason, gated=mode == TEACHER_FORCED))
-                warnings.append(f"bfloat16 was NOT run: {reason}")
-                continue
+    for dtype in dtype_list:
+        if dtype == "bfloat16":
+            reason = bf16_unavailable()
+            for mode in (TEACHER_FORCED, FREE_RUNNING):
+                runs.append(RunResult(dtype, mode, spec.tolerance, spec.bf16.describe(),
+                                      status="not_run", reason=reason, gated=mode == TEACHER_FORCED))
+            warnings.append(f"bfloat16 was NOT run: {reason}")
+            continue
 
-            def make_inputs() -> dict[str, Any]:
-                return {**{k: ps.tensor(a, False) for k, a in _port_inputs(ref.inputs, spec).items()},
-                        **_call_kwargs_for(spec, ROOT)}
+        def make_inputs() -> dict[str, Any]:
+            return {**{k: ps.tensor(a, False) for k, a in _port_inputs(ref.inputs, spec).items()},
+                    **_call_kwargs_for(spec, ROOT)}
 
-            port_inputs = make_inputs()
-            port_modules = {ROOT} | {n for n, _ in port.named_sublayers()}
-            ref_calls = [(n, c.module) for n, c in ref_trace.calls.items()]
-            pairing = pair_calls(ref_calls, port_modules, rules.rename_module)
-            names = [p.ref for p in pairing.pairs] + list(ref_trace.param_grads)
-            bad_globs = tolerances.unmatched(names)
-            if bad_globs:
-                raise ConfigError(spec.source, f"models.{spec.name}.tolerance.overrides",
-                                  f"glob {bad_globs[0]!r} matches no module or parameter")
-            to_ref = {p.port: p.ref for p in pairing.pairs}
-            factor = noise.factor if noise else None
+        port_inputs = make_inputs()
+        port_modules = {ROOT} | {n for n, _ in port.named_sublayers()}
+        ref_calls = [(n, c.module) for n, c in ref_trace.calls.items()]
+        pairing = pair_calls(ref_calls, port_modules, rules.rename_module)
+        names = [p.ref for p in pairing.pairs] + list(ref_trace.param_grads)
+        bad_globs = tolerances.unmatched(names)
+        if bad_globs:
+            raise ConfigError(spec.source, f"models.{spec.name}.tolerance.overrides",
+                              f"glob {bad_globs[0]!r} matches no module or parameter")
+        to_ref = {p.port: p.ref for p in pairing.pairs}
+        factor = noise.factor if noise else None
 
-            # The full path's observer run (no hooks) goes alongside the instrumented runs
-            # when there is a core and the memory for it, on a copy of the port.
-            watch = None if fast else alongside(ps, port, make_inputs, _seed(ps, spec), ref_trace.output_bytes())
-            if watch is not None:
-                running.enter_context(watch)
-            progress(f"{dtype}: teacher-forcing all {len(pairing.pairs)} modules in one pass"
-                     + ("" if watch is None else ", the port's observer run alongside"))
-            tf = Collector(tolerances, ref.fp64.truth if noise else None, factor)
-            forced = force(ps, port, port_inputs, ref_trace.calls, to_ref, tf, ref_trace.param_grads,
-                           lambda key, g: _as_reference({key: g}, wmap))
-            if not forced.eager:
-                warnings.append(FORCED_TWICE)
-            pairing = pair_calls(ref_calls, port_modules, rules.rename_module, [(n, n.split("#")[0]) for n in forced.owner])
-            unpaired = tuple(u if not (why := rules.unpaired_reason(u.name.split("#")[0]))
-                             else Unpaired(u.name, u.side, f"{why} ({rules.source.name})", allowed=True)
-                             for u in pairing.unpaired)
-            reported = [p for p in pairing.pairs if selected(p.ref_module, ref.only)]
-            tf_layers = tuple(_forced_layers(reported, ref_trace.calls, forced, tf, tolerances))
-            fwd_order = ref_trace.completion_order()
-            bwd_order = ref_trace.start_order()[::-1]
-            tf_culprits = culprits(tf_layers, fwd_order, bwd_order)
-            runs.append(RunResult(dtype, TEACHER_FORCED, spec.tolerance, policy, tf_layers,
-                                  first_divergence(tf_layers, fwd_order, bwd_order), tf_culprits, gated=True))
-            first = (tf_culprits.forward or tf_culprits.backward or (None,))[0]
-            if first is not None and repro is None:
-                pair = next(p for p in pairing.pairs if p.ref == first)
-                prefix = "" if pair.ref_module == ROOT else pair.ref_module + "."
-                module_weights = {k[len(prefix):]: v for k, v in ref.weights.items() if k.startswith(prefix)}
-                repro = ReproCase.make(spec, ref.config, pair, ref_trace.calls[first], _reference_local(ref, pair),
-                                       module_weights, ps, port, tolerances.for_name(first), wmap)
-            if fast:
-                # The gate path: what the forced pass saw of the model's outputs and parameters.
-                outputs = tuple(TensorResult(k, m, tolerances.for_name(k)) for k, m in tf.labelled(ROOT, FORWARD, "output "))
-                param_grads = tuple(TensorResult(k, m, tolerances.for_name(k))
-                                    for owner in forced.first_calls.values()
-                                    for k, m in tf.labelled(owner, BACKWARD, "grad of parameter "))
-                missing_grads = set(ref_trace.param_grads) - {r.name for r in param_grads}
-                param_grads += tuple(TensorResult(k, missing("the port parameter got no gradient", k), tolerances.for_name(k))
-                                     for k in sorted(missing_grads))
-                observers = [ref.observer, Observer("paddle", True, True, (), checked=False)]
-            else:
-                last = release and dtype == dtype_list[-1]  # the record is not needed after this dtype's runs
-                if last:
-                    for call in ref_trace.calls.values():
-                        call.input_grads = {}  # only forcing judges them: memory for the free-running run
-                progress(f"{dtype}: running the port free, comparing as it goes")
-                fr = Collector(tolerances, _fp64_free_truth(ref.fp64) if noise else None, factor)
-                follower, port_param_grads = _follow(ps, port, port_inputs, ref_trace.calls, to_ref, fr, _seed(ps, spec))
-                fr_layers = tuple(_free_layers(reported, ref_trace, follower, fr, tolerances))
-                runs.append(RunResult(dtype, FREE_RUNNING, spec.tolerance, policy, fr_layers,
-                                      first_divergence(fr_layers, fwd_order, bwd_order),
-                                      culprits(fr_layers, fwd_order, bwd_order), gated=False))
-                outputs, param_grads = _model_outputs(spec, ref, follower.root_outputs, tolerances, noise), \
-                    _param_grads(ref, port_param_grads, wmap, tolerances, spec)
-                if last:
-                    for call in ref_trace.calls.values():
-                        call.release()
-                    ref_trace.param_grads, ref.weights = {}, {}
-                progress(f"{dtype}: checking that hooks change nothing")
-                hooked_run = Trace("paddle", {}, port_param_grads, {}, follower.root_outputs)
-                observers = [ref.observer,
-                             observer_check(ps, port, port_inputs, _seed(ps, spec), hooked_run) if watch is None
-                             else dataclasses.replace(judge_observed(ps.name, watch.result(), hooked_run), alongside=True)]
-                for o in observers:
-                    if o.perturbed:
-                        msg = (f"observer effect: the {o.framework} model's outputs or gradients differ with hooks "
-                               f"installed ({', '.join(o.differing[:5])})")
-                        warnings.append(msg)
-                        findings.append(Finding("observer_effect", o.framework, msg, fails=False))
+        tf = Collector(tolerances, ref.fp64.truth if noise else None, factor)
+        forcing = partial(force, ps, port, port_inputs, ref_trace.calls, to_ref, tf, ref_trace.param_grads,
+                          lambda key, g: _as_reference({key: g}, wmap))
+
+        # The full path's run without hooks goes alongside the forced pass, on a copy of the
+        # port, when there is a core and the memory for it (see observer_copy).
+        copied = None if fast else observer_copy(ps, port, ref_trace.output_bytes())
+        observed = None
+        if copied is None:
+            progress(f"{dtype}: teacher-forcing all {len(pairing.pairs)} modules in one pass")
+            forced = forcing()
+        else:
+            progress(f"{dtype}: teacher-forcing all {len(pairing.pairs)} modules in one pass, "
+                     "the port's run without hooks alongside")
+            observed, forced = alongside(partial(bare_run, ps, copied, make_inputs(), _seed(ps, spec)), forcing)
+            copied = None
+        if not forced.eager:
+            warnings.append(FORCED_TWICE)
+        pairing = pair_calls(ref_calls, port_modules, rules.rename_module, [(n, n.split("#")[0]) for n in forced.owner])
+        unpaired = tuple(u if not (why := rules.unpaired_reason(u.name.split("#")[0]))
+                         else Unpaired(u.name, u.side, f"{why} ({rules.source.name})", allowed=True)
+                         for u in pairing.unpaired)
+        reported = [p for p in pairing.pairs if selected(p.ref_module, ref.only)]
+        tf_layers = tuple(_forced_layers(reported, ref_trace.calls, forced, tf, tolerances))
+        fwd_order = ref_trace.completion_order()
+        bwd_order = ref_trace.start_order()[::-1]
+        tf_culprits = culprits(tf_layers, fwd_order, bwd_order)
+        runs.append(RunResult(dtype, TEACHER_FORCED, spec.tolerance, policy, tf_layers,
+                              first_divergence(tf_layers, fwd_order, bwd_order), tf_culprits, gated=True))
+        first = (tf_culprits.forward or tf_culprits.backward or (None,))[0]
+        if first is not None and repro is None:
+            pair = next(p for p in pairing.pairs if p.ref == first)
+            prefix = "" if pair.ref_module == ROOT else pair.ref_module + "."
+            module_weights = {k[len(prefix):]: v for k, v in ref.weights.items() if k.startswith(prefix)}
+            repro = ReproCase.make(spec, ref.config, pair, ref_trace.calls[first], _reference_local(ref, pair),
+                                   module_weights, ps, port, tolerances.for_name(first), wmap)
+        if fast:
+            # The gate path: what the forced pass saw of the model's outputs and parameters.
+            outputs = tuple(TensorResult(k, m, tolerances.for_name(k)) for k, m in tf.labelled(ROOT, FORWARD, "output "))
+            param_grads = tuple(TensorResult(k, m, tolerances.for_name(k))
+                                for owner in forced.first_calls.values()
+                                for k, m in tf.labelled(owner, BACKWARD, "grad of parameter "))
+            missing_grads = set(ref_trace.param_grads) - {r.name for r in param_grads}
+            param_grads += tuple(TensorResult(k, missing("the port parameter got no gradient", k), tolerances.for_name(k))
+                                 for k in sorted(missing_grads))
+            observers = [ref.observer, Observer("paddle", True, True, (), checked=False)]
+        else:
+            last = release and dtype == dtype_list[-1]  # the record is not needed after this dtype's runs
+            if last:
+                for call in ref_trace.calls.values():
+                    call.input_grads = {}  # only forcing judges them: memory for the free-running run
+            progress(f"{dtype}: running the port free, comparing as it goes")
+            fr = Collector(tolerances, _fp64_free_truth(ref.fp64) if noise else None, factor)
+            follower, port_param_grads = _follow(ps, port, port_inputs, ref_trace.calls, to_ref, fr, _seed(ps, spec))
+            fr_layers = tuple(_free_layers(reported, ref_trace, follower, fr, tolerances))
+            runs.append(RunResult(dtype, FREE_RUNNING, spec.tolerance, policy, fr_layers,
+                                  first_divergence(fr_layers, fwd_order, bwd_order),
+                                  culprits(fr_layers, fwd_order, bwd_order), gated=False))
+            outputs, param_grads = _model_outputs(spec, ref, follower.root_outputs, tolerances, noise), \
+                _param_grads(ref, port_param_grads, wmap, tolerances, spec)
+            if last:
+                for call in ref_trace.calls.values():
+                    call.release()
+                ref_trace.param_grads, ref.weights = {}, {}
+            progress(f"{dtype}: checking that hooks change nothing")
+            hooked_run = Trace("paddle", {}, port_param_grads, {}, follower.root_outputs)
+            observers = [ref.observer,
+                         observer_check(ps, port, port_inputs, _seed(ps, spec), hooked_run) if observed is None
+                         else dataclasses.replace(judge_observed(ps.name, observed, hooked_run), alongside=True)]
+            for o in observers:
+                if o.perturbed:
+                    msg = (f"observer effect: the {o.framework} model's outputs or gradients differ with hooks "
+                           f"installed ({', '.join(o.differing[:5])})")
+                    warnings.append(msg)
+                    findings.append(Finding("observer_effect", o.framework, msg, fails=False))
 
     return Report(
         model=spec.name, config=ref.config_name, port=spec.port_class, weights_from=weights_from,

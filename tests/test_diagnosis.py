@@ -163,27 +163,34 @@ def test_the_observer_run_alongside_judges_as_the_one_after(monkeypatch, broken)
     assert reports[True] == reports[False] and reports[True]["verdict"] == ("fail" if broken else "pass")
 
 
-def test_an_error_in_the_observer_run_alongside_reaches_the_caller(monkeypatch):
+@pytest.mark.parametrize("which", ["background", "foreground"])
+def test_alongside_waits_for_its_thread_and_hands_on_an_error(which):
+    """No thread outlives `alongside`: an error on one side reaches the caller once the
+    other side has run to its end."""
     import threading
+    import time
 
-    from align import diagnose
-    from align.run import check_port, run_reference
+    from align.diagnose import alongside
 
-    spec = load_registry(REGISTRY).get("gemma2")
-    ref = run_reference(spec)
+    finished = []
 
-    def fails(*args, **kwargs):
-        raise RuntimeError("the copy's forward failed")
+    def work(name):
+        def run():
+            if name == which:
+                raise RuntimeError(f"the {name} failed")
+            time.sleep(0.2)  # still running when the other side fails
+            finished.append(name)
+            return name
+        return run
 
-    monkeypatch.setattr(diagnose, "room_alongside", lambda nbytes: True)
-    monkeypatch.setattr(diagnose, "bare_run", fails)
-    with pytest.raises(RuntimeError, match="the copy's forward failed"):
-        check_port(spec, ref, ("float32",))
-    assert not [t for t in threading.enumerate() if t.name == "align-observer"]
+    with pytest.raises(RuntimeError, match=f"the {which} failed"):
+        alongside(work("background"), work("foreground"))
+    assert finished == ["foreground" if which == "background" else "background"]  # the other side ran to its end
+    assert not [t for t in threading.enumerate() if t.name == "align-alongside"]
+    assert alongside(lambda: 1, lambda: 2) == (1, 2)
 
 
-def test_a_failing_pass_waits_for_the_observer_run_alongside(monkeypatch):
-    """No thread outlives check_port, whatever it raises."""
+def test_an_error_in_the_forced_pass_alongside_reaches_the_caller(monkeypatch):
     import threading
 
     from align import diagnose, run
@@ -191,19 +198,15 @@ def test_a_failing_pass_waits_for_the_observer_run_alongside(monkeypatch):
 
     spec = load_registry(REGISTRY).get("gemma2")
     ref = run_reference(spec)
-    started = []
-    real = diagnose.Alongside.__enter__
-    monkeypatch.setattr(diagnose, "room_alongside", lambda nbytes: True)
-    monkeypatch.setattr(diagnose.Alongside, "__enter__", lambda self: started.append(self) or real(self))
 
     def fails(*args, **kwargs):
         raise RuntimeError("the forced pass failed")
 
+    monkeypatch.setattr(diagnose, "room_alongside", lambda nbytes: True)
     monkeypatch.setattr(run, "force", fails)
     with pytest.raises(RuntimeError, match="the forced pass failed"):
         check_port(spec, ref, ("float32",))
-    assert started and not started[0]._thread.is_alive()
-    assert not [t for t in threading.enumerate() if t.name == "align-observer"]
+    assert not [t for t in threading.enumerate() if t.name == "align-alongside"]
 
 
 def test_a_port_that_cannot_be_copied_is_observed_after_the_runs(monkeypatch):
