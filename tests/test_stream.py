@@ -68,11 +68,9 @@ def test_streaming_needs_a_checkpoint_and_a_block_list(checkpoint, run_cli, tmp_
     assert code == 2 and "models.phi3.stream.blocks" in err and "Traceback" not in err
 
 
-def test_a_side_channel_inside_a_block_falls_back_as_the_whole_model_pass_does(checkpoint, monkeypatch, run_cli):
-    """A port value reaching another module's code by an attribute (no boundary shows it)
-    makes a stretch's gradient arrive twice in the eager pass. The block is then forced
-    again with one backward at its end, as the whole-model pass does, with the same errors
-    and a warning, not a traceback. (The side channel adds zeros: the port stays correct.)"""
+def side_channel(monkeypatch):
+    """Each MLP's input reaches its decoder layer's output by an attribute, no boundary
+    between: the layer adds zeros made from it."""
     import ports.gemma2.modeling as M
 
     mlp_forward, layer_forward = M.Gemma2MLP.forward, M.Gemma2DecoderLayer.forward
@@ -85,9 +83,17 @@ def test_a_side_channel_inside_a_block_falls_back_as_the_whole_model_pass_does(c
         out = layer_forward(self, hidden_states, position_embeddings, attention_mask)
         return out + 0.0 * self.mlp.seen.sum()
 
-    _, clean, _ = run_cli("run", "gemma2", "--checkpoint", str(checkpoint), "--stream-layers")
     monkeypatch.setattr(M.Gemma2MLP, "forward", mlp)
     monkeypatch.setattr(M.Gemma2DecoderLayer, "forward", layer)
+
+
+def test_a_side_channel_inside_a_block_falls_back_as_the_whole_model_pass_does(checkpoint, monkeypatch, run_cli):
+    """A port value reaching another module's code by an attribute (no boundary shows it)
+    makes a stretch's gradient arrive twice in the eager pass. The block is then forced
+    again with one backward at its end, as the whole-model pass does, with the same errors
+    and a warning, not a traceback. (The side channel adds zeros: the port stays correct.)"""
+    _, clean, _ = run_cli("run", "gemma2", "--checkpoint", str(checkpoint), "--stream-layers")
+    side_channel(monkeypatch)
     code, streamed, err = run_cli("run", "gemma2", "--checkpoint", str(checkpoint), "--stream-layers")
     assert code == 0 and streamed["verdict"] == "pass", err[-2000:]
     assert any("ran twice" in w for w in streamed["warnings"])
@@ -98,3 +104,18 @@ def test_a_side_channel_inside_a_block_falls_back_as_the_whole_model_pass_does(c
     for name in a:
         for d in ("forward", "backward"):
             assert (a[name][d] or {}).get("max_abs") == (b[name][d] or {}).get("max_abs"), (name, d)
+
+
+@pytest.mark.parametrize("bug", ["wrong_attention_scale", "detached_gradient_path"])
+def test_a_block_forced_again_still_catches_and_localizes(bug, checkpoint, monkeypatch, run_cli, bug_ledger):
+    """The fallback (a block's pass made again, with one backward at its end) judges as
+    sharply as the eager pass: a bug inside the block still fails and is localized."""
+    inject, culprit, direction, kind = BUGS[bug]
+    inject(monkeypatch)
+    side_channel(monkeypatch)
+    code, report, err = run_cli("run", "gemma2", "--checkpoint", str(checkpoint), "--stream-layers")
+    assert any("ran twice" in w for w in report["warnings"]), err[-2000:]
+    detected = code == 1 and report["verdict"] == "fail"
+    localized = any(fnmatch.fnmatchcase(c, culprit) for c in report["culprits"][direction])
+    bug_ledger.record(f"{bug} (layer-streamed, block forced again)", kind, detected, localized)
+    assert detected and localized, report["culprits"]
