@@ -2,7 +2,8 @@
 
 - Observer effect: instrumentation must not change what it measures. Each model is run
   once with no hooks; its outputs and parameter gradients must be bitwise identical to the
-  instrumented run's.
+  instrumented run's. The port's run without hooks goes on a copy of it, alongside the
+  forced pass, where there is a core and memory to spare for it.
 - Environment: what makes numbers differ between runs or machines (versions, threads,
   deterministic flags, TF32, seeds), recorded so two reports can be told apart.
 - Dtypes: every parameter and buffer on both sides. A paired tensor whose dtype differs (a
@@ -85,6 +86,14 @@ def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     return bool(np.array_equal(np.ascontiguousarray(a).view(bits), np.ascontiguousarray(b).view(bits)))
 
 
+@dataclass(frozen=True)
+class Observed:
+    """What a run without hooks gave: the model's outputs and its parameters' gradients."""
+
+    outputs: dict[str, np.ndarray]
+    grads: dict[str, np.ndarray | None]
+
+
 def bare_run(fw: Any, model: Any, inputs: dict[str, Any], seed_fn: Callable) -> Observed:
     """Forward and backward with no hooks: the model's outputs and its parameters' gradients."""
     fw.clear_grads(model)
@@ -94,14 +103,6 @@ def bare_run(fw: Any, model: Any, inputs: dict[str, Any], seed_fn: Callable) -> 
     grads = {k: fw.grad(p) for k, p in fw.parameters(model).items()}
     fw.clear_grads(model)
     return Observed(outputs, grads)
-
-
-@dataclass(frozen=True)
-class Observed:
-    """What a run without hooks gave: the model's outputs and its parameters' gradients."""
-
-    outputs: dict[str, np.ndarray]
-    grads: dict[str, np.ndarray | None]
 
 
 def observer_copy(fw: Any, model: Any, activations: int) -> Any | None:
