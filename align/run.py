@@ -337,8 +337,8 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
     lets the port's own loader (from_pretrained) convert the reference's checkpoint, and then
     checks every tensor it produced against what the rules say it should be.
     With `release` (the caller has no further use for `ref`), the reference's recorded
-    tensors are dropped once the last comparison that needs them is made, so that the
-    port's observer run can reuse their memory instead of needing more.
+    tensors are dropped once the last comparison that needs them is made, so that a port
+    observer run made after the others can reuse their memory instead of needing more.
     """
     from align import build
     from align.diagnose import environment, port_environment

@@ -126,9 +126,10 @@ def test_partial_trace_round_trips(tmp_path, capsys):
 
 @pytest.mark.parametrize("broken", [False, True])
 def test_a_released_reference_gives_the_same_report(monkeypatch, broken):
-    """check_port(release=True) drops the reference's recorded tensors before the port's
-    observer run (so that run reuses their memory): same report, repro included, and only
-    when asked (a reference shared by several ports is released by none)."""
+    """check_port(release=True) drops the reference's recorded tensors once the free-running
+    run is done with them (so a port observer run made after it reuses their memory): same
+    report, repro included, and only when asked (a reference shared by several ports is
+    released by none)."""
     from align.run import check_port, run_reference
     from align.spec import load_registry
 
