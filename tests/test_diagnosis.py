@@ -202,10 +202,18 @@ def test_an_error_in_the_forced_pass_alongside_reaches_the_caller(monkeypatch):
     def fails(*args, **kwargs):
         raise RuntimeError("the forced pass failed")
 
+    went = []
+
+    def alongside(background, foreground):
+        went.append(background)
+        return diagnose.alongside(background, foreground)
+
     monkeypatch.setattr(diagnose, "room_alongside", lambda nbytes: True)
+    monkeypatch.setattr(run, "alongside", alongside)
     monkeypatch.setattr(run, "force", fails)
     with pytest.raises(RuntimeError, match="the forced pass failed"):
         check_port(spec, ref, ("float32",))
+    assert went, "the run without hooks did not go alongside"
     assert not [t for t in threading.enumerate() if t.name == "align-alongside"]
 
 
