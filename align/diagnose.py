@@ -168,9 +168,10 @@ def observer_check(fw: Any, model: Any, inputs: dict[str, Any], seed_fn: Callabl
     return judge_observed(fw.name, bare_run(fw, model, inputs, seed_fn), trace)
 
 
-def judge_observed(framework: str, run: Observed, trace: Trace) -> Observer:
+def judge_observed(framework: str, run: Observed, trace: Trace, alongside: bool = False) -> Observer:
     """A run without hooks against the instrumented run's trace: outputs bitwise, gradients
-    bitwise or within OBSERVER_ULPS (summation order)."""
+    bitwise or within OBSERVER_ULPS (summation order). `alongside`: that run was made on a
+    copy, alongside the instrumented ones (see observer_copy)."""
     outputs, grads = run.outputs, run.grads
     out_diff = [k for k in set(outputs) | set(trace.outputs)
                 if k not in outputs or k not in trace.outputs or not _same(outputs[k], trace.outputs[k].data)]
@@ -181,7 +182,8 @@ def judge_observed(framework: str, run: Observed, trace: Trace) -> Observer:
     if grad_diff:
         scale = max((max(float(g.max()), -float(g.min())) for g in trace.param_grads.values() if g.size), default=0.0)
         ulps = max(_ulps(grads[k], trace.param_grads.get(k), scale) for k in grad_diff)
-    return Observer(framework, not out_diff, not grad_diff, tuple(sorted(out_diff) + sorted(grad_diff)), grad_ulps=ulps)
+    return Observer(framework, not out_diff, not grad_diff, tuple(sorted(out_diff) + sorted(grad_diff)), grad_ulps=ulps,
+                    alongside=alongside)
 
 
 def _ulps(a: np.ndarray | None, b: np.ndarray | None, scale: float) -> float:

@@ -389,6 +389,12 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
     observers: list[Observer] = [ref.observer]
     repro: ReproCase | None = None
     dtype_list = tuple(dtypes or spec.dtypes)
+
+    def fresh_inputs() -> dict[str, Any]:
+        """The model's inputs as the port takes them, in tensors of their own."""
+        return {**{k: ps.tensor(a, False) for k, a in _port_inputs(ref.inputs, spec).items()},
+                **_call_kwargs_for(spec, ROOT)}
+
     for dtype in dtype_list:
         if dtype == "bfloat16":
             reason = bf16_unavailable()
@@ -398,11 +404,7 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
             warnings.append(f"bfloat16 was NOT run: {reason}")
             continue
 
-        def make_inputs() -> dict[str, Any]:
-            return {**{k: ps.tensor(a, False) for k, a in _port_inputs(ref.inputs, spec).items()},
-                    **_call_kwargs_for(spec, ROOT)}
-
-        port_inputs = make_inputs()
+        port_inputs = fresh_inputs()
         port_modules = {ROOT} | {n for n, _ in port.named_sublayers()}
         ref_calls = [(n, c.module) for n, c in ref_trace.calls.items()]
         pairing = pair_calls(ref_calls, port_modules, rules.rename_module)
@@ -428,7 +430,7 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
         else:
             progress(f"{dtype}: teacher-forcing all {len(pairing.pairs)} modules in one pass, "
                      "the port's run without hooks alongside")
-            observed, forced = alongside(partial(bare_run, ps, copied, make_inputs(), _seed(ps, spec)), forcing)
+            observed, forced = alongside(partial(bare_run, ps, copied, fresh_inputs(), _seed(ps, spec)), forcing)
             copied = None
         if not forced.eager:
             warnings.append(FORCED_TWICE)
@@ -482,7 +484,7 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
             hooked_run = Trace("paddle", {}, port_param_grads, {}, follower.root_outputs)
             observers = [ref.observer,
                          observer_check(ps, port, port_inputs, _seed(ps, spec), hooked_run) if observed is None
-                         else dataclasses.replace(judge_observed(ps.name, observed, hooked_run), alongside=True)]
+                         else judge_observed(ps.name, observed, hooked_run, alongside=True)]
             for o in observers:
                 if o.perturbed:
                     msg = (f"observer effect: the {o.framework} model's outputs or gradients differ with hooks "
