@@ -161,6 +161,7 @@ def test_the_observer_run_alongside_judges_as_the_one_after(monkeypatch, broken)
         paddle_observer = report["observer"][1]
         assert paddle_observer.pop("alongside") is room and paddle_observer["state"] == "identical"
     assert reports[True] == reports[False] and reports[True]["verdict"] == ("fail" if broken else "pass")
+    assert reports[True]["culprits"]["forward"] == ([f"model.layers.{i}.self_attn" for i in range(4)] if broken else [])
 
 
 @pytest.mark.parametrize("which", ["background", "foreground"])
