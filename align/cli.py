@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--only", action="append", default=[], metavar="GLOB",
                      help="report only the modules matching GLOB (repeatable), e.g. model.layers.3.mlp* "
                           "(a focused, partial check while fixing one culprit)")
+    run.add_argument("--keep", action="append", default=[], metavar="GLOB",
+                     help="keep the port's full tensors, beside the reference's, for the modules matching GLOB "
+                          "(repeatable): every comparison made for them, written to kept/ in the report directory")
     run.add_argument("--stream-layers", action="store_true",
                      help="for models larger than memory: load one block at a time in each framework from "
                           "--checkpoint (memory-mapped safetensors) and align it on the reference's inputs "
@@ -86,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--as-command", help=argparse.SUPPRESS)  # the command the user typed, when delegated
     check.add_argument("--weights-from", choices=["rules", "pretrained"], default="rules")
     check.add_argument("--fast", action="store_true", help="the gate path (see `align run --fast`)")
+    check.add_argument("--keep", action="append", default=[], metavar="GLOB", help="see `align run --keep`")
 
     gate = sub.add_parser("gate", help="align every model marked ci = true; exit 1 if any is not aligned")
     gate.add_argument("--junit", type=Path, help="also write JUnit XML here (one test case per model, dtype and mode)")
@@ -143,25 +147,36 @@ def _progress(console: Console, name: str, quiet: bool):
 def _align_and_write(spec: ModelSpec, out: Path, console: Console, quiet: bool, command: str,
                      config: str | None = None, dtypes: tuple[str, ...] | None = None,
                      checkpoint: Path | None = None, reference=None, weights_from: str = "rules",
-                     only: tuple[str, ...] = (), fast: bool = False, shared: bool = False) -> dict:
+                     only: tuple[str, ...] = (), fast: bool = False, shared: bool = False,
+                     keep: tuple[str, ...] = ()) -> dict:
     """Align one model (against a saved `reference` run, if given); write report.json,
-    report.html, the repro, the history line and the dashboard. `fast`: the gate path.
-    `shared`: the reference is used again afterwards, so its tensors are not released."""
+    report.html, the repro, the kept tensors, the history line and the dashboard. `fast`:
+    the gate path. `shared`: the reference is used again afterwards, so its tensors are not
+    released. `keep`: module globs whose tensors are kept in full (see align.keep)."""
     from align.report import append_history, as_json, render_console, write_index, write_report
     from align.run import check_port, run_reference
 
     if spec.port_environment and reference is None:
-        return _align_across(spec, out, console, quiet, command, config, dtypes, checkpoint, weights_from, only, fast)
+        return _align_across(spec, out, console, quiet, command, config, dtypes, checkpoint, weights_from, only, fast,
+                             keep)
     started = time.perf_counter()
     with _progress(console, spec.name, quiet) as progress:
         reference = reference or run_reference(spec, config, checkpoint, progress, only, observe=not fast)
-        result = check_port(spec, reference, dtypes, progress, command, weights_from, fast=fast, release=not shared)
+        result = check_port(spec, reference, dtypes, progress, command, weights_from, fast=fast, release=not shared,
+                            keep=keep)
     report = result.to_dict()
     report["duration_s"] = round(time.perf_counter() - started, 3)
     if result.repro is not None:
         report["repro"] = str(result.repro.write(out / "repro").relative_to(out))
     elif (out / "repro").is_dir():
         shutil.rmtree(out / "repro")  # a passing run leaves no stale repro of an old failure behind
+    if keep:
+        from align.keep import write_kept
+
+        report["kept"] = {"path": str(write_kept(result.kept, keep, out / "kept").relative_to(out)),
+                          "globs": list(keep), "tensors": len(result.kept)}
+    elif (out / "kept").is_dir():
+        shutil.rmtree(out / "kept")  # tensors kept by an earlier run are not this report's
     report = as_json(report)
     paths = write_report(report, out)
     append_history(report, out.parent, out.name)
@@ -172,7 +187,8 @@ def _align_and_write(spec: ModelSpec, out: Path, console: Console, quiet: bool, 
 
 def _align_across(spec: ModelSpec, out: Path, console: Console, quiet: bool, command: str,
                   config: str | None, dtypes: tuple[str, ...] | None, checkpoint: Path | None,
-                  weights_from: str = "rules", only: tuple[str, ...] = (), fast: bool = False) -> dict:
+                  weights_from: str = "rules", only: tuple[str, ...] = (), fast: bool = False,
+                  keep: tuple[str, ...] = ()) -> dict:
     """The reference here, the port in its own environment: trace, then `align check` there."""
     import subprocess
     import tempfile
@@ -194,6 +210,7 @@ def _align_across(spec: ModelSpec, out: Path, console: Console, quiet: bool, com
                "--out", str(out), "--as-command", command, "--weights-from", weights_from]
         cmd += [a for d in dtypes or () for a in ("--dtype", d)] + (["--quiet"] if quiet else [])
         cmd += ["--fast"] if fast else []
+        cmd += [a for g in keep for a in ("--keep", g)]
         console.print(f"{spec.name}: reference traced here (torch {run.env['torch']}); "
                       f"checking the port in {env_dir.name}", highlight=False)
         proc = subprocess.run(cmd)
@@ -241,7 +258,7 @@ def _run(args: argparse.Namespace, argv: list[str], console: Console) -> ExitCod
         out = args.out or report_dir(registry.source.parent / "reports", spec.name, ports[0])
         report = _align_and_write(specs[ports[0]], out, console, args.quiet, command, args.config, dtypes,
                                   args.checkpoint, weights_from=args.weights_from, only=tuple(args.only),
-                                  fast=args.fast)
+                                  fast=args.fast, keep=tuple(args.keep))
         return ExitCode.ALIGNED if report["verdict"] == "pass" else ExitCode.NOT_ALIGNED
     return _run_side_by_side(spec, specs, args, dtypes, command, console)
 
@@ -252,7 +269,7 @@ def _run_streamed(spec: ModelSpec, args: argparse.Namespace, command: str, conso
 
     if args.checkpoint is None:
         raise ConfigError(spec.source, f"models.{spec.name}", "--stream-layers needs --checkpoint (the weights to stream)")
-    for flag, given in (("--only", args.only), ("--dtype", args.dtype), ("--fast", args.fast),
+    for flag, given in (("--only", args.only), ("--keep", args.keep), ("--dtype", args.dtype), ("--fast", args.fast),
                         ("--weights-from", args.weights_from != "rules"), ("--port", len(args.port or []) > 1)):
         if given:
             raise ConfigError(spec.source, f"models.{spec.name}", f"--stream-layers does not take {flag} yet")
@@ -287,7 +304,7 @@ def _run_side_by_side(spec: ModelSpec, specs: dict[str, ModelSpec], args: argpar
     for port, port_spec in specs.items():
         reports[port] = _align_and_write(port_spec, report_dir(root, spec.name, port), console, args.quiet,
                                          command, dtypes=dtypes, reference=reference, weights_from=args.weights_from,
-                                         fast=args.fast, shared=True)
+                                         fast=args.fast, shared=True, keep=tuple(args.keep))
     path = root / f"{spec.name}-ports.html"
     write_atomic(path, side_by_side.render_html(reports))
     side_by_side.render_console(reports, console)
@@ -334,7 +351,7 @@ def _check(args: argparse.Namespace, argv: list[str], console: Console) -> ExitC
     out = args.out or registry.source.parent / "reports" / spec.name
     command = args.as_command or "align " + " ".join(shlex.quote(a) for a in argv)
     report = _align_and_write(spec, out, console, args.quiet, command, dtypes=dtypes, reference=run,
-                              weights_from=args.weights_from, fast=args.fast)
+                              weights_from=args.weights_from, fast=args.fast, keep=tuple(args.keep))
     return ExitCode.ALIGNED if report["verdict"] == "pass" else ExitCode.NOT_ALIGNED
 
 

@@ -266,6 +266,11 @@ def render_html(report: dict) -> str:
     messages = "".join(f"<pre>{esc(m)}</pre>" for m in failure_messages(report))
     repro = (f"<p>Standalone repro of the first culprit: <code>{esc(report['repro'])}/repro.py</code></p>"
              if report.get("repro") else "")
+    if report.get("kept"):
+        k = report["kept"]
+        repro += (f"<p>Kept in full (--keep {esc(' '.join(k['globs']))}): {k['tensors']} port tensors, each beside "
+                  f"the reference's, in <code>{esc(k['path'])}/tensors.safetensors</code> "
+                  f"(named in <code>{esc(k['path'])}/index.json</code>)</p>")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
 <title>align: {esc(report['model'])} {esc(verdict)}</title><style>{CSS}</style></head><body>

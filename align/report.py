@@ -205,6 +205,10 @@ def render_console(report: dict, console: Console, paths: tuple[Path, ...] = ())
         console.print(f"observer check ({o['framework']}): outputs and grads with hooks vs without: {state}{where}")
     if report.get("repro"):
         console.print(f"repro of the first culprit: {report['repro']}/repro.py")
+    if report.get("kept"):
+        k = report["kept"]
+        console.print(f"kept {k['tensors']} port tensors, each beside the reference's, for --keep "
+                      f"{' '.join(k['globs'])}: {k['path']}/index.json", highlight=False, markup=False)
     for u in report["unpaired"]:
         tag = "[dim]unpaired by design[/]" if u.get("allowed") else "[red]unpaired[/]"
         console.print(f"{tag} {u['side']} module {u['name']}: {u['reason']}")

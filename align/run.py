@@ -37,6 +37,7 @@ from align.diagnose import (Finding, Observer, alongside, bare_run, dtype_table,
                             judge_observed, observer_check, observer_copy)
 from align.force import force
 from align.metrics import compare_arrays, missing, within_noise
+from align.keep import KeptTensor, Tee, TensorKeeper, matches
 from align.pair import Unpaired, pair_calls
 from align.repro import Local, ReproCase
 from align.spec import ConfigError, ModelSpec
@@ -68,6 +69,7 @@ class Report:
     dtypes: dict[str, dict] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
     repro: ReproCase | None = None  # tensors for the first culprit; written by the CLI, not JSON
+    kept: tuple[KeptTensor, ...] = ()  # what --keep asked for; written by the CLI, not JSON
     weights_from: str = "rules"  # or "pretrained": the port's own loader, checked against the rules
     only: tuple[str, ...] = ()  # the report limited to these module globs (a partial check)
     path: str = "full"  # or "gate": teacher forcing only, no free-running run and no observer runs
@@ -126,6 +128,7 @@ class Report:
             "observer": [o.to_dict() for o in self.observer],
             "warnings": list(self.warnings),
             "repro": None,
+            "kept": None,
             "env": {**self.env, "dtypes": self.dtypes},
         }
 
@@ -224,9 +227,7 @@ def fingerprint(spec: ModelSpec, config: str) -> str:
 
 def selected(module: str, only: tuple[str, ...]) -> bool:
     """Whether a module is among the --only globs (all modules when there are none)."""
-    import fnmatch
-
-    return not only or any(fnmatch.fnmatchcase(module, g) for g in only)
+    return not only or matches(module, only)
 
 
 def run_reference(spec: ModelSpec, config: str | None = None, checkpoint: Path | None = None,
@@ -330,7 +331,7 @@ def align_model(spec: ModelSpec, config: str | None = None, dtypes: tuple[str, .
 
 def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | None = None,
                progress: Progress = lambda s: None, command: str = "", weights_from: str = "rules",
-               fast: bool = False, release: bool = False) -> Report:
+               fast: bool = False, release: bool = False, keep: tuple[str, ...] = ()) -> Report:
     """Run only the port (Paddle) against a ReferenceRun, and judge it. Never imports torch.
 
     weights_from="rules" loads the port's weights with align's weight rules; "pretrained"
@@ -339,11 +340,15 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
     With `release` (the caller has no further use for `ref`), the reference's recorded
     tensors are dropped once the last comparison that needs them is made, so that a port
     observer run made after the others can reuse their memory instead of needing more.
+    `keep`: module globs whose comparisons' tensors are kept in full (Report.kept).
     """
     from align import build
     from align.diagnose import environment, port_environment
     from align.paddle_side import PaddleSide
 
+    unmatched = [g for g in keep if not any(matches(c.module, (g,)) for c in ref.trace.calls.values())]
+    if unmatched:
+        raise ConfigError(spec.source, f"models.{spec.name}", f"--keep {unmatched[0]} matches no module of the reference")
     ps = PaddleSide()
     rules = W.load_rules(spec.weights_file)
     loader_findings = []
@@ -388,7 +393,16 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
     unpaired: tuple[Unpaired, ...] = ()
     observers: list[Observer] = [ref.observer]
     repro: ReproCase | None = None
+    kept: list[KeptTensor] = []
     dtype_list = tuple(dtypes or spec.dtypes)
+
+    def keeping(judge: Collector, dtype: str, mode: str) -> tuple[Any, Callable[[], None]]:
+        """The judge to show a pass, and what to call once it is over: with --keep, the
+        Collector teamed with a TensorKeeper whose tensors then join `kept`."""
+        if not keep:
+            return judge, lambda: None
+        keeper = TensorKeeper(keep, dtype, mode)
+        return Tee(judge, keeper), lambda: kept.extend(keeper.kept)
 
     def fresh_inputs() -> dict[str, Any]:
         """The model's inputs as the port takes them, in tensors of their own."""
@@ -417,7 +431,8 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
         factor = noise.factor if noise else None
 
         tf = Collector(tolerances, ref.fp64.truth if noise else None, factor)
-        forcing = partial(force, ps, port, port_inputs, ref_trace.calls, to_ref, tf, ref_trace.param_grads,
+        tf_judge, tf_kept = keeping(tf, dtype, TEACHER_FORCED)
+        forcing = partial(force, ps, port, port_inputs, ref_trace.calls, to_ref, tf_judge, ref_trace.param_grads,
                           lambda key, g: _as_reference({key: g}, wmap))
 
         # The full path's run without hooks goes alongside the forced pass, on a copy of the
@@ -432,6 +447,7 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
                      "the port's run without hooks alongside")
             observed, forced = alongside(partial(bare_run, ps, copied, fresh_inputs(), _seed(ps, spec)), forcing)
             copied = None
+        tf_kept()
         if not forced.eager:
             warnings.append(FORCED_TWICE)
         pairing = pair_calls(ref_calls, port_modules, rules.rename_module, [(n, n.split("#")[0]) for n in forced.owner])
@@ -469,7 +485,10 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
                     call.input_grads = {}  # only forcing judges them: memory for the free-running run
             progress(f"{dtype}: running the port free, comparing as it goes")
             fr = Collector(tolerances, _fp64_free_truth(ref.fp64) if noise else None, factor)
-            follower, port_param_grads = _follow(ps, port, port_inputs, ref_trace.calls, to_ref, fr, _seed(ps, spec))
+            fr_judge, fr_kept = keeping(fr, dtype, FREE_RUNNING)
+            follower, port_param_grads = _follow(ps, port, port_inputs, ref_trace.calls, to_ref, fr_judge,
+                                                 _seed(ps, spec))
+            fr_kept()
             fr_layers = tuple(_free_layers(reported, ref_trace, follower, fr, tolerances))
             runs.append(RunResult(dtype, FREE_RUNNING, spec.tolerance, policy, fr_layers,
                                   first_divergence(fr_layers, fwd_order, bwd_order),
@@ -499,7 +518,7 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
         command=command or f"align run {spec.name}",
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         only=ref.only, path="gate" if fast else "full", checkpoint=ref.checkpoint, findings=tuple(findings),
-        observer=tuple(observers), dtypes=dtypes_seen, warnings=tuple(warnings), repro=repro,
+        observer=tuple(observers), dtypes=dtypes_seen, warnings=tuple(warnings), repro=repro, kept=tuple(kept),
     )
 
 
@@ -564,13 +583,13 @@ def _forced_layers(pairs: list, ref_calls: dict, forced: Any, tf: Collector,
 
 
 def _follow(ps: Any, port: Any, port_inputs: dict[str, Any], ref_calls: dict, to_ref: dict[str, str],
-            fr: Collector, seed: Callable) -> tuple[Any, dict[str, np.ndarray]]:
-    """The free-running run of the port, compared as it goes; returns what the Follower
-    kept and the port's parameter gradients."""
+            judge: Any, seed: Callable) -> tuple[Any, dict[str, np.ndarray]]:
+    """The free-running run of the port, compared by `judge` as it goes; returns what the
+    Follower kept and the port's parameter gradients."""
     from align.capture import hooked
     from align.force import Follower
 
-    follower = Follower(ps, ref_calls, to_ref, fr)
+    follower = Follower(ps, ref_calls, to_ref, judge)
     ps.clear_grads(port)
     with hooked(ps, port, follower):
         output = port(**port_inputs)

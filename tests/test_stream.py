@@ -66,6 +66,8 @@ def test_streaming_needs_a_checkpoint_and_a_block_list(checkpoint, run_cli, tmp_
     assert code == 2 and "--stream-layers needs --checkpoint" in err and "Traceback" not in err
     code, _, err = run_cli("run", "phi3", "--checkpoint", str(checkpoint), "--stream-layers")
     assert code == 2 and "models.phi3.stream.blocks" in err and "Traceback" not in err
+    code, _, err = run_cli("run", "gemma2", "--checkpoint", str(checkpoint), "--stream-layers", "--keep", "model.norm")
+    assert code == 2 and "--stream-layers does not take --keep yet" in err and "Traceback" not in err
 
 
 def side_channel(monkeypatch):

@@ -1,0 +1,113 @@
+"""The port's full tensors for the modules a user names (`align run --keep GLOB`).
+
+A run keeps statistics only (see compare.Collector): memory does not grow with the model.
+Chasing one module, a user may want its values themselves. For every comparison made for a
+module matching a glob, in each dtype, the port's tensor is copied and kept beside the
+reference's: teacher-forced, its outputs, the inputs it hands its children, the gradients
+that come back to its inputs and its parameters' gradients; free-running, its outputs and
+the gradients that reach them. The CLI writes them to `kept/` in the report
+directory, whole or not at all: `tensors.safetensors`, and `index.json` naming each pair.
+Memory grows with what the globs select, and only with that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from align.safetensors_io import contiguous
+
+
+@dataclass(frozen=True)
+class KeptTensor:
+    """One comparison, both sides in full."""
+
+    dtype: str
+    mode: str  # teacher_forced or free_running
+    owner: str  # the reference call the compared code belongs to
+    direction: str  # forward or backward
+    label: str  # the tensor within the owner's comparisons, as the report names it
+    port: np.ndarray
+    reference: np.ndarray
+
+    @property
+    def key(self) -> str:
+        return f"{self.dtype}|{self.mode}|{self.owner}|{self.label}"
+
+
+def matches(module: str, globs: tuple[str, ...]) -> bool:
+    import fnmatch
+
+    return any(fnmatch.fnmatchcase(module, g) for g in globs)
+
+
+class TensorKeeper:
+    """A Judge (see align.force) that keeps a copy of what it is shown for the modules
+    matching `globs`, as KeptTensor; it judges nothing."""
+
+    def __init__(self, globs: tuple[str, ...], dtype: str, mode: str):
+        self.globs, self.dtype, self.mode = globs, dtype, mode
+        self.kept: list[KeptTensor] = []
+
+    def compare(self, owner: str, direction: str, label: str, port: np.ndarray, ref: np.ndarray) -> None:
+        if matches(owner.split("#")[0], self.globs):
+            # The port's value may be written to later; the reference's is a record nobody writes.
+            self.kept.append(KeptTensor(self.dtype, self.mode, owner, direction, label, np.array(port), ref))
+
+    def fail(self, owner: str, direction: str, label: str, note: str) -> None:
+        pass  # nothing to keep: the port had no such tensor
+
+    def clear(self) -> None:
+        self.kept = []
+
+
+class Tee:
+    """A Judge that shows every comparison to several judges, in order."""
+
+    def __init__(self, *judges):
+        self.judges = judges
+
+    def compare(self, owner: str, direction: str, label: str, port: np.ndarray, ref: np.ndarray) -> None:
+        for j in self.judges:
+            j.compare(owner, direction, label, port, ref)
+
+    def fail(self, owner: str, direction: str, label: str, note: str) -> None:
+        for j in self.judges:
+            j.fail(owner, direction, label, note)
+
+    def clear(self) -> None:
+        for j in self.judges:
+            j.clear()
+
+
+def write_kept(kept: tuple[KeptTensor, ...], globs: tuple[str, ...], out_dir: Path) -> Path:
+    """Write `out_dir` (replacing it) with tensors.safetensors and index.json; whole or not
+    at all. Each pair is stored as `<key>|port` and `<key>|reference` (see KeptTensor.key)."""
+    from safetensors.numpy import save_file
+
+    tensors: dict[str, np.ndarray] = {}
+    index = []
+    for k in kept:
+        tensors[f"{k.key}|port"], tensors[f"{k.key}|reference"] = contiguous(k.port), contiguous(k.reference)
+        index.append({"dtype": k.dtype, "mode": k.mode, "owner": k.owner, "direction": k.direction,
+                      "label": k.label, "shape": list(k.reference.shape),
+                      "port": f"{k.key}|port", "reference": f"{k.key}|reference"})
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".kept."))
+    try:
+        save_file(tensors, str(tmp / "tensors.safetensors"))
+        (tmp / "index.json").write_text(json.dumps({"globs": list(globs), "tensors": index}, indent=1) + "\n")
+        os.chmod(tmp, 0o755)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
