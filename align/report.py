@@ -98,16 +98,47 @@ def write_index(reports_root: Path) -> Path:
     return out
 
 
+# Options of `align run` that choose what is aligned (kept in a rerun), and those that do not.
+_RERUN_KEEPS = {"--registry", "--config", "--checkpoint", "--weights-from"}
+_RERUN_DROPS = {"--only", "--dtype", "--port", "--keep", "--out"}
+
+
+def rerun_command(report: dict, dtype: str, module: str, variant: str | None) -> str:
+    """The command that reruns just `module`: the report's own `align run` command (its
+    registry, config, checkpoint, loader and streaming kept) narrowed to it, or
+    `align run MODEL ...` when the report came from another command (the gate, a check)."""
+    import shlex
+
+    try:
+        words = shlex.split(report.get("command") or "")
+    except ValueError:
+        words = []
+    if words[:1] != ["align"] or "run" not in words:
+        words = ["align", "run", report["model"]]
+    kept, skip = [], False
+    for w in words:
+        name = w.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif name in _RERUN_DROPS:
+            skip = "=" not in w  # its value is the next word
+        elif name.startswith("-") and name not in _RERUN_KEEPS and name != "--stream-layers":
+            pass  # --quiet, --fast: how, not what
+        else:
+            kept.append(w)
+    kept += ["--port", variant] if variant else []
+    kept += [] if "--stream-layers" in kept else ["--dtype", dtype]  # the streamed path runs fp32 only
+    return " ".join(shlex.quote(w) for w in [*kept, "--only", module])
+
+
 def _layer_message(report: dict, report_run: dict, name: str, direction: str) -> str:
     layer = next(layer for layer in report_run["layers"] if layer["name"] == name)
     m = Metrics(**layer[direction])
     module = name.split("#")[0]
     from align.convert import port_variant_of
 
-    variant = port_variant_of(report["port"])
-    port = f" --port {variant}" if variant else ""
-    rerun = (f"align run {report['model']}{port} --dtype {report_run['dtype']} --only {module}"
-             if module != "<root>" else "")
+    rerun = rerun_command(report, report_run["dtype"], module, port_variant_of(report["port"])) \
+        if module != "<root>" else ""
     return mismatch_message(name, direction, m, Tolerance(**layer["tolerance"]), report_run["dtype"],
                             report_run["mode"], rerun)
 

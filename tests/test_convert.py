@@ -334,7 +334,8 @@ def test_hand_and_converted_side_by_side_against_one_reference(converted_copy, c
     assert hand["port"] == "ports.gemma2:Gemma2ForCausalLM" and conv["port"].startswith("align_converted.gemma2:")
     assert "model.layers.0.input_layernorm" in conv["culprits"]["forward"]
     # The failure message reruns the right port.
-    assert "Rerun: align run gemma2 --port converted --dtype float32 --only model.layers.0.input_layernorm" in err
+    assert (f"Rerun: align --registry {registry / 'align.toml'} run gemma2 --port converted --dtype float32 "
+            "--only model.layers.0.input_layernorm") in err
 
     from align import side_by_side
 

@@ -323,8 +323,8 @@ def test_only_reports_the_chosen_modules_and_still_catches_their_bug(monkeypatch
     assert code == 0
     attention_without_softcap(monkeypatch)
     code, full, err = run_cli("run", "gemma2", "--dtype", "fp32")
-    # The failure message says how to rerun just the culprit.
-    assert "Rerun: align run gemma2 --dtype float32 --only model.layers.0.self_attn" in err
+    # The failure message says how to rerun just the culprit: the same command, narrowed.
+    assert f"Rerun: align --registry {REGISTRY} run gemma2 --dtype float32 --only model.layers.0.self_attn" in err
     code, partial, err = run_cli("run", "gemma2", "--dtype", "fp32", "--only", "model.layers.0.self_attn*")
     tf = next(r for r in partial["runs"] if r["mode"] == "teacher_forced" and r["status"] == "ran")
     assert {layer["name"] for layer in tf["layers"]} == {
