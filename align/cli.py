@@ -13,6 +13,7 @@ import sys
 import time
 from enum import IntEnum
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -164,8 +165,20 @@ def _align_and_write(spec: ModelSpec, out: Path, console: Console, quiet: bool, 
         reference = reference or run_reference(spec, config, checkpoint, progress, only, observe=not fast)
         result = check_port(spec, reference, dtypes, progress, command, weights_from, fast=fast, release=not shared,
                             keep=keep)
-    report = result.to_dict()
+    report = _with_tensors(result, out, keep)
     report["duration_s"] = round(time.perf_counter() - started, 3)
+    report = as_json(report)
+    paths = write_report(report, out)
+    append_history(report, out.parent, out.name)
+    index = write_index(out.parent)
+    render_console(report, console, (*paths, index))
+    return report
+
+
+def _with_tensors(result: Any, out: Path, keep: tuple[str, ...]) -> dict:
+    """The report's dict, once its tensors are written beside it: the first culprit's repro
+    and what --keep asked for. Those of an earlier run in `out` are removed."""
+    report = result.to_dict()
     if result.repro is not None:
         report["repro"] = str(result.repro.write(out / "repro").relative_to(out))
     elif (out / "repro").is_dir():
@@ -177,11 +190,6 @@ def _align_and_write(spec: ModelSpec, out: Path, console: Console, quiet: bool, 
                           "globs": list(keep), "tensors": len(result.kept)}
     elif (out / "kept").is_dir():
         shutil.rmtree(out / "kept")  # tensors kept by an earlier run are not this report's
-    report = as_json(report)
-    paths = write_report(report, out)
-    append_history(report, out.parent, out.name)
-    index = write_index(out.parent)
-    render_console(report, console, (*paths, index))
     return report
 
 
@@ -269,15 +277,16 @@ def _run_streamed(spec: ModelSpec, args: argparse.Namespace, command: str, conso
 
     if args.checkpoint is None:
         raise ConfigError(spec.source, f"models.{spec.name}", "--stream-layers needs --checkpoint (the weights to stream)")
-    for flag, given in (("--only", args.only), ("--keep", args.keep), ("--dtype", args.dtype), ("--fast", args.fast),
+    for flag, given in (("--dtype", args.dtype), ("--fast", args.fast),
                         ("--weights-from", args.weights_from != "rules"), ("--port", len(args.port or []) > 1)):
         if given:
             raise ConfigError(spec.source, f"models.{spec.name}", f"--stream-layers does not take {flag} yet")
     out = args.out or report_dir(spec.root / "reports", spec.name, "hand")
     started = time.perf_counter()
     with _progress(console, spec.name, args.quiet) as progress:
-        result = align_streamed(spec, args.config or spec.default_config, args.checkpoint, progress, command)
-    report = result.to_dict()
+        result = align_streamed(spec, args.config or spec.default_config, args.checkpoint, progress, command,
+                                only=tuple(args.only), keep=tuple(args.keep))
+    report = _with_tensors(result, out, tuple(args.keep))
     report["duration_s"] = round(time.perf_counter() - started, 3)
     report = as_json(report)
     paths = write_report(report, out)

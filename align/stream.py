@@ -261,15 +261,24 @@ def _force_block(ps: Any, block: Any, port_name: str, ref_name: str, calls: dict
 
 
 def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Progress = lambda s: None,
-                   command: str = "") -> Any:
-    """Align `spec` on `checkpoint` block by block (fp32, teacher-forced); returns a Report."""
+                   command: str = "", only: tuple[str, ...] = (), keep: tuple[str, ...] = ()) -> Any:
+    """Align `spec` on `checkpoint` block by block (fp32, teacher-forced); returns a Report.
+
+    `only`: report just the modules matching these globs. A block with none of them inside
+    is not loaded on the port's side at all (the reference's still runs, to hand its
+    gradient on), so re-checking one layer of a large model costs one port block. The shell
+    is always forced: the model outputs and its parameter gradients are still judged.
+    `keep`: module globs whose tensors are kept in full (Report.kept, see align.keep).
+    """
     import torch
 
     from align import build
     from align.checkpoint import Checkpoint
     from align.diagnose import Observer, environment, port_environment, reference_environment
     from align.paddle_side import PaddleSide
-    from align.run import FORCED_TWICE, Report, _as_reference, _call_kwargs_for, _forced_layers, _port_inputs, _seed
+    from align.keep import Tee, TensorKeeper, matches
+    from align.run import (FORCED_TWICE, Report, _as_reference, _call_kwargs_for, _forced_layers, _port_inputs, _seed,
+                           selected)
     from align.torch_side import TorchSide
 
     blocks = spec.stream_blocks
@@ -286,8 +295,23 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
     tolerances = Tolerances(spec.tolerance, spec.overrides)
     progress("building both models as skeletons (no weights)")
     ref = build.reference_skeleton(spec, cfg)
+    ref_modules = [n or ROOT for n, _ in ref.named_modules()]
+    for flag, globs in (("--only", only), ("--keep", keep)):
+        bad = next((g for g in globs if not any(matches(m, (g,)) for m in ref_modules)), None)
+        if bad is not None:
+            raise ConfigError(spec.source, f"models.{spec.name}", f"{flag} {bad} matches no module of the reference")
     port = build.port_skeleton(spec, cfg.to_dict())
     port_modules = {ROOT} | {n for n, _ in port.named_sublayers()}
+    kept_by_pass: list[TensorKeeper] = []
+
+    def judging(collector: Collector) -> Any:
+        """The judge for one forced pass: with --keep, the collector teamed with a keeper of
+        its own (a pass made again forgets what that pass kept, and only that)."""
+        if not keep:
+            return collector
+        keeper = TensorKeeper(keep, "float32", TEACHER_FORCED)
+        kept_by_pass.append(keeper)
+        return Tee(collector, keeper)
 
     def to_reference(key: str, g: np.ndarray) -> dict[str, np.ndarray]:
         return _as_reference({key: g}, wmap)
@@ -309,7 +333,8 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
         recorder.forget()
         order = {n: (c.start, c.end) for n, c in calls.items()}  # every call, blocks' insides too
         ref_calls = {n: c for n, c in calls.items() if not recorder.inside(c.module)}
-        graded: set[str] = set()  # every reference parameter that got a gradient
+        graded: set[str] = set()  # every reference parameter that got a gradient, in a part judged
+        judged_names: list[str] = []  # every reference call the port was forced on (param grads are theirs)
         twice = False  # some forced pass was made again with one backward (see force.eager_or_once)
 
         for i, b in reversed(list(enumerate(recorder.seen))):
@@ -325,11 +350,16 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
                 torch.autograd.backward([outs[p] for p in grads], list(grads.values()))
             block_calls = dict(inner)
             ref_calls[b.name] = block_calls[b.name]
+            wanted = not only or any(selected(c.module, only) for c in block_calls.values())
             # This block's parameter gradients live only while its port twin is judged.
-            own = {k: ts.record(p.grad).data for k, p in ref.named_parameters() if _under(k, b.name) and p.grad is not None}
+            own = {k: ts.record(p.grad).data for k, p in ref.named_parameters()
+                   if wanted and _under(k, b.name) and p.grad is not None}
             graded.update(own)
             loader.free_ref(b.name)
             b.args, b.kwargs, b.leaves = (), {}, []
+            if not wanted:
+                progress(f"block {i + 1}/{len(recorder.seen)} ({b.name}): no --only module inside, port not loaded")
+                continue
 
             port_name = rename(b.name)
             loader.load_port(b.name)
@@ -337,10 +367,12 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
             pairing = pair_calls([(n, c.module) for n, c in block_calls.items()], port_modules, rules.rename_module)
             judged = Collector(tolerances)
             forcer = _force_block(ps, port_block, port_name, b.name, block_calls, {p.port: p.ref for p in pairing.pairs},
-                                  judged, own, to_reference, _call_kwargs_for(spec, b.name))
+                                  judging(judged), own, to_reference, _call_kwargs_for(spec, b.name))
             found.absorb(judged)
             twice = twice or not forcer.eager
-            layers += _forced_layers(pairing.pairs, block_calls, forcer, found, tolerances)
+            judged_names += [p.ref for p in pairing.pairs]
+            layers += _forced_layers([p for p in pairing.pairs if selected(p.ref_module, only)], block_calls, forcer,
+                                     found, tolerances)
             unpaired += pairing.unpaired
             ps.clear_grads(port_block)
             loader.free_port(b.name)
@@ -364,10 +396,12 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
                 port(**{k: ps.tensor(a, False) for k, a in _port_inputs(inputs, spec).items()},
                      **_call_kwargs_for(spec, ROOT))
 
-        forcer = force_call(ps, port, run, ref_calls, {p.port: p.ref for p in pairing.pairs}, shell, shell_grads,
-                            to_reference)
+        forcer = force_call(ps, port, run, ref_calls, {p.port: p.ref for p in pairing.pairs}, judging(shell),
+                            shell_grads, to_reference)
         twice = twice or not forcer.eager
-        layers += _forced_layers(shell_pairs, ref_calls, forcer, shell, tolerances)
+        judged_names += [p.ref for p in shell_pairs]
+        layers += _forced_layers([p for p in shell_pairs if selected(p.ref_module, only)], ref_calls, forcer, shell,
+                                 tolerances)
         unpaired += [u for u in pairing.unpaired if not _under(u.name.split("#")[0], blocks)]
         loader.free_port("", exclude=blocks)
 
@@ -379,8 +413,8 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
                     culprits(tuple(layers), fwd_order, bwd_order))
     outputs = tuple(TensorResult(k, m, tolerances.for_name(k)) for k, m in shell.labelled(ROOT, FORWARD, "output "))
     param_grads = tuple(TensorResult(k, m, tolerances.for_name(k))
-                        for collector in (found, shell) for layer in layers
-                        for k, m in collector.labelled(layer.name, BACKWARD, "grad of parameter "))
+                        for collector in (found, shell) for name in judged_names
+                        for k, m in collector.labelled(name, BACKWARD, "grad of parameter "))
     param_grads += tuple(TensorResult(k, missing("the port parameter got no gradient", k), tolerances.for_name(k))
                          for k in sorted(graded - {p.name for p in param_grads}))
     env = environment(reference_environment(), port_environment(), {"init": None, "inputs": spec.inputs.seed})
@@ -392,5 +426,6 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
         env=env, command=command or f"align run {spec.name} --stream-layers", path="stream",
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), checkpoint=str(checkpoint),
         observer=(Observer("torch", True, True, (), checked=False), Observer("paddle", True, True, (), checked=False)),
-        warnings=(FORCED_TWICE,) if twice else (),
+        warnings=(FORCED_TWICE,) if twice else (), only=tuple(only),
+        kept=tuple(k for keeper in kept_by_pass for k in keeper.kept),
     )

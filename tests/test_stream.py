@@ -66,8 +66,8 @@ def test_streaming_needs_a_checkpoint_and_a_block_list(checkpoint, run_cli, tmp_
     assert code == 2 and "--stream-layers needs --checkpoint" in err and "Traceback" not in err
     code, _, err = run_cli("run", "phi3", "--checkpoint", str(checkpoint), "--stream-layers")
     assert code == 2 and "models.phi3.stream.blocks" in err and "Traceback" not in err
-    code, _, err = run_cli("run", "gemma2", "--checkpoint", str(checkpoint), "--stream-layers", "--keep", "model.norm")
-    assert code == 2 and "--stream-layers does not take --keep yet" in err and "Traceback" not in err
+    code, _, err = run_cli("run", "gemma2", "--checkpoint", str(checkpoint), "--stream-layers", "--only", "model.nosuch")
+    assert code == 2 and "--only model.nosuch matches no module" in err and "Traceback" not in err
 
 
 def side_channel(monkeypatch):
@@ -121,3 +121,58 @@ def test_a_block_forced_again_still_catches_and_localizes(bug, checkpoint, monke
     localized = any(fnmatch.fnmatchcase(c, culprit) for c in report["culprits"][direction])
     bug_ledger.record(f"{bug} (layer-streamed, block forced again)", kind, detected, localized)
     assert detected and localized, report["culprits"]
+
+
+def _count_port_loads(monkeypatch) -> list[str]:
+    from align.stream import Loader
+
+    loaded, load = [], Loader.load_port
+
+    def counted(self, prefix, exclude=None):
+        loaded.append(prefix)
+        return load(self, prefix, exclude)
+
+    monkeypatch.setattr(Loader, "load_port", counted)
+    return loaded
+
+
+def test_streamed_only_loads_just_the_blocks_asked_for(checkpoint, monkeypatch, run_cli):
+    """--only on the streamed path: a bug in every attention is caught, and localized, in the
+    one layer asked for; the port's other blocks are never loaded; the shell is still forced,
+    so the model outputs and the shell's parameter gradients are judged; the other blocks'
+    parameter gradients are not reported at all (not as missing)."""
+    BUGS["wrong_attention_scale"][0](monkeypatch)
+    loaded = _count_port_loads(monkeypatch)
+    code, report, err = run_cli("run", "gemma2", "--checkpoint", str(checkpoint), "--stream-layers",
+                                "--only", "model.layers.2.self_attn*")
+    assert code == 1 and report["only"] == ["model.layers.2.self_attn*"]
+    # Its rerun hint is the streamed command narrowed to the culprit (no --dtype: fp32 only).
+    assert (f"Rerun: align --registry {REGISTRY} run gemma2 --checkpoint {checkpoint} --stream-layers "
+            "--only model.layers.2.self_attn\n") in err
+    assert loaded == ["model.layers.2", ""]  # one block, then the shell
+    layers = _by_layer(report)
+    assert layers and all(n.startswith("model.layers.2.self_attn") for n in layers)
+    assert report["culprits"]["forward"] == ["model.layers.2.self_attn"]
+    assert {o["name"] for o in report["outputs"]} >= {"logits"}
+    grads = {p["name"]: p for p in report["param_grads"]}
+    assert "model.embed_tokens.weight" in grads and "model.layers.2.self_attn.q_proj.weight" in grads
+    assert not any(n.startswith(("model.layers.0.", "model.layers.1.", "model.layers.3.")) for n in grads)
+    assert all(p["numel"] for p in grads.values())  # none of them "got no gradient"
+
+    loaded.clear()  # the same bug, a module it does not touch: teacher-forced, that module is right
+    code, report, _ = run_cli("run", "gemma2", "--checkpoint", str(checkpoint), "--stream-layers",
+                              "--only", "model.layers.3.mlp*")
+    assert code == 0 and report["verdict"] == "pass" and loaded == ["model.layers.3", ""]
+    assert set(_by_layer(report)) == {"model.layers.3.mlp", "model.layers.3.mlp.gate_proj", "model.layers.3.mlp.up_proj",
+                                      "model.layers.3.mlp.down_proj", "model.layers.3.mlp.act_fn"}
+
+
+def test_streamed_keep_writes_what_was_judged(checkpoint, run_cli, tmp_path):
+    """--keep on the streamed path: a block's module and a shell module, kept in full; judged
+    again, the pairs give the reported numbers."""
+    from test_keep import assert_kept_reproduce_report
+
+    code, report, _ = run_cli("run", "gemma2", "--checkpoint", str(checkpoint), "--stream-layers",
+                              "--keep", "model.layers.1.mlp", "--keep", "model.norm")
+    assert code == 0 and report["kept"]["tensors"] > 0
+    assert_kept_reproduce_report(tmp_path / "report", ("model.layers.1.mlp", "model.norm"))
