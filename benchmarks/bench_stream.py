@@ -7,6 +7,9 @@
 2. In a fresh process: `align run gemma2 --config full --checkpoint DIR --stream-layers`.
 3. Records the wall time, the child's peak RSS (VmHWM) and the verdict, next to what the two
    whole models would need: both sets of fp32 weights, and the same again for their gradients.
+4. Then, in another fresh process, the same with `--only model.layers.N --only 'model.layers.N.*'`
+   (N = --only-layer, 12 by default): re-checking one layer, as one does after fixing it. Its time is shown as
+   a ratio to the whole run's, both measured in this run.
 Too slow for CI: this is a benchmark, not a test.
 """
 
@@ -30,9 +33,25 @@ HWM = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmH
 from align.cli import main
 t = time.perf_counter()
 code = main(["run", "gemma2", "--config", "full", "--checkpoint", sys.argv[1], "--stream-layers", "--quiet",
-             "--out", sys.argv[2]])
+             "--out", sys.argv[2], *sys.argv[3:]])
 print(json.dumps({"code": code, "seconds": time.perf_counter() - t, "peak_rss_mb": HWM()}))
 """
+
+
+def streamed(ckpt: Path, out: Path, *extra: str) -> dict:
+    """One streamed run of the checkpoint in a fresh process: time, peak RSS and what it judged."""
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), str(out), *extra], capture_output=True, text=True,
+                          cwd=ROOT)
+    if proc.returncode not in (0, 1):
+        raise SystemExit(f"the streamed run failed:\n{proc.stderr[-3000:]}")
+    run = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads((out / "report.json").read_text())
+    [tf] = [r for r in report["runs"] if r["status"] == "ran"]
+    worst = {d: max((layer[d]["max_abs"] for layer in tf["layers"] if layer[d]), default=0.0)
+             for d in ("forward", "backward")}
+    return {"layers": len(tf["layers"]), "param_grads": len(report["param_grads"]), "seconds": round(run["seconds"], 1),
+            "peak_rss_mb": round(run["peak_rss_mb"]), "verdict": report["verdict"], "worst_forward": worst["forward"],
+            "worst_backward": worst["backward"], "culprits": report["culprits"], "only": report["only"]}
 
 
 def main() -> None:
@@ -40,6 +59,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/align-bench-stream"))
     ap.add_argument("--shard-gb", type=float, default=2.0)
     ap.add_argument("--keep", action="store_true", help="keep (and reuse) the generated checkpoint")
+    ap.add_argument("--only-layer", type=int, default=12, help="the layer the --only run re-checks")
     args = ap.parse_args()
     ckpt, out = args.workdir / "gemma2-2b-fp32", args.workdir / "report"
     shapes = gemma2_full_shapes()
@@ -49,30 +69,24 @@ def main() -> None:
         t = time.perf_counter()
         gen = write_checkpoint(ckpt, shapes, "F32", args.shard_gb)
         print(f"generated {gen['bytes'] / 1e9:.2f} GB in {gen['shards']} shards in {time.perf_counter() - t:.0f} s")
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), str(out)], capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode not in (0, 1):
-        raise SystemExit(f"the streamed run failed:\n{proc.stderr[-3000:]}")
-    run = json.loads(proc.stdout.strip().splitlines()[-1])
-    report = json.loads((out / "report.json").read_text())
-    [tf] = [r for r in report["runs"] if r["status"] == "ran"]
-    worst = {d: max((layer[d]["max_abs"] for layer in tf["layers"] if layer[d]), default=0.0)
-             for d in ("forward", "backward")}
-    row = {
-        "model": "Gemma2-2B (google/gemma-2-2b config), random fp32 weights",
-        "checkpoint_gb": round(weights_gb, 2), "layers": len(tf["layers"]), "seconds": round(run["seconds"], 1),
-        "peak_rss_mb": round(run["peak_rss_mb"]), "both_models_weights_gb": round(2 * weights_gb, 1),
-        "both_models_with_grads_gb": round(4 * weights_gb, 1), "verdict": report["verdict"],
-        "worst_forward": worst["forward"], "worst_backward": worst["backward"],
-        "culprits": report["culprits"], "tokens": f"{report['env'].get('seeds')}",
-    }
+    row = {"model": "Gemma2-2B (google/gemma-2-2b config), random fp32 weights", "checkpoint_gb": round(weights_gb, 2),
+           "both_models_weights_gb": round(2 * weights_gb, 1), "both_models_with_grads_gb": round(4 * weights_gb, 1),
+           "whole": streamed(ckpt, out), "one_layer": streamed(ckpt, out, "--only", f"model.layers.{args.only_layer}",
+                                 "--only", f"model.layers.{args.only_layer}.*")}
+    row["one_layer"]["ratio_to_whole"] = round(row["one_layer"]["seconds"] / row["whole"]["seconds"], 2)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "stream.json").write_text(json.dumps(row, indent=1) + "\n")
-    table = "\n".join([
-        "| model | checkpoint | modules judged | wall time | peak RSS | both whole models: weights / with grads | verdict | worst fwd / bwd (teacher-forced) |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| {row['model']} | {row['checkpoint_gb']} GB fp32 | {row['layers']} | {row['seconds'] / 60:.1f} min | "
-        f"{row['peak_rss_mb'] / 1024:.1f} GB | {row['both_models_weights_gb']} GB / {row['both_models_with_grads_gb']} GB | "
-        f"{row['verdict']} | {row['worst_forward']:.2e} / {row['worst_backward']:.2e} |"])
+    lines = [("| model | checkpoint | run | modules judged | wall time | peak RSS | both whole models: weights / with "
+              "grads | verdict | worst fwd / bwd (teacher-forced) |"), "|---|---|---|---|---|---|---|---|---|"]
+    for what, r in (("whole model", row["whole"]),
+                    (f"one layer again (`--only model.layers.{args.only_layer} --only 'model.layers.{args.only_layer}.*'`)",
+                     row["one_layer"])):
+        time_s = f"{r['seconds'] / 60:.1f} min" + (f" ({r['ratio_to_whole']}x the whole)" if "ratio_to_whole" in r else "")
+        lines.append(f"| {row['model']} | {row['checkpoint_gb']} GB fp32 | {what} | {r['layers']} | {time_s} | "
+                     f"{r['peak_rss_mb'] / 1024:.1f} GB | {row['both_models_weights_gb']} GB / "
+                     f"{row['both_models_with_grads_gb']} GB | {r['verdict']} | "
+                     f"{r['worst_forward']:.2e} / {r['worst_backward']:.2e} |")
+    table = "\n".join(lines)
     print(table)
     update_readme("stream", table)
     if not args.keep:
