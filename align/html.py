@@ -250,7 +250,13 @@ def render_html(report: dict) -> str:
                      f"<td>{esc(w['transform'])}</td>", f"<td>{esc(w.get('rule', ''))}</td>",
                      f"<td>{'-' if w['exact'] is None else ('yes' if w['exact'] else 'NO')}</td>"])
                    for w in report["weights"]]
-    notes = [f"<li>{esc(w)}</li>" for w in report["warnings"]]
+    notes = []
+    if report.get("only"):
+        notes.append(f"<li><b>partial</b>: the report is limited to <code>--only {esc(' '.join(report['only']))}</code></li>")
+    if report.get("shell_judged") is False:
+        notes.append("<li><b>partial</b>: streamed, <code>--only</code> chose no module of the shell, which was not run: "
+                     "no model outputs, and only the chosen blocks' parameter gradients</li>")
+    notes += [f"<li>{esc(w)}</li>" for w in report["warnings"]]
     notes += [f"<li><b>{esc(f['kind'])}</b>: {esc(f['message'])}</li>" for f in report.get("findings", [])
               if f["kind"] != "observer_effect"]
     notes += [f"<li>unpaired {esc(u['side'])} module <code>{esc(u['name'])}</code>: {esc(u['reason'])}</li>"

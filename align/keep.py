@@ -16,8 +16,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,6 +49,12 @@ def matches(module: str, globs: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(module, g) for g in globs)
 
 
+def unmatched(globs: tuple[str, ...], modules: Iterable[str]) -> str | None:
+    """The first glob that matches none of `modules`, if any (a typo, not an empty selection)."""
+    modules = list(modules)
+    return next((g for g in globs if not any(matches(m, (g,)) for m in modules)), None)
+
+
 class TensorKeeper:
     """A Judge (see align.force) that keeps a copy of what it is shown for the modules
     matching `globs`, as KeptTensor; it judges nothing."""
@@ -65,6 +73,15 @@ class TensorKeeper:
 
     def clear(self) -> None:
         self.kept = []
+
+
+def keeping(judge: Any, globs: tuple[str, ...], dtype: str, mode: str) -> tuple[Any, TensorKeeper | None]:
+    """The judge to show one pass: with `globs`, `judge` teamed (Tee) with a TensorKeeper of
+    the pass's own, returned too (a pass made again forgets what it kept, and only that)."""
+    if not globs:
+        return judge, None
+    keeper = TensorKeeper(globs, dtype, mode)
+    return Tee(judge, keeper), keeper
 
 
 class Tee:
@@ -94,10 +111,14 @@ def write_kept(kept: tuple[KeptTensor, ...], globs: tuple[str, ...], out_dir: Pa
     tensors: dict[str, np.ndarray] = {}
     index = []
     for k in kept:
-        tensors[f"{k.key}|port"], tensors[f"{k.key}|reference"] = contiguous(k.port), contiguous(k.reference)
+        key, n = k.key, 1
+        while f"{key}|port" in tensors:  # not expected (labels are unique per owner), but never overwrite
+            n += 1
+            key = f"{k.key}#{n}"
+        tensors[f"{key}|port"], tensors[f"{key}|reference"] = contiguous(k.port), contiguous(k.reference)
         index.append({"dtype": k.dtype, "mode": k.mode, "owner": k.owner, "direction": k.direction,
                       "label": k.label, "shape": list(k.reference.shape),
-                      "port": f"{k.key}|port", "reference": f"{k.key}|reference"})
+                      "port": f"{key}|port", "reference": f"{key}|reference"})
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".kept."))
     try:

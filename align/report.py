@@ -198,6 +198,9 @@ def render_console(report: dict, console: Console, paths: tuple[Path, ...] = ())
     console.print(table)
     if report.get("only"):
         console.print(f"[yellow]partial[/]: the report is limited to --only {' '.join(report['only'])}")
+    if report.get("shell_judged") is False:
+        console.print("[yellow]partial[/]: streamed, --only chose no module of the shell, which was not run: "
+                      "no model outputs, and only the chosen blocks' parameter gradients")
     gate_path = report.get("path") == "gate"
     if gate_path:
         console.print("gate path: teacher-forced only; outputs and parameter gradients as the forced pass saw them")

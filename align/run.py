@@ -36,8 +36,8 @@ from align.compare import (
 from align.diagnose import (Finding, Observer, alongside, bare_run, dtype_table, environment_warnings,
                             judge_observed, observer_check, observer_copy)
 from align.force import force
+from align.keep import KeptTensor, keeping, matches, unmatched
 from align.metrics import compare_arrays, missing, within_noise
-from align.keep import KeptTensor, Tee, TensorKeeper, matches
 from align.pair import Unpaired, pair_calls
 from align.repro import Local, ReproCase
 from align.spec import ConfigError, ModelSpec
@@ -73,6 +73,9 @@ class Report:
     weights_from: str = "rules"  # or "pretrained": the port's own loader, checked against the rules
     only: tuple[str, ...] = ()  # the report limited to these module globs (a partial check)
     path: str = "full"  # or "gate": teacher forcing only, no free-running run and no observer runs
+    # False for a streamed --only run that chose no module outside the blocks: the shell was not
+    # run, so there are no model outputs and only the chosen blocks' parameter gradients.
+    shell_judged: bool = True
 
     @property
     def verdict(self) -> str:
@@ -82,8 +85,8 @@ class Report:
         gated = [r for r in ran if r.gated]
         ok = (
             all(r.passed for r in gated)
-            and bool(self.outputs) and all(o.passed for o in self.outputs)
-            and bool(self.param_grads) and all(p.passed for p in self.param_grads)
+            and (bool(self.outputs) or not self.shell_judged) and all(o.passed for o in self.outputs)
+            and (bool(self.param_grads) or not self.shell_judged) and all(p.passed for p in self.param_grads)
             and not any(not u.allowed for u in self.unpaired)
             and not any(f.fails for f in self.findings)
             and self.weights.all_exact
@@ -114,6 +117,7 @@ class Report:
             "weights_from": self.weights_from,
             "only": list(self.only),
             "path": self.path,
+            "shell_judged": self.shell_judged,
             "created": self.created,
             "command": self.command,
             "checkpoint": self.checkpoint,
@@ -346,9 +350,9 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
     from align.diagnose import environment, port_environment
     from align.paddle_side import PaddleSide
 
-    unmatched = [g for g in keep if not any(matches(c.module, (g,)) for c in ref.trace.calls.values())]
-    if unmatched:
-        raise ConfigError(spec.source, f"models.{spec.name}", f"--keep {unmatched[0]} matches no module of the reference")
+    bad = unmatched(keep, (c.module for c in ref.trace.calls.values()))
+    if bad is not None:
+        raise ConfigError(spec.source, f"models.{spec.name}", f"--keep {bad} matches no module of the reference")
     ps = PaddleSide()
     rules = W.load_rules(spec.weights_file)
     loader_findings = []
@@ -396,14 +400,6 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
     kept: list[KeptTensor] = []
     dtype_list = tuple(dtypes or spec.dtypes)
 
-    def keeping(judge: Collector, dtype: str, mode: str) -> tuple[Any, Callable[[], None]]:
-        """The judge to show a pass, and what to call once it is over: with --keep, the
-        Collector teamed with a TensorKeeper whose tensors then join `kept`."""
-        if not keep:
-            return judge, lambda: None
-        keeper = TensorKeeper(keep, dtype, mode)
-        return Tee(judge, keeper), lambda: kept.extend(keeper.kept)
-
     def fresh_inputs() -> dict[str, Any]:
         """The model's inputs as the port takes them, in tensors of their own."""
         return {**{k: ps.tensor(a, False) for k, a in _port_inputs(ref.inputs, spec).items()},
@@ -431,7 +427,7 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
         factor = noise.factor if noise else None
 
         tf = Collector(tolerances, ref.fp64.truth if noise else None, factor)
-        tf_judge, tf_kept = keeping(tf, dtype, TEACHER_FORCED)
+        tf_judge, tf_keeper = keeping(tf, keep, dtype, TEACHER_FORCED)
         forcing = partial(force, ps, port, port_inputs, ref_trace.calls, to_ref, tf_judge, ref_trace.param_grads,
                           lambda key, g: _as_reference({key: g}, wmap))
 
@@ -447,7 +443,7 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
                      "the port's run without hooks alongside")
             observed, forced = alongside(partial(bare_run, ps, copied, fresh_inputs(), _seed(ps, spec)), forcing)
             copied = None
-        tf_kept()
+        kept += tf_keeper.kept if tf_keeper else []
         if not forced.eager:
             warnings.append(FORCED_TWICE)
         pairing = pair_calls(ref_calls, port_modules, rules.rename_module, [(n, n.split("#")[0]) for n in forced.owner])
@@ -485,10 +481,10 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
                     call.input_grads = {}  # only forcing judges them: memory for the free-running run
             progress(f"{dtype}: running the port free, comparing as it goes")
             fr = Collector(tolerances, _fp64_free_truth(ref.fp64) if noise else None, factor)
-            fr_judge, fr_kept = keeping(fr, dtype, FREE_RUNNING)
+            fr_judge, fr_keeper = keeping(fr, keep, dtype, FREE_RUNNING)
             follower, port_param_grads = _follow(ps, port, port_inputs, ref_trace.calls, to_ref, fr_judge,
                                                  _seed(ps, spec))
-            fr_kept()
+            kept += fr_keeper.kept if fr_keeper else []
             fr_layers = tuple(_free_layers(reported, ref_trace, follower, fr, tolerances))
             runs.append(RunResult(dtype, FREE_RUNNING, spec.tolerance, policy, fr_layers,
                                   first_divergence(fr_layers, fwd_order, bwd_order),

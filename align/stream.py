@@ -266,8 +266,10 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
 
     `only`: report just the modules matching these globs. A block with none of them inside
     is not loaded on the port's side at all (the reference's still runs, to hand its
-    gradient on), so re-checking one layer of a large model costs one port block. The shell
-    is always forced: the model outputs and its parameter gradients are still judged.
+    gradient on, down to the lowest chosen block). The shell (embeddings, final norm, head,
+    loss) is forced only if a module of it is chosen: with a large vocabulary it costs more
+    than a block, and its embeddings' gradient needs the reference's backward through every
+    block. Without it the report has no model outputs and says so (Report.shell_judged).
     `keep`: module globs whose tensors are kept in full (Report.kept, see align.keep).
     """
     import torch
@@ -276,7 +278,7 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
     from align.checkpoint import Checkpoint
     from align.diagnose import Observer, environment, port_environment, reference_environment
     from align.paddle_side import PaddleSide
-    from align.keep import Tee, TensorKeeper, matches
+    from align.keep import keeping, unmatched
     from align.run import (FORCED_TWICE, Report, _as_reference, _call_kwargs_for, _forced_layers, _port_inputs, _seed,
                            selected)
     from align.torch_side import TorchSide
@@ -297,21 +299,17 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
     ref = build.reference_skeleton(spec, cfg)
     ref_modules = [n or ROOT for n, _ in ref.named_modules()]
     for flag, globs in (("--only", only), ("--keep", keep)):
-        bad = next((g for g in globs if not any(matches(m, (g,)) for m in ref_modules)), None)
+        bad = unmatched(globs, ref_modules)
         if bad is not None:
             raise ConfigError(spec.source, f"models.{spec.name}", f"{flag} {bad} matches no module of the reference")
     port = build.port_skeleton(spec, cfg.to_dict())
     port_modules = {ROOT} | {n for n, _ in port.named_sublayers()}
-    kept_by_pass: list[TensorKeeper] = []
+    keepers: list[Any] = []  # one per forced pass, with --keep
 
     def judging(collector: Collector) -> Any:
-        """The judge for one forced pass: with --keep, the collector teamed with a keeper of
-        its own (a pass made again forgets what that pass kept, and only that)."""
-        if not keep:
-            return collector
-        keeper = TensorKeeper(keep, "float32", TEACHER_FORCED)
-        kept_by_pass.append(keeper)
-        return Tee(collector, keeper)
+        judge, keeper = keeping(collector, keep, "float32", TEACHER_FORCED)
+        keepers.extend([keeper] if keeper else [])
+        return judge
 
     def to_reference(key: str, g: np.ndarray) -> dict[str, np.ndarray]:
         return _as_reference({key: g}, wmap)
@@ -336,8 +334,16 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
         graded: set[str] = set()  # every reference parameter that got a gradient, in a part judged
         judged_names: list[str] = []  # every reference call the port was forced on (param grads are theirs)
         twice = False  # some forced pass was made again with one backward (see force.eager_or_once)
+        shell_judged = not only or any(selected(c.module, only) for c in ref_calls.values()
+                                       if not recorder.is_block(c.module))
+        lowest = min((i for i, b in enumerate(recorder.seen)
+                      if not only or any(selected(m, only) for m in ref_modules if _under(m, b.name))),
+                     default=len(recorder.seen))
 
         for i, b in reversed(list(enumerate(recorder.seen))):
+            if i < lowest and not shell_judged:
+                progress(f"blocks 1-{i + 1}: nothing chosen by --only there or after, and no shell module: not run")
+                break
             progress(f"block {i + 1}/{len(recorder.seen)} ({b.name}): reference, then port on its inputs")
             grads = {p: leaf.grad for p, leaf in b.leaves if leaf.grad is not None}
             if not grads:
@@ -378,32 +384,34 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
             loader.free_port(b.name)
 
         shell_grads = {k: ts.record(p.grad).data for k, p in ref.named_parameters()
-                       if not _under(k, blocks) and p.grad is not None}
+                       if shell_judged and not _under(k, blocks) and p.grad is not None}
         graded.update(shell_grads)
         loader.free_ref("", exclude=blocks)
         del ref, recorder, calls
-
-        progress("port: the shell, forced, each block answered from the reference's record")
-        loader.load_port("", exclude=blocks)
-        block_records = {n: c for n, c in ref_calls.items() if fnmatch.fnmatchcase(n, f"{blocks}.*")
-                         and "." not in n[len(blocks) + 1:]}
-        pairing = pair_calls([(n, c.module) for n, c in ref_calls.items()], port_modules, rules.rename_module)
-        shell_pairs = [p for p in pairing.pairs if p.ref not in block_records]
         shell = Collector(tolerances)
+        if shell_judged:
+            progress("port: the shell, forced, each block answered from the reference's record")
+            loader.load_port("", exclude=blocks)
+            block_records = {n: c for n, c in ref_calls.items() if fnmatch.fnmatchcase(n, f"{blocks}.*")
+                             and "." not in n[len(blocks) + 1:]}
+            pairing = pair_calls([(n, c.module) for n, c in ref_calls.items()], port_modules, rules.rename_module)
+            shell_pairs = [p for p in pairing.pairs if p.ref not in block_records]
 
-        def run() -> None:
-            with _answered(ps, port, {rename(n): c for n, c in block_records.items()}):
-                port(**{k: ps.tensor(a, False) for k, a in _port_inputs(inputs, spec).items()},
-                     **_call_kwargs_for(spec, ROOT))
+            def run() -> None:
+                with _answered(ps, port, {rename(n): c for n, c in block_records.items()}):
+                    port(**{k: ps.tensor(a, False) for k, a in _port_inputs(inputs, spec).items()},
+                         **_call_kwargs_for(spec, ROOT))
 
-        forcer = force_call(ps, port, run, ref_calls, {p.port: p.ref for p in pairing.pairs}, judging(shell),
-                            shell_grads, to_reference)
-        twice = twice or not forcer.eager
-        judged_names += [p.ref for p in shell_pairs]
-        layers += _forced_layers([p for p in shell_pairs if selected(p.ref_module, only)], ref_calls, forcer, shell,
-                                 tolerances)
-        unpaired += [u for u in pairing.unpaired if not _under(u.name.split("#")[0], blocks)]
-        loader.free_port("", exclude=blocks)
+            forcer = force_call(ps, port, run, ref_calls, {p.port: p.ref for p in pairing.pairs}, judging(shell),
+                                shell_grads, to_reference)
+            twice = twice or not forcer.eager
+            judged_names += [p.ref for p in shell_pairs]
+            layers += _forced_layers([p for p in shell_pairs if selected(p.ref_module, only)], ref_calls, forcer,
+                                     shell, tolerances)
+            unpaired += [u for u in pairing.unpaired if not _under(u.name.split("#")[0], blocks)]
+            loader.free_port("", exclude=blocks)
+        else:
+            progress("port: the shell not run (--only chose no module of it)")
 
     layers = sorted(layers, key=lambda layer: order[layer.name][0])
     fwd_order = sorted(order, key=lambda n: order[n][1])
@@ -426,6 +434,6 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
         env=env, command=command or f"align run {spec.name} --stream-layers", path="stream",
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), checkpoint=str(checkpoint),
         observer=(Observer("torch", True, True, (), checked=False), Observer("paddle", True, True, (), checked=False)),
-        warnings=(FORCED_TWICE,) if twice else (), only=tuple(only),
-        kept=tuple(k for keeper in kept_by_pass for k in keeper.kept),
+        warnings=(FORCED_TWICE,) if twice else (), only=tuple(only), shell_judged=shell_judged,
+        kept=tuple(k for keeper in keepers for k in keeper.kept),
     )

@@ -42,13 +42,23 @@ def test_without_a_pad_token_paddleformers_matches_transformers(model, weights_f
 
 def test_llama_zeroes_the_pad_embedding(tmp_path):
     """PaddleFormers' Llama hands padding_idx to paddle's Embedding, which returns zeros for the
-    pad row; transformers returns the stored row (and only withholds its gradient)."""
-    code, report = run("pf-llama", tmp=tmp_path)
+    pad row; transformers returns the stored row (and only withholds its gradient). The
+    embedding's tensors, kept by `align check` in the other environment, show it."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    code, report = run("pf-llama", "--keep", "model.embed_tokens", tmp=tmp_path)
     assert code == 1
     assert report["culprits"]["forward"] == ["model.embed_tokens"] and report["culprits"]["backward"] == []
     embed = next(layer for layer in report["runs"][0]["layers"] if layer["name"] == "model.embed_tokens")
     assert embed["forward"]["mismatched"] == 3 * 64  # exactly the 3 left-pad positions, all 64 channels
     assert embed["forward"]["max_rel"] == 1.0  # zeros where the reference has the stored row
+    index = json.loads((tmp_path / "pf-llama" / "kept" / "index.json").read_text())
+    tensors = load_file(str(tmp_path / "pf-llama" / "kept" / "tensors.safetensors"))
+    [out] = [t for t in index["tensors"] if t["mode"] == "teacher_forced" and t["label"] == "output out"]
+    port, ref = tensors[out["port"]], tensors[out["reference"]]
+    differs = np.argwhere(np.any(port != ref, axis=-1))  # (batch, position) pairs
+    assert len(differs) == 3 and not port[tuple(differs.T)].any() and ref[tuple(differs.T)].all()
 
 
 @pytest.mark.parametrize("model", ["pf-qwen2", "pf-phi3"])

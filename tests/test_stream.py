@@ -123,46 +123,72 @@ def test_a_block_forced_again_still_catches_and_localizes(bug, checkpoint, monke
     assert detected and localized, report["culprits"]
 
 
-def _count_port_loads(monkeypatch) -> list[str]:
+def ref_param_names() -> set[str]:
+    from align import build
+    from align.spec import load_registry
+
+    spec = load_registry(REGISTRY).get("gemma2")
+    return {k for k, _ in build.build_reference(spec, build.reference_config(spec, "tiny")).named_parameters()}
+
+
+def _count_loads(monkeypatch) -> tuple[list[str], list[str]]:
+    """The module subtrees loaded into the port's and the reference's skeletons, in order."""
     from align.stream import Loader
 
-    loaded, load = [], Loader.load_port
+    loads: tuple[list[str], list[str]] = ([], [])
+    for side, name in enumerate(("load_port", "load_ref")):
+        def counted(self, prefix, exclude=None, load=getattr(Loader, name), seen=loads[side]):
+            seen.append(prefix)
+            return load(self, prefix, exclude)
 
-    def counted(self, prefix, exclude=None):
-        loaded.append(prefix)
-        return load(self, prefix, exclude)
-
-    monkeypatch.setattr(Loader, "load_port", counted)
-    return loaded
+        monkeypatch.setattr(Loader, name, counted)
+    return loads
 
 
-def test_streamed_only_loads_just_the_blocks_asked_for(checkpoint, monkeypatch, run_cli):
-    """--only on the streamed path: a bug in every attention is caught, and localized, in the
-    one layer asked for; the port's other blocks are never loaded; the shell is still forced,
-    so the model outputs and the shell's parameter gradients are judged; the other blocks'
-    parameter gradients are not reported at all (not as missing)."""
+def test_streamed_only_runs_just_what_it_must(checkpoint, monkeypatch, run_cli):
+    """--only on the streamed path, with a bug in every attention. Choosing one attention: the
+    bug is caught and localized there; the port loads that block and nothing else; the
+    reference runs its first pass, then its blocks back down to the chosen one only; the
+    shell is not run, so there are no model outputs and the report says so. Choosing a module
+    of the shell too: the shell runs, its outputs and parameter gradients are judged, and
+    the reference goes back through every block (the embeddings' gradient needs them). The
+    parameter gradients judged are those of what was forced: the chosen block's, the shell's."""
     BUGS["wrong_attention_scale"][0](monkeypatch)
-    loaded = _count_port_loads(monkeypatch)
+    port_loads, ref_loads = _count_loads(monkeypatch)
     code, report, err = run_cli("run", "gemma2", "--checkpoint", str(checkpoint), "--stream-layers",
                                 "--only", "model.layers.2.self_attn*")
-    assert code == 1 and report["only"] == ["model.layers.2.self_attn*"]
+    assert code == 1 and report["only"] == ["model.layers.2.self_attn*"] and report["shell_judged"] is False
     # Its rerun hint is the streamed command narrowed to the culprit (no --dtype: fp32 only).
     assert (f"Rerun: align --registry {REGISTRY} run gemma2 --checkpoint {checkpoint} --stream-layers "
             "--only model.layers.2.self_attn\n") in err
-    assert loaded == ["model.layers.2", ""]  # one block, then the shell
+    assert "the shell, which was not run" in err
+    assert port_loads == ["model.layers.2"]
+    blocks = [f"model.layers.{i}" for i in range(4)]
+    assert ref_loads == ["", *blocks, "model.layers.3", "model.layers.2"]  # first pass, then back to the chosen
     layers = _by_layer(report)
     assert layers and all(n.startswith("model.layers.2.self_attn") for n in layers)
     assert report["culprits"]["forward"] == ["model.layers.2.self_attn"]
-    assert {o["name"] for o in report["outputs"]} >= {"logits"}
-    grads = {p["name"]: p for p in report["param_grads"]}
-    assert "model.embed_tokens.weight" in grads and "model.layers.2.self_attn.q_proj.weight" in grads
-    assert not any(n.startswith(("model.layers.0.", "model.layers.1.", "model.layers.3.")) for n in grads)
-    assert all(p["numel"] for p in grads.values())  # none of them "got no gradient"
+    assert report["outputs"] == []
+    grads = {p["name"] for p in report["param_grads"]}  # the whole chosen block was forced: all of its own
+    assert grads == {k for k in ref_param_names() if k.startswith("model.layers.2.")}
+    assert all(p["numel"] for p in report["param_grads"])  # none of them "got no gradient"
 
-    loaded.clear()  # the same bug, a module it does not touch: teacher-forced, that module is right
+    port_loads.clear()
+    ref_loads.clear()
+    code, report, _ = run_cli("run", "gemma2", "--checkpoint", str(checkpoint), "--stream-layers",
+                              "--only", "model.layers.2.self_attn*", "--only", "model.norm")
+    assert code == 1 and report["shell_judged"] is True
+    assert port_loads == ["model.layers.2", ""] and ref_loads == ["", *blocks, *blocks[::-1]]
+    assert set(_by_layer(report)) - {"model.norm"} == set(layers)
+    assert {o["name"] for o in report["outputs"]} >= {"logits"}
+    grads = {p["name"] for p in report["param_grads"]}
+    assert "model.embed_tokens.weight" in grads and "model.norm.weight" in grads
+    assert not any(n.startswith(("model.layers.0.", "model.layers.1.", "model.layers.3.")) for n in grads)
+
+    # The same bug, a module it does not touch: teacher-forced, that module is right.
     code, report, _ = run_cli("run", "gemma2", "--checkpoint", str(checkpoint), "--stream-layers",
                               "--only", "model.layers.3.mlp*")
-    assert code == 0 and report["verdict"] == "pass" and loaded == ["model.layers.3", ""]
+    assert code == 0 and report["verdict"] == "pass" and report["shell_judged"] is False
     assert set(_by_layer(report)) == {"model.layers.3.mlp", "model.layers.3.mlp.gate_proj", "model.layers.3.mlp.up_proj",
                                       "model.layers.3.mlp.down_proj", "model.layers.3.mlp.act_fn"}
 
