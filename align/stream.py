@@ -342,7 +342,7 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
 
         for i, b in reversed(list(enumerate(recorder.seen))):
             if i < lowest and not shell_judged:
-                progress(f"blocks 1-{i + 1}: nothing chosen by --only there or after, and no shell module: not run")
+                progress(f"blocks 1-{i + 1}: --only chose nothing in them nor in the shell: not run")
                 break
             progress(f"block {i + 1}/{len(recorder.seen)} ({b.name}): reference, then port on its inputs")
             grads = {p: leaf.grad for p, leaf in b.leaves if leaf.grad is not None}

@@ -80,7 +80,7 @@ def test_kept_tensors_are_exactly_what_was_judged(kept_run):
     assert {t["mode"] for t in index["tensors"]} == {"teacher_forced", "free_running"}
 
 
-def test_console_and_page_name_the_kept_tensors(kept_run):
+def test_the_page_names_the_kept_tensors(kept_run):
     html = (kept_run / "report.html").read_text()
     assert "kept/tensors.safetensors" in html and "--keep model.layers.1.self_attn model.layers.1.mlp" in html
 

@@ -123,7 +123,7 @@ def test_a_block_forced_again_still_catches_and_localizes(bug, checkpoint, monke
     assert detected and localized, report["culprits"]
 
 
-def ref_param_names() -> set[str]:
+def _ref_param_names() -> set[str]:
     from align import build
     from align.spec import load_registry
 
@@ -170,7 +170,7 @@ def test_streamed_only_runs_just_what_it_must(checkpoint, monkeypatch, run_cli):
     assert report["culprits"]["forward"] == ["model.layers.2.self_attn"]
     assert report["outputs"] == []
     grads = {p["name"] for p in report["param_grads"]}  # the whole chosen block was forced: all of its own
-    assert grads == {k for k in ref_param_names() if k.startswith("model.layers.2.")}
+    assert grads == {k for k in _ref_param_names() if k.startswith("model.layers.2.")}
     assert all(p["numel"] for p in report["param_grads"])  # none of them "got no gradient"
 
     port_loads.clear()
