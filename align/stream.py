@@ -106,7 +106,7 @@ class Loader:
         for e in entries:
             for target, arr in W.build_targets(e, self.ckpt.get).items():
                 self.port_state[target].set_value(arr)
-        checked = W.verify(W.WeightMap(tuple(entries)), _Source(self.ckpt), lambda k: self.port_state[k].numpy())
+        checked = W.verify(W.WeightMap(tuple(entries)), _Source(self.ckpt), lambda k: _read_back(self.port_state[k]))
         self.checked.update({e.target: e for e in checked.entries})
         for e in entries:
             for k in e.sources:
@@ -120,6 +120,16 @@ class Loader:
     def weight_map(self) -> W.WeightMap:
         return W.WeightMap(tuple(self.checked.get(e.target, e) for e in self.wmap.entries),
                            self.wmap.unmapped, self.wmap.unwritten)
+
+
+def _read_back(t: Any) -> np.ndarray:
+    """A loaded port tensor as numpy, to check its bytes: a view where DLPack gives one (a
+    full-size shell's 2.4 GB embedding was copied to be checked, twice with the tied head),
+    else Paddle's own copy (bf16 comes back as its uint16 words, as the checkpoint holds them)."""
+    try:
+        return np.from_dlpack(t.detach())
+    except (BufferError, RuntimeError, TypeError, ValueError):
+        return t.numpy()
 
 
 class _Source(Mapping):
