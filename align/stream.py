@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import gc
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -364,6 +365,10 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
             with hooked(ts, module, Recorder(ts, keep_inputs=True), prefix=b.name) as inner:
                 outs = dict(flatten(module(*b.args, **b.kwargs), ts))
                 torch.autograd.backward([outs[p] for p in grads], list(grads.values()))
+            # Their graph outlives its backward, and its gradient-accumulating nodes hold the
+            # parameters they fed: this block's, and (from the first block, whose input is the
+            # embedding's output) the 2.4 GB embedding. Kept, they outlived free_ref.
+            del outs, grads
             block_calls = dict(inner)
             ref_calls[b.name] = block_calls[b.name]
             wanted = not only or any(selected(c.module, only) for c in block_calls.values())
@@ -398,6 +403,10 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
         graded.update(shell_grads)
         loader.free_ref("", exclude=blocks)
         del ref, recorder, calls
+        # What is left of the reference's graphs sits in reference cycles (hooks and the
+        # records they fill) and still holds its shell's weights: 4.8 GB at full size,
+        # otherwise freed by the collector only midway through the port's shell.
+        gc.collect()
         shell = Collector(tolerances)
         if shell_judged:
             progress("port: the shell, forced, each block answered from the reference's record")
