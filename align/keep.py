@@ -13,9 +13,6 @@ Memory grows with what the globs select, and only with that.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +105,8 @@ def write_kept(kept: tuple[KeptTensor, ...], globs: tuple[str, ...], out_dir: Pa
     at all. Each pair is stored as `<key>|port` and `<key>|reference` (see KeptTensor.key)."""
     from safetensors.numpy import save_file
 
+    from align.report import write_folder
+
     tensors: dict[str, np.ndarray] = {}
     index = []
     for k in kept:
@@ -119,16 +118,9 @@ def write_kept(kept: tuple[KeptTensor, ...], globs: tuple[str, ...], out_dir: Pa
         index.append({"dtype": k.dtype, "mode": k.mode, "owner": k.owner, "direction": k.direction,
                       "label": k.label, "shape": list(k.reference.shape),
                       "port": f"{key}|port", "reference": f"{key}|reference"})
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".kept."))
-    try:
+
+    def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / "tensors.safetensors"))
         (tmp / "index.json").write_text(json.dumps({"globs": list(globs), "tensors": index}, indent=1) + "\n")
-        os.chmod(tmp, 0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return write_folder(out_dir, fill)

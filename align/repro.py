@@ -10,9 +10,6 @@ the diff. repro.py needs paddle, numpy and safetensors, and neither torch nor al
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,22 +105,16 @@ class ReproCase:
         """Write the repro folder (whole or not at all) and return its path."""
         from safetensors.numpy import save_file
 
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".repro."))
-        try:
+        from align.report import write_folder
+
+        def fill(tmp: Path) -> None:
             save_file(self.tensors, str(tmp / "tensors.safetensors"))
             save_file(self.ref_weights, str(tmp / "weights_ref.safetensors"))
             save_file(self.port_weights, str(tmp / "weights_port.safetensors"))
             (tmp / "manifest.json").write_text(json.dumps(self.manifest, indent=1) + "\n")
             (tmp / "repro.py").write_text(SCRIPT)
-            os.chmod(tmp, 0o755)
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            os.replace(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return out_dir
+
+        return write_folder(out_dir, fill)
 
 
 SCRIPT = '''"""Standalone reproduction written by align: one Paddle module against the reference's tensors.
