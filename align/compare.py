@@ -13,7 +13,7 @@ import numpy as np
 
 from align.capture import ROOT
 from align.metrics import Metrics, combine, compare_arrays, missing, scratch, sum_squares, within_noise
-from align.spec import Override, Tolerance
+from align.spec import Override, Tolerance, unmatched
 
 FORWARD, BACKWARD = "forward", "backward"
 TEACHER_FORCED, FREE_RUNNING = "teacher_forced", "free_running"
@@ -197,8 +197,9 @@ class Tolerances:
                 tol = o.tolerance
         return tol
 
-    def unmatched(self, names: list[str]) -> list[str]:
-        return [o.glob for o in self.overrides if not any(fnmatch.fnmatchcase(n, o.glob) for n in names)]
+    def unmatched(self, names: list[str]) -> str | None:
+        """The first override glob that matches none of `names`."""
+        return unmatched(tuple(o.glob for o in self.overrides), names)
 
 
 def first_divergence(layers: tuple[LayerResult, ...], forward_order: list[str], backward_order: list[str]) -> Divergence:

@@ -13,7 +13,6 @@ Memory grows with what the globs select, and only with that.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from align.safetensors_io import contiguous
+from align.spec import matches
 
 
 @dataclass(frozen=True)
@@ -38,18 +38,6 @@ class KeptTensor:
     @property
     def key(self) -> str:
         return f"{self.dtype}|{self.mode}|{self.owner}|{self.label}"
-
-
-def matches(module: str, globs: tuple[str, ...]) -> bool:
-    import fnmatch
-
-    return any(fnmatch.fnmatchcase(module, g) for g in globs)
-
-
-def unmatched(globs: tuple[str, ...], modules: Iterable[str]) -> str | None:
-    """The first glob that matches none of `modules`, if any (a typo, not an empty selection)."""
-    modules = list(modules)
-    return next((g for g in globs if not any(matches(m, (g,)) for m in modules)), None)
 
 
 class TensorKeeper:

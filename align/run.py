@@ -36,11 +36,11 @@ from align.compare import (
 from align.diagnose import (Finding, Observer, alongside, bare_run, dtype_table, environment_warnings,
                             judge_observed, observer_check, observer_copy)
 from align.force import force
-from align.keep import KeptTensor, keeping, matches, unmatched
+from align.keep import KeptTensor, keeping
 from align.metrics import compare_arrays, missing, within_noise
 from align.pair import Unpaired, pair_calls
 from align.repro import Local, ReproCase
-from align.spec import ConfigError, ModelSpec
+from align.spec import ConfigError, ModelSpec, matches, unmatched
 
 SCHEMA_VERSION = 1
 FORCED_TWICE = ("the forced pass ran twice: a port value reaches another module's code by a way no module "
@@ -264,8 +264,9 @@ def run_reference(spec: ModelSpec, config: str | None = None, checkpoint: Path |
     trace = run_and_record(ts, ref, ref_inputs, _seed(ts, spec), keep_inputs=True)
     observer = (observer_check(ts, ref, ref_inputs, _seed(ts, spec), trace) if observe
                 else Observer("torch", True, True, (), checked=False))
-    if only and not any(selected(c.module, only) for c in trace.calls.values()):
-        raise ConfigError(spec.source, f"models.{spec.name}", f"--only {' '.join(only)} matches no module of the reference")
+    bad = unmatched(only, (c.module for c in trace.calls.values()))
+    if bad is not None:
+        raise ConfigError(spec.source, f"models.{spec.name}", f"--only {bad} matches no module of the reference")
     fp64 = _fp64_run(spec, ts, ref, inputs, trace, progress) if spec.noise_floor else None
     if sink is not None:
         for name, call in trace.calls.items():
@@ -419,10 +420,10 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
         ref_calls = [(n, c.module) for n, c in ref_trace.calls.items()]
         pairing = pair_calls(ref_calls, port_modules, rules.rename_module)
         names = [p.ref for p in pairing.pairs] + list(ref_trace.param_grads)
-        bad_globs = tolerances.unmatched(names)
-        if bad_globs:
+        bad_glob = tolerances.unmatched(names)
+        if bad_glob is not None:
             raise ConfigError(spec.source, f"models.{spec.name}.tolerance.overrides",
-                              f"glob {bad_globs[0]!r} matches no module or parameter")
+                              f"glob {bad_glob!r} matches no module or parameter")
         to_ref = {p.port: p.ref for p in pairing.pairs}
         factor = noise.factor if noise else None
 

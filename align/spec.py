@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -410,6 +411,21 @@ def _model(file: Path, name: str, t: _Table, defaults: dict[str, Any]) -> ModelS
         sub.done()
     t.done()
     return spec
+
+
+def matches(name: str, globs: tuple[str, ...]) -> bool:
+    """Whether a module or parameter name matches any of the globs (fnmatch, case-sensitive)."""
+    import fnmatch
+
+    return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+def unmatched(globs: tuple[str, ...], names: Iterable[str]) -> str | None:
+    """The first glob that matches none of `names`, if any. Every glob a user gives (--only,
+    --keep, a tolerance override) must match something: one that matches nothing is a typo,
+    and left silent it would narrow or loosen nothing while seeming to."""
+    names = list(names)
+    return next((g for g in globs if not any(matches(n, (g,)) for n in names)), None)
 
 
 def load_registry(path: Path | str) -> Registry:

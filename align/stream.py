@@ -43,7 +43,7 @@ from align.compare import BACKWARD, FORWARD, TEACHER_FORCED, Collector, RunResul
 from align.force import Forcer, ToReference, force_call
 from align.metrics import missing
 from align.pair import Unpaired, pair_calls
-from align.spec import ConfigError, ModelSpec
+from align.spec import ConfigError, ModelSpec, unmatched
 
 Progress = Callable[[str], None]
 
@@ -289,7 +289,7 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
     from align.checkpoint import Checkpoint
     from align.diagnose import Observer, environment, port_environment, reference_environment
     from align.paddle_side import PaddleSide
-    from align.keep import keeping, unmatched
+    from align.keep import keeping
     from align.run import (FORCED_TWICE, Report, _as_reference, _call_kwargs_for, _forced_layers, _port_inputs, _seed,
                            selected)
     from align.torch_side import TorchSide

@@ -341,6 +341,13 @@ def test_only_that_matches_nothing_is_an_error(run_cli):
     assert err.strip().endswith("--only model.layrs.* matches no module of the reference")
 
 
+def test_each_only_glob_must_match(run_cli):
+    # One typo among good globs would otherwise narrow the report silently to the others.
+    code, report, err = run_cli("run", "gemma2", "--fast", "--only", "model.norm", "--only", "model.nrom")
+    assert code == 2 and report is None and "Traceback" not in err
+    assert err.strip().endswith("--only model.nrom matches no module of the reference")
+
+
 @pytest.mark.skipif(not hasattr(os, "confstr") or "CS_GNU_LIBC_VERSION" not in os.confstr_names,
                     reason="platform.platform() is matched only where glibc reports its version")
 def test_the_platform_recorded_is_what_platform_reports():
