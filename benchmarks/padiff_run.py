@@ -53,6 +53,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -257,12 +258,18 @@ def run_child(config: str, mode: str, raw: bool, bug: bool, tolerance: dict) -> 
     out = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT, env=env)
     lines = out.stdout.strip().splitlines()
     try:
-        return json.loads(lines[-1])
+        record = json.loads(lines[-1])
     except (IndexError, json.JSONDecodeError):
         # The process itself died (not an exception auto_diff raised, which the child records).
         return {"config": CONFIGS[config][0], "mode": mode, "raw": raw, "padiff_verdict": "crash",
                 "padiff_message": f"process exited {out.returncode}: {out.stderr[-2000:]}", "notes": [],
                 "padiff_log": str(scratch / "padiff.log")}
+    if record.get("padiff_verdict") == "crash":
+        return record  # its log, left in the scratch directory, is the evidence
+    # What PaDiff said and its diff reports are in the record: the scratch directory goes.
+    record.pop("padiff_log", None)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return record
 
 
 def summarize(runs: list[dict]) -> dict:
