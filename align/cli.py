@@ -7,6 +7,7 @@ error. A user mistake gets one line on stderr naming the file and key, never a t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import shutil
 import sys
@@ -91,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--weights-from", choices=["rules", "pretrained"], default="rules")
     check.add_argument("--fast", action="store_true", help="the gate path (see `align run --fast`)")
     check.add_argument("--keep", action="append", default=[], metavar="GLOB", help="see `align run --keep`")
+    check.add_argument("--only", action="append", default=[], metavar="GLOB", help="see `align run --only`")
 
     gate = sub.add_parser("gate", help="align every model marked ci = true; exit 1 if any is not aligned")
     gate.add_argument("--junit", type=Path, help="also write JUnit XML here (one test case per model, dtype and mode)")
@@ -350,12 +352,18 @@ def _trace(args: argparse.Namespace, console: Console) -> ExitCode:
 
 def _check(args: argparse.Namespace, argv: list[str], console: Console) -> ExitCode:
     from align.run import fingerprint
+    from align.spec import unmatched
     from align.trace_io import check_matches, read_trace
 
     registry = _registry(args)
     spec = registry.get(args.model)
     run = read_trace(args.trace)
     check_matches(run, spec, fingerprint(spec, run.config_name), run.config_name)
+    if args.only:  # narrows the report, as `align run --only` does; the trace holds every module
+        bad = unmatched(tuple(args.only), (c.module for c in run.trace.calls.values()))
+        if bad is not None:
+            raise ConfigError(spec.source, f"models.{spec.name}", f"--only {bad} matches no module of the reference")
+        run = dataclasses.replace(run, only=tuple(args.only))
     dtypes = tuple(dict.fromkeys(DTYPE_ALIASES[d] for d in args.dtype)) if args.dtype else None
     out = args.out or registry.source.parent / "reports" / spec.name
     command = args.as_command or "align " + " ".join(shlex.quote(a) for a in argv)

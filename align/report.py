@@ -117,23 +117,26 @@ def write_index(reports_root: Path) -> Path:
     return out
 
 
-# Options of `align run` that choose what is aligned (kept in a rerun), and those that do not.
-_RERUN_KEEPS = {"--registry", "--config", "--checkpoint", "--weights-from"}
+# Options of `align run` and `align check` that choose what is aligned (kept in a rerun), and
+# those that do not.
+_RERUN_KEEPS = {"--registry", "--config", "--checkpoint", "--weights-from", "--trace"}
 _RERUN_DROPS = {"--only", "--dtype", "--port", "--keep", "--out"}
 
 
 def rerun_command(report: dict, dtype: str, module: str, variant: str | None) -> str:
-    """The command that reruns just `module`: the report's own `align run` command (its
-    registry, config, checkpoint, loader and streaming kept) narrowed to it, or
-    `align run MODEL ...` when the report came from another command (the gate, a check)."""
+    """The command that reruns just `module`: the report's own `align run` or `align check`
+    command (its registry, config, checkpoint, trace, loader and streaming kept) narrowed to
+    it, or `align run MODEL ...` when the report came from another command (the gate)."""
     import shlex
 
     try:
         words = shlex.split(report.get("command") or "")
     except ValueError:
         words = []
-    if words[:1] != ["align"] or "run" not in words:
+    if words[:1] != ["align"] or not {"run", "check"} & set(words):
         words = ["align", "run", report["model"]]
+    if "run" not in words:
+        variant = None  # `align check` aligns the port the registry names: it has no --port
     kept, skip = [], False
     for w in words:
         name = w.split("=", 1)[0]

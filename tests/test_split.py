@@ -149,3 +149,23 @@ def test_a_released_reference_gives_the_same_report(monkeypatch, broken):
     for report in (kept, released):
         report.pop("created")
     assert released == kept and released["verdict"] == ("fail" if broken else "pass")
+
+
+def test_check_only_narrows_the_report_and_its_rerun_hint(trace, monkeypatch, run_cli):
+    attention_without_softcap(monkeypatch)
+    code, report, err = run_cli("check", "gemma2", "--trace", str(trace), "--dtype", "fp32",
+                                "--only", "model.layers.1.self_attn*")
+    tf = next(r for r in report["runs"] if r["mode"] == "teacher_forced")
+    assert code == 1 and report["only"] == ["model.layers.1.self_attn*"]
+    assert {layer["name"] for layer in tf["layers"]} == {
+        "model.layers.1.self_attn", *(f"model.layers.1.self_attn.{p}_proj" for p in "qkvo")}
+    assert tf["culprits"]["forward"] == ["model.layers.1.self_attn"]
+    # The hint reruns the same check, narrowed: not an `align run` of something else.
+    assert (f"Rerun: align --registry {REGISTRY} check gemma2 --trace {trace} --dtype float32 "
+            "--only model.layers.1.self_attn") in " ".join(err.split())
+
+
+def test_check_only_that_matches_nothing_is_an_error(trace, run_cli):
+    code, report, err = run_cli("check", "gemma2", "--trace", str(trace), "--only", "model.layers.1.self_atn*")
+    assert code == 2 and report is None and "Traceback" not in err
+    assert err.strip().endswith("--only model.layers.1.self_atn* matches no module of the reference")
