@@ -250,6 +250,13 @@ def render_html(report: dict) -> str:
                      f"<td>{esc(w['transform'])}</td>", f"<td>{esc(w.get('rule', ''))}</td>",
                      f"<td>{'-' if w['exact'] is None else ('yes' if w['exact'] else 'NO')}</td>"])
                    for w in report["weights"]]
+    seen_by = {"gate": "as the forced pass saw them", "stream": "as the forced passes saw them"}.get(
+        report.get("path"), "free-running")
+    loaded = [w["exact"] for w in report["weights"] if w["exact"] is not None]
+    weights_said = (f"{sum(loaded)} of {len(loaded)} loaded port tensors bit-exact with their source. "
+                    f"'-': {len(report['weights']) - len(loaded)} not loaded in this run (tied to another tensor, "
+                    "ignored by the rules" + (", or in a block --only did not choose" if report.get("path") == "stream"
+                                              and report.get("only") else "") + ").")
     notes = []
     if report.get("only"):
         notes.append(f"<li><b>partial</b>: the report is limited to <code>--only {esc(' '.join(report['only']))}</code></li>")
@@ -294,9 +301,10 @@ torch {esc(str(env.get('torch')))} · paddle {esc(str(env.get('paddle')))} · tr
 parameter gradient pass, every module is paired, no finding fails and every weight loaded bit-exact.</p>
 {repro}{messages}
 {''.join(sections)}
-<h2 id="outputs">Model outputs and parameter gradients (free-running)</h2>
+<h2 id="outputs">Model outputs and parameter gradients ({esc(seen_by)})</h2>
 {_table(['kind', 'name', 'max abs', 'max rel', 'cosine', 'headroom atol', ''], tensor_rows)}
 <h2 id="weights">Weight map</h2>
+<p>{esc(weights_said)}</p>
 {_table(['source (reference)', 'target (port)', 'source shape', 'target shape', 'transform', 'rule', 'bit-exact'], weight_rows)}
 <h2 id="environment">Environment, warnings and findings</h2>
 <ul id="warnings">{''.join(notes) or '<li>none</li>'}</ul>

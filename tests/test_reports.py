@@ -54,6 +54,9 @@ def test_page_shows_what_a_reviewer_needs(passing):
     assert page.count('class="series"') == 4  # fwd/bwd x teacher-forced/free-running
     assert 'class="tolerance"' in page
     assert "Weight map" in page and "model.layers.0.self_attn.q_proj.weight" in page
+    loaded = [w for w in report["weights"] if w["exact"] is not None]
+    assert f"{len(loaded)} of {len(loaded)} loaded port tensors bit-exact" in page and len(loaded) > 40
+    assert "Model outputs and parameter gradients (free-running)" in page
     assert "bfloat16 was NOT run" in page and "Observer check" in page
     assert len(page.encode()) < 2 * 1024 * 1024
     assert report["schema_version"] == 1
@@ -133,6 +136,9 @@ def test_gate_passes_and_writes_junit(tmp_path, capsys):
     assert code == 0
     assert ET.parse(junit).getroot().get("failures") == "0"
     assert (tmp_path / "gemma2" / "report.html").is_file() and (tmp_path / "index.html").is_file()
+    # The gate path runs no free-running pass: the page must not say its numbers come from one.
+    page = (tmp_path / "gemma2" / "report.html").read_text()
+    assert "Model outputs and parameter gradients (as the forced pass saw them)" in page
 
 
 def test_gate_fails_when_a_model_fails(tmp_path, monkeypatch):

@@ -145,7 +145,7 @@ def _count_loads(monkeypatch) -> tuple[list[str], list[str]]:
     return loads
 
 
-def test_streamed_only_runs_just_what_it_must(checkpoint, monkeypatch, run_cli):
+def test_streamed_only_runs_just_what_it_must(checkpoint, monkeypatch, run_cli, tmp_path):
     """--only on the streamed path, with a bug in every attention. Choosing one attention: the
     bug is caught and localized there; the port loads that block and nothing else; the
     reference runs its first pass, then its blocks back down to the chosen one only; the
@@ -172,6 +172,9 @@ def test_streamed_only_runs_just_what_it_must(checkpoint, monkeypatch, run_cli):
     grads = {p["name"] for p in report["param_grads"]}  # the whole chosen block was forced: all of its own
     assert grads == {k for k in _ref_param_names() if k.startswith("model.layers.2.")}
     assert all(p["numel"] for p in report["param_grads"])  # none of them "got no gradient"
+    loaded = [w["target"] for w in report["weights"] if w["exact"] is not None]  # verified: what was loaded
+    assert loaded and all(t.startswith("model.layers.2.") for t in loaded)
+    assert "or in a block --only did not choose" in (tmp_path / "report" / "report.html").read_text()
 
     port_loads.clear()
     ref_loads.clear()
