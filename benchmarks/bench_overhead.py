@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench_overhead.py [--configs tiny,mid] [--no-padiff] [--repeat 3]
 
-For each config (the tiny Gemma2, and a mid-size one: 8 layers, hidden 512, 256 tokens), each
+For each config (the tiny Gemma2, and a mid-size one: 8 layers, hidden 512, 256 tokens, weights
+drawn with Gemma2's initializer_range 0.02; see common.CONFIGS), each
 phase in its own fresh process (same inputs, same default threads, torch and paddle imported
 before any clock starts), the phases taking turns `--repeat` times and each keeping its
 fastest process (on this VM the first touch of fresh memory costs about 3.5 s per GB, and
@@ -31,30 +32,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import RESULTS, ROOT, update_readme
+from common import CONFIGS, RESULTS, ROOT, update_readme
 
 PADIFF_PY = ROOT / ".venv-padiff" / "bin" / "python"
 
-MID = {"vocab_size": 256, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 8,
-       "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64, "query_pre_attn_scalar": 64,
-       "sliding_window": 128, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
-       "tie_word_embeddings": True, "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "pad_token_id": 0,
-       "use_cache": False, "attn_implementation": "eager"}
-CONFIGS = {"tiny": ("tiny Gemma2 (4 layers, hidden 64, 16 tokens)", "tiny", 16),
-           "mid": ("mid Gemma2 (8 layers, hidden 512, 256 tokens)", str(RESULTS / "gemma2-mid.json"), 256)}
-
 CHILD = r"""
-import dataclasses, json, sys, time
+import json, sys, time
 import torch, paddle
 HWM = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
 from align import build, weights as W
-from align.spec import load_registry
 from align.run import align_model, _load_weights, _seed
 from align.paddle_side import PaddleSide
 from align.torch_side import TorchSide
-phase, config, seq_len = sys.argv[1], sys.argv[2], int(sys.argv[3])
-spec = load_registry("align.toml").get("gemma2")
-spec = dataclasses.replace(spec, inputs=dataclasses.replace(spec.inputs, seq_len=seq_len))
+sys.path.insert(0, "benchmarks")
+from common import bench_spec
+phase = sys.argv[1]
+spec, config = bench_spec(sys.argv[2])
 if phase in ("gate", "full"):
     marks = []
     t0 = time.perf_counter()
@@ -116,16 +109,15 @@ def main() -> None:
     ap.add_argument("--padiff-python", type=Path, default=PADIFF_PY, help="the python of PaDiff's environment")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "gemma2-mid.json").write_text(json.dumps(MID))
     rows = []
     for key in args.configs.split(","):
-        name, config, seq = CONFIGS[key]
+        name = CONFIGS[key][0]
         # The phases take turns, `--repeat` times, and each keeps its fastest process: how
         # much fresh memory this VM must fault in varies from process to process.
         runs: dict[str, list[dict]] = {"bare": [], "gate": [], "full": []}
         for _ in range(args.repeat):
             for phase in runs:
-                runs[phase].append(child(phase, config, str(seq)))
+                runs[phase].append(child(phase, key))
         bare = min(runs["bare"], key=lambda r: r["cold_s"])
         bare["warm_s"] = min(r["warm_s"] for r in runs["bare"])
         gate, full = (min(runs[p], key=lambda r: r["seconds"] - r["build_s"]) for p in ("gate", "full"))

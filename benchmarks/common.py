@@ -12,6 +12,40 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+# The overhead benchmark's configs, which padiff_run.py builds the same way: name, what
+# `align_model` takes as the config (a registry config, or a JSON file of values), tokens
+# per sample, and the std of the seeded weights (None: the registry's).
+MID = {"vocab_size": 256, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 8,
+       "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64, "query_pre_attn_scalar": 64,
+       "sliding_window": 128, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+       "tie_word_embeddings": True, "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "pad_token_id": 0,
+       "use_cache": False, "attn_implementation": "eager"}
+MID_JSON = RESULTS / "gemma2-mid.json"
+# The registry draws gemma2's weights with std 0.1, large on purpose: on the tiny config a
+# small bug (a dropped "1 +" in a norm) must show. On mid, whose sums run over 2048 terms,
+# fp32 rounding alone then reaches 3e-5 and the correct port fails align's 1e-5 (as it
+# fails PaDiff's). Mid draws them with 0.02, Gemma2's own initializer_range.
+CONFIGS = {"tiny": ("tiny Gemma2 (4 layers, hidden 64, 16 tokens)", "tiny", 16, None),
+           "mid": ("mid Gemma2 (8 layers, hidden 512, 256 tokens)", str(MID_JSON), 256, 0.02)}
+
+
+def bench_spec(key: str):
+    """The gemma2 ModelSpec and config argument of one benchmark config."""
+    import dataclasses
+
+    from align.spec import load_registry
+
+    _, config, seq_len, std = CONFIGS[key]
+    if config == str(MID_JSON):
+        MID_JSON.parent.mkdir(parents=True, exist_ok=True)
+        MID_JSON.write_text(json.dumps(MID))
+    spec = load_registry(ROOT / "align.toml").get("gemma2")
+    spec = dataclasses.replace(spec, inputs=dataclasses.replace(spec.inputs, seq_len=seq_len))
+    if std is not None:
+        spec = dataclasses.replace(spec, init=dataclasses.replace(spec.init, std=std))
+    return spec, config
+
+
 def update_readme(section: str, table: str) -> None:
     """Replace the table between `<!-- section:begin -->` and `<!-- section:end -->`."""
     readme = ROOT / "benchmarks" / "README.md"

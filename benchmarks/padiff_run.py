@@ -14,7 +14,7 @@ Modes: API mode off or on (PADIFF_API_CHECK), each with or without options["sing
 - builds the gemma2 reference (transformers) and the hand port (ports.gemma2) exactly as
   bench_overhead.py's bare phase does: align's seeded init, align's weight rules (loaded and
   verified bit-exact), align's seeded inputs; configs tiny (align.toml) and mid
-  (bench_overhead.MID, 256 tokens); default threads, as bench_overhead.py;
+  (common.MID, 256 tokens, weights drawn with std 0.02); default threads, as bench_overhead.py;
 - times a bare forward + backward of both models (after one warm-up), with no hooks: the
   fastest of three passes (bench_overhead.py times one; see BARE_REPEATS);
 - only then imports padiff (its API mode, PADIFF_API_CHECK=ON, wraps about 960 torch and
@@ -62,8 +62,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-CONFIGS = {"tiny": ("tiny Gemma2 (4 layers, hidden 64, 16 tokens)", 16),
-           "mid": ("mid Gemma2 (8 layers, hidden 512, 256 tokens)", 256)}
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import CONFIGS, bench_spec  # the overhead benchmark's pair, built the same way
+
+sys.path.pop(0)
 # PADIFF_API_CHECK (PaDiff 0.2.0 turns API mode on when it is unset), and options["single_step"]:
 # PaDiff's teacher forcing, which feeds each paddle layer the torch layer's output (forward) and
 # output gradient (backward), as align's gated mode does.
@@ -113,29 +115,16 @@ def wrapped_count() -> int:
 
 def child(config: str, mode: str, raw: bool, scratch: Path, bug: bool = False, tolerance: dict | None = None) -> dict:
     """One (config, mode) in this process; returns the JSON record."""
-    import dataclasses
-
     import torch
 
     from align import build
     from align import weights as W
     from align.paddle_side import PaddleSide, paddle
     from align.run import _load_weights, _seed
-    from align.spec import load_registry
     from align.torch_side import TorchSide
 
-    name, seq_len = CONFIGS[config]
-    spec = load_registry(ROOT / "align.toml").get("gemma2")
-    spec = dataclasses.replace(spec, inputs=dataclasses.replace(spec.inputs, seq_len=seq_len))
-    if config == "mid":
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from bench_overhead import MID
-
-        sys.path.pop(0)
-        config_arg = str(scratch / "gemma2-mid.json")
-        Path(config_arg).write_text(json.dumps(MID))
-    else:
-        config_arg = config
+    name = CONFIGS[config][0]
+    spec, config_arg = bench_spec(config)
     notes: list[str] = []
     load_before = os.getloadavg()[0]
     record = {"config": name, "mode": mode, "raw": raw, "bug": bug, "seconds": None, "bare_seconds": None,
@@ -328,7 +317,7 @@ def main() -> None:
     # The bare pass is the same work in every mode of a config: its fastest over all of that
     # config's processes is the steadier denominator on a shared machine.
     for row in rows:
-        config = next(c for c, (name, _) in CONFIGS.items() if name == row["config"])
+        config = next(c for c, (name, *_) in CONFIGS.items() if name == row["config"])
         bare = [s for r in config_runs[config] for s in r.get("bare_samples", [])]
         if bare and row.get("seconds") is not None:
             row["bare_seconds_config"] = min(bare)
