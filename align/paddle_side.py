@@ -57,8 +57,9 @@ class PaddleSide:
         return Arr(_numpy(t), self.dtype_name(t), not t.stop_gradient)
 
     def view(self, t: paddle.Tensor) -> np.ndarray:
-        """The tensor's values as numpy, sharing its memory where it can: for use before
-        anything can write to it again (a comparison made on the spot)."""
+        """The tensor's values as numpy, for use before anything can write to it again (a
+        comparison made on the spot): a view of its memory where DLPack gives one, a copy
+        where that is cheaper (small tensors) or the only way."""
         if t.dtype in (paddle.float32, paddle.float64, paddle.int64, paddle.int32, paddle.bool):
             if math.prod(t.shape) <= _COPY_BELOW:
                 return t.numpy()  # a copy: below this size it costs less than making the view
