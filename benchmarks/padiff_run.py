@@ -60,12 +60,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import CONFIGS, bench_spec  # the overhead benchmark's pair, built the same way
+# The overhead benchmark's pair, built the same way.
+from common import CONFIGS, RESULTS, ROOT, bench_spec
 
-sys.path.pop(0)
 # PADIFF_API_CHECK (PaDiff 0.2.0 turns API mode on when it is unset), and options["single_step"]:
 # PaDiff's teacher forcing, which feeds each paddle layer the torch layer's output (forward) and
 # output gradient (backward), as align's gated mode does.
