@@ -140,6 +140,19 @@ def test_observer_effect_is_caught(monkeypatch, run_cli, room):
     assert ("on a copy, alongside the others" in err) is room
 
 
+def test_observer_effect_on_the_reference_is_caught(monkeypatch, run_cli):
+    """The reference's run without hooks goes before its hooked run (so that the hooked run
+    reuses its memory); a hook that perturbs what it records must still show."""
+    from align.torch_side import TorchSide
+
+    monkeypatch.setattr(TorchSide, "identity", lambda self, t: t * (1.0 + 1e-6))
+    _, report, err = run_cli("run", "gemma2", "--dtype", "fp32")
+    by_fw = {o["framework"]: o for o in report["observer"]}
+    assert by_fw["torch"]["checked"] and by_fw["torch"]["perturbed"] and not by_fw["torch"]["outputs_identical"]
+    assert any(w.startswith("observer effect: the torch model") for w in report["warnings"])
+    assert "observer check (torch): outputs and grads with hooks vs without: DIFFERENT" in err
+
+
 @pytest.mark.parametrize("broken", [False, True])
 def test_the_observer_run_alongside_judges_as_the_one_after(monkeypatch, broken):
     """The port's run without hooks, made on a copy in a thread of its own while the forced
