@@ -242,7 +242,7 @@ def run_reference(spec: ModelSpec, config: str | None = None, checkpoint: Path |
     gradient a module sends back to its (boundary-wrapped) inputs, seeded with its recorded
     output gradients, is exactly what replaying it alone would give.
 
-    With `observe`, the model runs once more without hooks to prove they change nothing.
+    With `observe`, the model also runs once without hooks (first), to prove they change nothing.
     With a `sink` (a trace_io.TraceWriter), each call is written out and its tensors dropped.
     """
     from align import build
