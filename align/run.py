@@ -263,7 +263,7 @@ def run_reference(spec: ModelSpec, config: str | None = None, checkpoint: Path |
     progress("running the reference with hooks")
     # The run without hooks goes first: once it is done its activations are freed for the
     # hooked run to reuse, where after it they would be fresh memory (the record holds the
-    # hooked run's), whose first touch costs about 3.5 s per GB here.
+    # hooked run's), whose first touch cost about 3.5 s per GB on the VM this was measured on.
     observed = bare_run(ts, ref, ref_inputs, _seed(ts, spec)) if observe else None
     trace = run_and_record(ts, ref, ref_inputs, _seed(ts, spec), keep_inputs=True)
     observer = (judge_observed(ts.name, observed, trace) if observed is not None
