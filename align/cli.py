@@ -352,7 +352,7 @@ def _trace(args: argparse.Namespace, console: Console) -> ExitCode:
 
 def _check(args: argparse.Namespace, argv: list[str], console: Console) -> ExitCode:
     from align.run import fingerprint
-    from align.spec import unmatched
+    from align.spec import require_matching
     from align.trace_io import check_matches, read_trace
 
     registry = _registry(args)
@@ -360,9 +360,7 @@ def _check(args: argparse.Namespace, argv: list[str], console: Console) -> ExitC
     run = read_trace(args.trace)
     check_matches(run, spec, fingerprint(spec, run.config_name), run.config_name)
     if args.only:  # narrows the report, as `align run --only` does; the trace holds every module
-        bad = unmatched(tuple(args.only), (c.module for c in run.trace.calls.values()))
-        if bad is not None:
-            raise ConfigError(spec.source, f"models.{spec.name}", f"--only {bad} matches no module of the reference")
+        require_matching(spec, "--only", tuple(args.only), (c.module for c in run.trace.calls.values()))
         run = dataclasses.replace(run, only=tuple(args.only))
     dtypes = tuple(dict.fromkeys(DTYPE_ALIASES[d] for d in args.dtype)) if args.dtype else None
     out = args.out or registry.source.parent / "reports" / spec.name

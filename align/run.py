@@ -40,7 +40,7 @@ from align.keep import KeptTensor, keeping
 from align.metrics import compare_arrays, missing, within_noise
 from align.pair import Unpaired, pair_calls
 from align.repro import Local, ReproCase
-from align.spec import ConfigError, ModelSpec, matches, unmatched
+from align.spec import ConfigError, ModelSpec, matches, require_matching
 
 SCHEMA_VERSION = 1
 FORCED_TWICE = ("the forced pass ran twice: a port value reaches another module's code by a way no module "
@@ -268,9 +268,7 @@ def run_reference(spec: ModelSpec, config: str | None = None, checkpoint: Path |
     trace = run_and_record(ts, ref, ref_inputs, _seed(ts, spec), keep_inputs=True)
     observer = (judge_observed(ts.name, observed, trace) if observed is not None
                 else Observer("torch", True, True, (), checked=False))
-    bad = unmatched(only, (c.module for c in trace.calls.values()))
-    if bad is not None:
-        raise ConfigError(spec.source, f"models.{spec.name}", f"--only {bad} matches no module of the reference")
+    require_matching(spec, "--only", only, (c.module for c in trace.calls.values()))
     fp64 = _fp64_run(spec, ts, ref, inputs, trace, progress) if spec.noise_floor else None
     if sink is not None:
         for name, call in trace.calls.items():
@@ -355,9 +353,7 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
     from align.diagnose import environment, port_environment
     from align.paddle_side import PaddleSide
 
-    bad = unmatched(keep, (c.module for c in ref.trace.calls.values()))
-    if bad is not None:
-        raise ConfigError(spec.source, f"models.{spec.name}", f"--keep {bad} matches no module of the reference")
+    require_matching(spec, "--keep", keep, (c.module for c in ref.trace.calls.values()))
     ps = PaddleSide()
     rules = W.load_rules(spec.weights_file)
     loader_findings = []

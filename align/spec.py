@@ -428,6 +428,13 @@ def unmatched(globs: tuple[str, ...], names: Iterable[str]) -> str | None:
     return next((g for g in globs if not any(matches(n, (g,)) for n in names)), None)
 
 
+def require_matching(spec: ModelSpec, flag: str, globs: tuple[str, ...], modules: Iterable[str]) -> None:
+    """Refuse a `flag` (--only, --keep) glob that matches no module of the reference."""
+    bad = unmatched(globs, modules)
+    if bad is not None:
+        raise ConfigError(spec.source, f"models.{spec.name}", f"{flag} {bad} matches no module of the reference")
+
+
 def load_registry(path: Path | str) -> Registry:
     """Parse and validate align.toml. Raises ConfigError naming the file and key."""
     file = Path(path).resolve()

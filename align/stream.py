@@ -43,7 +43,7 @@ from align.compare import BACKWARD, FORWARD, TEACHER_FORCED, Collector, RunResul
 from align.force import Forcer, ToReference, force_call
 from align.metrics import missing
 from align.pair import Unpaired, pair_calls
-from align.spec import ConfigError, ModelSpec, unmatched
+from align.spec import ConfigError, ModelSpec, require_matching
 
 Progress = Callable[[str], None]
 
@@ -310,9 +310,7 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
     ref = build.reference_skeleton(spec, cfg)
     ref_modules = [n or ROOT for n, _ in ref.named_modules()]
     for flag, globs in (("--only", only), ("--keep", keep)):
-        bad = unmatched(globs, ref_modules)
-        if bad is not None:
-            raise ConfigError(spec.source, f"models.{spec.name}", f"{flag} {bad} matches no module of the reference")
+        require_matching(spec, flag, globs, ref_modules)
     port = build.port_skeleton(spec, cfg.to_dict())
     port_modules = {ROOT} | {n for n, _ in port.named_sublayers()}
     keepers: list[Any] = []  # one per forced pass, with --keep
