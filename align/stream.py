@@ -4,7 +4,7 @@ Both models are built as skeletons (torch on the meta device, Paddle under LazyG
 weight is allocated. Weights come from a memory-mapped safetensors checkpoint, one unit at
 a time, and are freed after use. Memory is then about one block per framework, plus the
 shell (embeddings, final norm, head) of one framework at a time, plus the activations at
-the block boundaries.
+the block boundaries. The reference shell's large gradients wait on disk in between (_Spill).
 
 1. The reference runs whole with its shell loaded; each block is loaded for its call, run
    without gradients, recorded, freed, and its output cut into a fresh leaf. The loss's
@@ -27,6 +27,8 @@ from __future__ import annotations
 import fnmatch
 import functools
 import gc
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,7 +43,7 @@ from align.capture import ROOT, Arr, Call, Recorder, _snapshot, flatten, hooked,
 from align.compare import BACKWARD, FORWARD, TEACHER_FORCED, Collector, RunResult, TensorResult, Tolerances, \
     culprits, first_divergence
 from align.force import Forcer, ToReference, force_call
-from align.metrics import missing
+from align.metrics import CHUNK, missing
 from align.pair import Unpaired, pair_calls
 from align.spec import ConfigError, ModelSpec, require_matching
 
@@ -131,6 +133,74 @@ def _read_back(t: Any) -> np.ndarray:
         return np.from_dlpack(t.detach())
     except (BufferError, RuntimeError, TypeError, ValueError):
         return t.numpy()
+
+
+# A reference shell gradient at least this large waits on disk while the blocks run (_Spill).
+SPILL_BYTES = 1 << 28
+
+
+class _Spill:
+    """The reference shell's large parameter gradients, set aside on disk from the end of
+    the reference's first pass until the port's shell is judged against them, memory-mapped
+    back then. Without it they sit in memory through every block's pass and next to the
+    port's whole shell: a full-size Gemma2's tied embedding gradient alone is 2.36 GB.
+
+    The first pass leaves in them what the code above the blocks sent back (the tied head's
+    part); it is written out and the gradient cleared. What the blocks' backward adds later
+    (the embedding lookup's part, from the first block) is summed back in at the end, in the
+    gradient's float dtype as torch accumulates it: a + b equals b + a exactly, so with one
+    later part the total is bitwise what torch would have held."""
+
+    def __init__(self, directory: str, progress: Progress):
+        self.dir, self.progress = Path(directory), progress
+        self.early: dict[str, tuple[Path, np.dtype, tuple[int, ...]]] = {}
+
+    def write(self, arr: np.ndarray) -> Path:
+        path = self.dir / f"{len(self.early)}.bin"
+        with open(path, "wb") as f:
+            arr.tofile(f)
+        return path
+
+    def set_aside(self, fw: Any, params: dict[str, Any]) -> None:
+        """Write out, and clear, each float gradient of at least SPILL_BYTES the disk has room for."""
+        for name, p in params.items():
+            g = p.grad
+            if g is None or fw.nbytes(g) < SPILL_BYTES or fw.dtype_name(g) not in ("float32", "float64") \
+                    or not g.is_contiguous():
+                continue
+            if shutil.disk_usage(self.dir).free < fw.nbytes(g) + (1 << 30):
+                self.progress(f"reference: {name}'s gradient kept in memory: too little free space in {self.dir}")
+                continue
+            arr = fw.view(g)
+            self.early[name] = (self.write(arr), arr.dtype, arr.shape)
+            p.grad = None
+        if self.early:
+            gb = sum(path.stat().st_size for path, _, _ in self.early.values()) / 1e9
+            self.progress(f"reference: {gb:.2f} GB of its shell's gradients set aside in {self.dir}")
+
+    def totals(self, fw: Any, grads: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Each parameter's whole gradient, from `grads` (what its .grad holds now; the
+        caller's references to them must be gone for their memory to go): those set aside
+        memory-mapped from disk, with any later part added in first; the others copied."""
+        out = {}
+        for name in [k for k in grads if k not in self.early]:
+            g = grads.pop(name)
+            if g is not None:
+                out[name] = fw.record(g).data
+        for name, (path, dtype, shape) in self.early.items():
+            later = grads.pop(name, None)
+            if later is not None:
+                total = fw.view(later)  # the gradient's own buffer, summed into in place
+                flat = total.reshape(-1)
+                with open(path, "rb") as f:
+                    for start in range(0, flat.size, CHUNK):
+                        part = np.fromfile(f, dtype, min(CHUNK, flat.size - start))
+                        np.add(flat[start:start + part.size], part, out=flat[start:start + part.size])
+                with open(path, "wb") as f:
+                    total.tofile(f)
+                del later, total, flat
+            out[name] = np.memmap(path, dtype, "r", shape=shape)
+        return out
 
 
 class _Source(Mapping):
@@ -325,7 +395,7 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
 
     found = Collector(tolerances)  # every block's comparisons; the shell's go to their own
     layers, unpaired = [], []
-    with Checkpoint(checkpoint) as ckpt:
+    with Checkpoint(checkpoint) as ckpt, tempfile.TemporaryDirectory(prefix="align-spill-") as scratch:
         slots = W.describe_slots(port.state_dict(), dict(port.named_sublayers(include_self=True)))
         wmap = W.plan(rules, ckpt.shapes(), slots, cfg.to_dict())
         loader = Loader(ckpt, wmap, ref, port, rename)
@@ -345,6 +415,13 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
         twice = False  # some forced pass was made again with one backward (see force.eager_or_once)
         shell_judged = not only or any(selected(c.module, only) for c in ref_calls.values()
                                        if not recorder.is_block(c.module))
+        shell_params = {k: p for k, p in ref.named_parameters() if not _under(k, blocks)}
+        spill = _Spill(scratch, progress)
+        if shell_judged:
+            spill.set_aside(ts, shell_params)
+        else:  # nothing will be judged against them
+            for p in shell_params.values():
+                p.grad = None
         lowest = min((i for i, b in enumerate(recorder.seen)
                       if not only or any(selected(m, only) for m in ref_modules if _under(m, b.name))),
                      default=len(recorder.seen))
@@ -396,16 +473,16 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
             ps.clear_grads(port_block)
             loader.free_port(b.name)
 
-        shell_grads = {k: ts.record(p.grad).data for k, p in ref.named_parameters()
-                       if shell_judged and not _under(k, blocks) and p.grad is not None}
-        graded.update(shell_grads)
+        late = {k: p.grad for k, p in shell_params.items()} if shell_judged else {}
         loader.free_ref("", exclude=blocks)
-        del ref, recorder, calls
+        del ref, recorder, calls, shell_params
         # What is left of the reference's graphs sits in reference cycles (hooks and the
         # records they fill) and still holds its shell's weight and gradient, otherwise freed
         # by the collector only midway through the port's shell (with the full-size shell:
         # 8.4 GB RSS before the port's shell without this, 3.3 GB with it).
         gc.collect()
+        shell_grads = spill.totals(ts, late)  # empties `late`: the gradients go as they are read
+        graded.update(shell_grads)
         shell = Collector(tolerances)
         if shell_judged:
             progress("port: the shell, forced, each block answered from the reference's record")
@@ -430,6 +507,7 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
             loader.free_port("", exclude=blocks)
         else:
             progress("port: the shell not run (--only chose no module of it)")
+        del shell_grads  # and so its memory maps, before their directory goes
 
     layers = sorted(layers, key=lambda layer: order[layer.name][0])
     fwd_order = sorted(order, key=lambda n: order[n][1])

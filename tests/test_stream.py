@@ -205,3 +205,46 @@ def test_streamed_keep_writes_what_was_judged(checkpoint, run_cli, tmp_path):
                               "--keep", "model.layers.1.mlp", "--keep", "model.norm")
     assert code == 0 and report["kept"]["tensors"] > 0
     assert_kept_reproduce_report(tmp_path / "report", ("model.layers.1.mlp", "model.norm"))
+
+
+def test_the_shell_gradients_wait_on_disk_and_judge_as_in_memory(checkpoint, monkeypatch, run_cli, tmp_path):
+    """The reference shell's large gradients wait on disk from its first pass to the port's
+    shell (stream.SPILL_BYTES, made 0 here so that the tiny model's go too). The tied
+    embedding's is set aside holding the head's part, and the embedding lookup's part is
+    added back at the end: judged, every number is the one judged in memory, to the bit. A
+    port whose embedding lookup sends no gradient (its weight detached there; the tied head's
+    part still arrives) fails on that gradient, as the whole total is judged, not the part
+    set aside. The scratch directory is gone afterwards, after a pass and after a failure."""
+    import tempfile
+
+    from align import stream
+
+    args = ("run", "gemma2", "--checkpoint", str(checkpoint), "--stream-layers")
+    _, in_memory, _ = run_cli(*args)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(stream, "SPILL_BYTES", 0)
+    aside, write = [], stream._Spill.write
+    monkeypatch.setattr(stream._Spill, "write", lambda self, arr: aside.append(arr.shape) or write(self, arr))
+
+    code, spilled, err = run_cli(*args)
+    assert code == 0 and spilled["verdict"] == "pass", err[-2000:]
+    assert (256, 64) in aside and len(aside) >= 2, aside  # the tied embedding, and the final norm at least
+    assert list(scratch.iterdir()) == []
+    grads = lambda report: {p["name"]: p for p in report["param_grads"]}  # noqa: E731
+    assert grads(spilled) == grads(in_memory)
+    assert _by_layer(spilled) == _by_layer(in_memory)
+
+    import paddle.nn.functional as F
+
+    import ports.gemma2.modeling as M
+
+    def lookup_detached(self, input_ids):
+        return F.embedding(input_ids, self.weight.detach()) * self.embed_scale.astype(self.weight.dtype)
+
+    monkeypatch.setattr(M.Gemma2TextScaledWordEmbedding, "forward", lookup_detached)
+    code, broken, _ = run_cli(*args)
+    assert code == 1 and grads(broken)["model.embed_tokens.weight"]["passed"] is False
+    assert [name for name, p in grads(broken).items() if not p["passed"]] == ["model.embed_tokens.weight"]
+    assert list(scratch.iterdir()) == []
