@@ -232,7 +232,9 @@ def test_the_shell_gradients_wait_on_disk_and_judge_as_in_memory(checkpoint, mon
     assert code == 0 and spilled["verdict"] == "pass", err[-2000:]
     assert (256, 64) in aside and len(aside) >= 2, aside  # the tied embedding, and the final norm at least
     assert list(scratch.iterdir()) == []
-    grads = lambda report: {p["name"]: p for p in report["param_grads"]}  # noqa: E731
+    def grads(report: dict) -> dict:
+        return {p["name"]: p for p in report["param_grads"]}
+
     assert grads(spilled) == grads(in_memory)
     assert _by_layer(spilled) == _by_layer(in_memory)
 
