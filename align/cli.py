@@ -19,7 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from align.spec import ConfigError, ModelSpec, Registry, find_registry, load_registry
+from align.spec import ConfigError, ModelSpec, Registry, find_registry, load_registry, resolve_path
 from align.weights import WeightError
 
 
@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
                           "(repeatable): every comparison made for them, written to kept/ in the report directory")
     run.add_argument("--stream-layers", action="store_true",
                      help="for models larger than memory: load one block at a time in each framework from "
-                          "--checkpoint (memory-mapped safetensors) and align it on the reference's inputs "
+                          "--checkpoint (memory-mapped safetensors; default: the registry's checkpoint for the "
+                          "config) and align it on the reference's inputs "
                           "(fp32, teacher-forced; the model's [stream] table names its blocks)")
     run.add_argument("--fast", action="store_true",
                      help="the gate path: the teacher-forced verdict only (no free-running run, no observer runs)")
@@ -277,8 +278,13 @@ def _run_streamed(spec: ModelSpec, args: argparse.Namespace, command: str, conso
     from align.report import append_history, as_json, render_console, write_index, write_report
     from align.stream import align_streamed
 
-    if args.checkpoint is None:
-        raise ConfigError(spec.source, f"models.{spec.name}", "--stream-layers needs --checkpoint (the weights to stream)")
+    config = args.config or spec.default_config
+    checkpoint = args.checkpoint
+    if checkpoint is None and config in spec.checkpoints:  # as the in-process run does
+        checkpoint = resolve_path(spec.checkpoints[config], spec.source)
+    if checkpoint is None:
+        raise ConfigError(spec.source, f"models.{spec.name}", "--stream-layers needs --checkpoint (the weights to stream)"
+                          f" or a checkpoint for config {config!r} in [models.{spec.name}.checkpoints]")
     for flag, given in (("--dtype", args.dtype), ("--fast", args.fast),
                         ("--weights-from", args.weights_from != "rules"), ("--port", len(args.port or []) > 1)):
         if given:
@@ -286,7 +292,7 @@ def _run_streamed(spec: ModelSpec, args: argparse.Namespace, command: str, conso
     out = args.out or report_dir(spec.root / "reports", spec.name, "hand")
     started = time.perf_counter()
     with _progress(console, spec.name, args.quiet) as progress:
-        result = align_streamed(spec, args.config or spec.default_config, args.checkpoint, progress, command,
+        result = align_streamed(spec, config, checkpoint, progress, command,
                                 only=tuple(args.only), keep=tuple(args.keep))
     report = _with_tensors(result, out, tuple(args.keep))
     report["duration_s"] = round(time.perf_counter() - started, 3)

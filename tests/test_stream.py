@@ -1,6 +1,7 @@
 """Layer-streamed alignment (`align run MODEL --checkpoint DIR --stream-layers`) on the tiny
-Gemma2: it must judge exactly what the in-process forced pass judges, catch and localize
-bugs inside a block and around the blocks, and refuse what it cannot do in one line."""
+Gemma2 (and on Phi3, ModernBERT and the real MiniLM): it must judge exactly what the
+in-process forced pass judges, catch and localize bugs inside a block and around the
+blocks, and refuse what it cannot do in one line."""
 
 import fnmatch
 
@@ -10,20 +11,29 @@ from conftest import REGISTRY
 from test_injected_bugs import BUGS
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """The tiny reference's seeded weights as a safetensors file, tied head left out (as
-    save_pretrained does)."""
+def tiny_checkpoint(model: str, directory) -> str:
+    """A tiny reference's seeded weights as a safetensors file, a tied tensor stored once
+    (as save_pretrained does)."""
     from safetensors.numpy import save_file
 
     from align import build
     from align.spec import load_registry
 
-    spec = load_registry(REGISTRY).get("gemma2")
+    spec = load_registry(REGISTRY).get(model)
     ref = build.build_reference(spec, build.reference_config(spec, "tiny"))
-    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
-    save_file({k: v.detach().numpy().copy() for k, v in ref.state_dict().items() if k != "lm_head.weight"}, str(path))
-    return path
+    seen, tensors = set(), {}
+    for k, v in ref.state_dict().items():
+        if v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            tensors[k] = v.detach().numpy().copy()
+    path = directory / "model.safetensors"
+    save_file(tensors, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_checkpoint("gemma2", tmp_path_factory.mktemp("ckpt"))
 
 
 def _by_layer(report: dict) -> dict:
@@ -36,8 +46,12 @@ def test_streamed_judges_what_the_whole_model_run_judges(checkpoint, run_cli, bu
     bug_ledger.record_clean("layer-streamed", false_alarm=streamed["verdict"] != "pass")
     assert code == 0 and streamed["verdict"] == "pass" and streamed["path"] == "stream"
     _, whole, _ = run_cli("run", "gemma2", "--checkpoint", str(checkpoint), "--fast", "--dtype", "fp32")
+    assert_judged_alike(streamed, whole, 66)
+
+
+def assert_judged_alike(streamed: dict, whole: dict, modules: int) -> None:
     a, b = _by_layer(streamed), _by_layer(whole)
-    assert set(a) == set(b) and len(a) == 66
+    assert set(a) == set(b) and len(a) == modules
     for name in a:  # the same stretches of code on the same values: the same errors
         for d in ("forward", "backward"):
             if b[name][d] is None:
@@ -61,11 +75,55 @@ def test_streamed_catches_and_localizes(bug, checkpoint, monkeypatch, run_cli, b
     assert detected and localized, report["culprits"]
 
 
+# Each of the other streamable stacks, with how many modules its whole-model pass judges.
+OTHER_STACKS = {"phi3": 54, "modernbert": 62, "minilm": 113}
+
+
+def _streamable(model: str, tmp_path) -> tuple[str, ...]:
+    """The checkpoint arguments: MiniLM streams the registry's own (real weights)."""
+    return () if model == "minilm" else ("--checkpoint", tiny_checkpoint(model, tmp_path))
+
+
+@pytest.mark.parametrize("model", sorted(OTHER_STACKS))
+def test_other_stacks_stream_as_they_run_whole(model, tmp_path, run_cli, bug_ledger):
+    """Phi3 (an untied head), ModernBERT (an encoder; its tied decoder and head in the shell)
+    and BERT (MiniLM on its real weights, with no --checkpoint given) judge, streamed, module
+    for module what their whole-model pass judges."""
+    ckpt = _streamable(model, tmp_path)
+    code, streamed, err = run_cli("run", model, *ckpt, "--stream-layers")
+    bug_ledger.record_clean(f"layer-streamed {model}", false_alarm=streamed is None or streamed["verdict"] != "pass")
+    assert code == 0 and streamed["verdict"] == "pass", err[-2000:]
+    _, whole, _ = run_cli("run", model, *ckpt, "--fast", "--dtype", "fp32")
+    assert_judged_alike(streamed, whole, OTHER_STACKS[model])
+
+
+def _stack_bugs() -> dict:
+    from test_minilm import attention_scale_missing
+    from test_phi3_modernbert import BUGS as STACK_BUGS
+
+    return {("phi3", "qkv_split_order"): STACK_BUGS[("phi3", "qkv_split_order")],  # inside a block
+            ("modernbert", "tanh_gelu_in_head"): STACK_BUGS[("modernbert", "tanh_gelu_in_head")],  # in the shell
+            ("minilm", "attention_scale_missing"): (attention_scale_missing, "encoder.layer.0.attention.self",
+                                                    "forward", "real weights")}
+
+
+@pytest.mark.parametrize("model,bug", sorted(_stack_bugs()))
+def test_other_stacks_streamed_catch_and_localize(model, bug, tmp_path, monkeypatch, run_cli, bug_ledger):
+    inject, culprit, direction, kind = _stack_bugs()[(model, bug)]
+    ckpt = _streamable(model, tmp_path)
+    inject(monkeypatch)
+    code, report, err = run_cli("run", model, *ckpt, "--stream-layers")
+    detected = code == 1 and report["verdict"] == "fail"
+    localized = detected and any(fnmatch.fnmatchcase(c, culprit) for c in report["culprits"][direction])
+    bug_ledger.record(f"{model}:{bug} (layer-streamed)", kind, detected, localized)
+    assert detected and localized, (report or {}).get("culprits", err[-2000:])
+
+
 def test_streaming_needs_a_checkpoint_and_a_block_list(checkpoint, run_cli, tmp_path):
     code, _, err = run_cli("run", "gemma2", "--stream-layers")
     assert code == 2 and "--stream-layers needs --checkpoint" in err and "Traceback" not in err
-    code, _, err = run_cli("run", "phi3", "--checkpoint", str(checkpoint), "--stream-layers")
-    assert code == 2 and "models.phi3.stream.blocks" in err and "Traceback" not in err
+    code, _, err = run_cli("run", "deberta_v2", "--checkpoint", str(checkpoint), "--stream-layers")
+    assert code == 2 and "models.deberta_v2.stream.blocks" in err and "Traceback" not in err
     code, _, err = run_cli("run", "gemma2", "--checkpoint", str(checkpoint), "--stream-layers", "--only", "model.nosuch")
     assert code == 2 and "--only model.nosuch matches no module" in err and "Traceback" not in err
 
