@@ -154,52 +154,60 @@ class _Spill:
     def __init__(self, directory: str, progress: Progress):
         self.dir, self.progress = Path(directory), progress
         self.early: dict[str, tuple[Path, np.dtype, tuple[int, ...]]] = {}
+        self.files = 0
 
-    def write(self, arr: np.ndarray) -> Path:
-        path = self.dir / f"{len(self.early)}.bin"
+    def write(self, arr: np.ndarray, path: Path | None = None) -> Path:
+        if path is None:
+            path, self.files = self.dir / f"{self.files}.bin", self.files + 1
         with open(path, "wb") as f:
             arr.tofile(f)
         return path
 
+    def _spillable(self, fw: Any, name: str, g: Any) -> bool:
+        """A contiguous float gradient of at least SPILL_BYTES, with room for it on disk."""
+        if fw.nbytes(g) < SPILL_BYTES or fw.dtype_name(g) not in ("float32", "float64") or not g.is_contiguous():
+            return False
+        if shutil.disk_usage(self.dir).free < fw.nbytes(g) + (1 << 30):
+            self.progress(f"reference: {name}'s gradient kept in memory: too little free space in {self.dir}")
+            return False
+        return True
+
     def set_aside(self, fw: Any, params: dict[str, Any]) -> None:
-        """Write out, and clear, each float gradient of at least SPILL_BYTES the disk has room for."""
+        """Write out, and clear, each gradient that is _spillable."""
         for name, p in params.items():
-            g = p.grad
-            if g is None or fw.nbytes(g) < SPILL_BYTES or fw.dtype_name(g) not in ("float32", "float64") \
-                    or not g.is_contiguous():
-                continue
-            if shutil.disk_usage(self.dir).free < fw.nbytes(g) + (1 << 30):
-                self.progress(f"reference: {name}'s gradient kept in memory: too little free space in {self.dir}")
-                continue
-            arr = fw.view(g)
-            self.early[name] = (self.write(arr), arr.dtype, arr.shape)
-            p.grad = None
+            if p.grad is not None and self._spillable(fw, name, p.grad):
+                arr = fw.view(p.grad)
+                self.early[name] = (self.write(arr), arr.dtype, arr.shape)
+                p.grad = None
         if self.early:
             gb = sum(path.stat().st_size for path, _, _ in self.early.values()) / 1e9
             self.progress(f"reference: {gb:.2f} GB of its shell's gradients set aside in {self.dir}")
 
     def totals(self, fw: Any, grads: dict[str, Any]) -> dict[str, np.ndarray]:
-        """Each parameter's whole gradient, from `grads` (what its .grad holds now; the
-        caller's references to them must be gone for their memory to go): those set aside
-        memory-mapped from disk, with any later part added in first; the others copied."""
+        """Each parameter's whole gradient, from `grads` (what each .grad holds now; the
+        caller's other references to them must be gone for their memory to go). Whatever
+        was set aside, or is _spillable, is memory-mapped from disk, with any later part
+        added in first (a gradient the blocks' backward alone sent, such as an untied
+        embedding's, goes straight to disk rather than being copied); the rest is copied."""
         out = {}
-        for name in [k for k in grads if k not in self.early]:
-            g = grads.pop(name)
-            if g is not None:
-                out[name] = fw.record(g).data
-        for name, (path, dtype, shape) in self.early.items():
-            later = grads.pop(name, None)
+        for name in list(grads):
+            later = grads.pop(name)
+            early = self.early.get(name)
+            if early is None and (later is None or not self._spillable(fw, name, later)):
+                if later is not None:
+                    out[name] = fw.record(later).data
+                continue
             if later is not None:
                 total = fw.view(later)  # the gradient's own buffer, summed into in place
-                flat = total.reshape(-1)
-                with open(path, "rb") as f:
-                    for start in range(0, flat.size, CHUNK):
-                        part = np.fromfile(f, dtype, min(CHUNK, flat.size - start))
-                        np.add(flat[start:start + part.size], part, out=flat[start:start + part.size])
-                with open(path, "wb") as f:
-                    total.tofile(f)
-                del later, total, flat
-            out[name] = np.memmap(path, dtype, "r", shape=shape)
+                if early is not None:
+                    flat = total.reshape(-1)
+                    with open(early[0], "rb") as f:
+                        for start in range(0, flat.size, CHUNK):
+                            part = np.fromfile(f, early[1], min(CHUNK, flat.size - start))
+                            np.add(flat[start:start + part.size], part, out=flat[start:start + part.size])
+                early = (self.write(total, early[0] if early else None), total.dtype, total.shape)
+                del later, total
+            out[name] = np.memmap(early[0], early[1], "r", shape=early[2])
         return out
 
 

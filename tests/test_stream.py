@@ -265,6 +265,27 @@ def test_streamed_keep_writes_what_was_judged(checkpoint, run_cli, tmp_path):
     assert_kept_reproduce_report(tmp_path / "report", ("model.layers.1.mlp", "model.norm"))
 
 
+def _spilling_everything(monkeypatch, tmp_path) -> tuple:
+    """Every reference shell gradient goes to disk (stream.SPILL_BYTES 0), in a scratch
+    directory of the test's own; returns it and the shapes written, as they are written."""
+    import tempfile
+
+    from align import stream
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(stream, "SPILL_BYTES", 0)
+    aside, write = [], stream._Spill.write
+    monkeypatch.setattr(stream._Spill, "write",
+                        lambda self, arr, path=None: aside.append(arr.shape) or write(self, arr, path))
+    return scratch, aside
+
+
+def _grads(report: dict) -> dict:
+    return {p["name"]: p for p in report["param_grads"]}
+
+
 def test_the_shell_gradients_wait_on_disk_and_judge_as_in_memory(checkpoint, monkeypatch, run_cli, tmp_path):
     """The reference shell's large gradients wait on disk from its first pass to the port's
     shell (stream.SPILL_BYTES, made 0 here so that the tiny model's go too). The tied
@@ -273,27 +294,14 @@ def test_the_shell_gradients_wait_on_disk_and_judge_as_in_memory(checkpoint, mon
     port whose embedding lookup sends no gradient (its weight detached there; the tied head's
     part still arrives) fails on that gradient, as the whole total is judged, not the part
     set aside. The scratch directory is gone afterwards, after a pass and after a failure."""
-    import tempfile
-
-    from align import stream
-
     args = ("run", "gemma2", "--checkpoint", str(checkpoint), "--stream-layers")
     _, in_memory, _ = run_cli(*args)
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    monkeypatch.setattr(stream, "SPILL_BYTES", 0)
-    aside, write = [], stream._Spill.write
-    monkeypatch.setattr(stream._Spill, "write", lambda self, arr: aside.append(arr.shape) or write(self, arr))
-
+    scratch, aside = _spilling_everything(monkeypatch, tmp_path)
     code, spilled, err = run_cli(*args)
     assert code == 0 and spilled["verdict"] == "pass", err[-2000:]
-    assert (256, 64) in aside and len(aside) >= 2, aside  # the tied embedding, and the final norm at least
+    assert aside.count((256, 64)) == 2 and len(aside) >= 3, aside  # the tied embedding twice, the final norm
     assert list(scratch.iterdir()) == []
-    def grads(report: dict) -> dict:
-        return {p["name"]: p for p in report["param_grads"]}
-
-    assert grads(spilled) == grads(in_memory)
+    assert _grads(spilled) == _grads(in_memory)
     assert _by_layer(spilled) == _by_layer(in_memory)
 
     import paddle.nn.functional as F
@@ -305,6 +313,21 @@ def test_the_shell_gradients_wait_on_disk_and_judge_as_in_memory(checkpoint, mon
 
     monkeypatch.setattr(M.Gemma2TextScaledWordEmbedding, "forward", lookup_detached)
     code, broken, _ = run_cli(*args)
-    assert code == 1 and grads(broken)["model.embed_tokens.weight"]["passed"] is False
-    assert [name for name, p in grads(broken).items() if not p["passed"]] == ["model.embed_tokens.weight"]
+    assert code == 1 and _grads(broken)["model.embed_tokens.weight"]["passed"] is False
+    assert [name for name, p in _grads(broken).items() if not p["passed"]] == ["model.embed_tokens.weight"]
     assert list(scratch.iterdir()) == []
+
+
+def test_untied_shell_gradients_wait_on_disk_too(tmp_path, monkeypatch, run_cli):
+    """Phi3's head is its own: its gradient is whole after the reference's first pass (set
+    aside, nothing added later), and its embedding's comes from the first block alone
+    (written out at the end, not copied). Judged, the numbers are the in-memory ones, to the bit."""
+    args = ("run", "phi3", "--checkpoint", tiny_checkpoint("phi3", tmp_path), "--stream-layers")
+    _, in_memory, _ = run_cli(*args)
+    scratch, aside = _spilling_everything(monkeypatch, tmp_path)
+    code, spilled, err = run_cli(*args)
+    assert code == 0 and spilled["verdict"] == "pass", err[-2000:]
+    assert aside.count((256, 64)) == 2, aside  # the head's (set aside), then the embedding's (at the end)
+    assert list(scratch.iterdir()) == []
+    assert _grads(spilled) == _grads(in_memory)
+    assert _by_layer(spilled) == _by_layer(in_memory)
