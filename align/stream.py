@@ -139,6 +139,25 @@ def _read_back(t: Any) -> np.ndarray:
 SPILL_BYTES = 1 << 28
 
 
+def _in_memory(path: Path, mountinfo: list[str] | None = None) -> bool:
+    """Whether `path` lies on a filesystem held in memory (tmpfs, ramfs: /tmp on many
+    distributions), where a gradient set aside would take as much memory as before."""
+    if mountinfo is None:
+        try:
+            with open("/proc/self/mountinfo") as f:
+                mountinfo = f.readlines()
+        except OSError:
+            return False
+    target, best, kind = str(path.resolve()), -1, ""
+    for line in mountinfo:
+        fields, _, rest = line.partition(" - ")
+        point = fields.split()[4].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= best and rest.split():  # the last mount on a point is the one seen
+            best, kind = len(point), rest.split()[0]
+    return kind in ("tmpfs", "ramfs")
+
+
 class _Spill:
     """The reference shell's large parameter gradients, set aside on disk from the end of
     the reference's first pass until the port's shell is judged against them, memory-mapped
@@ -155,6 +174,7 @@ class _Spill:
         self.dir, self.progress = Path(directory), progress
         self.early: dict[str, tuple[Path, np.dtype, tuple[int, ...]]] = {}
         self.files = 0
+        self.in_memory = _in_memory(self.dir)
 
     def write(self, arr: np.ndarray, path: Path | None = None) -> Path:
         if path is None:
@@ -166,6 +186,10 @@ class _Spill:
     def _spillable(self, fw: Any, name: str, g: Any) -> bool:
         """A contiguous float gradient of at least SPILL_BYTES, with room for it on disk."""
         if fw.nbytes(g) < SPILL_BYTES or fw.dtype_name(g) not in ("float32", "float64") or not g.is_contiguous():
+            return False
+        if self.in_memory:
+            self.progress(f"reference: {name}'s gradient kept in memory: {self.dir} is itself in memory (tmpfs); "
+                          "a TMPDIR on disk lowers the peak")
             return False
         if shutil.disk_usage(self.dir).free < fw.nbytes(g) + (1 << 30):
             self.progress(f"reference: {name}'s gradient kept in memory: too little free space in {self.dir}")

@@ -339,3 +339,29 @@ def test_untied_shell_gradients_wait_on_disk_too(tmp_path, monkeypatch, run_cli)
     assert list(scratch.iterdir()) == []
     assert _grads(spilled) == _grads(in_memory)
     assert _by_layer(spilled) == _by_layer(in_memory)
+
+
+def test_no_spill_into_a_filesystem_held_in_memory(checkpoint, tmp_path, monkeypatch, run_cli):
+    """A TMPDIR on tmpfs (/tmp on many distributions) would hold a gradient set aside in
+    memory all the same: nothing is written there, and the run is the in-memory one."""
+    from pathlib import Path
+
+    from align import stream
+
+    mountinfo = ["27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n",
+                 "40 27 0:30 / /tmp rw,nosuid - tmpfs tmpfs rw,size=100k\n",
+                 "41 40 0:31 / /tmp/disk rw - ext4 /dev/vdb rw\n",
+                 "42 27 0:32 / /home/a\\040b rw - tmpfs tmpfs rw\n"]
+    assert stream._in_memory(Path("/tmp/align-spill-x"), mountinfo)
+    assert not stream._in_memory(Path("/tmp/disk/align-spill-x"), mountinfo)
+    assert not stream._in_memory(Path("/tmpfoo/x"), mountinfo)
+    assert stream._in_memory(Path("/home/a b/x"), mountinfo)
+    assert not stream._in_memory(Path("/var/tmp/x"), mountinfo)
+
+    args = ("run", "gemma2", "--checkpoint", str(checkpoint), "--stream-layers")
+    _, in_memory, _ = run_cli(*args)
+    scratch, aside = _spilling_everything(monkeypatch, tmp_path)
+    monkeypatch.setattr(stream, "_in_memory", lambda path: True)
+    code, report, err = run_cli(*args)
+    assert code == 0 and aside == [] and list(scratch.iterdir()) == [], err[-2000:]
+    assert _grads(report) == _grads(in_memory)
