@@ -175,6 +175,7 @@ class _Spill:
         self.early: dict[str, tuple[Path, np.dtype, tuple[int, ...]]] = {}
         self.files = 0
         self.in_memory = _in_memory(self.dir)
+        self.told: set[str] = set()  # the gradients kept in memory, each said once
 
     def write(self, arr: np.ndarray, path: Path | None = None) -> Path:
         if path is None:
@@ -187,14 +188,13 @@ class _Spill:
         """A contiguous float gradient of at least SPILL_BYTES, with room for it on disk."""
         if fw.nbytes(g) < SPILL_BYTES or fw.dtype_name(g) not in ("float32", "float64") or not g.is_contiguous():
             return False
-        if self.in_memory:
-            self.progress(f"reference: {name}'s gradient kept in memory: {self.dir} is itself in memory (tmpfs); "
-                          "a TMPDIR on disk lowers the peak")
-            return False
-        if shutil.disk_usage(self.dir).free < fw.nbytes(g) + (1 << 30):
-            self.progress(f"reference: {name}'s gradient kept in memory: too little free space in {self.dir}")
-            return False
-        return True
+        why = (f"{self.dir} is itself in memory (tmpfs); a TMPDIR on disk lowers the peak" if self.in_memory
+               else f"too little free space in {self.dir}" if shutil.disk_usage(self.dir).free < fw.nbytes(g) + (1 << 30)
+               else None)
+        if why is not None and name not in self.told:
+            self.told.add(name)
+            self.progress(f"reference: {name}'s gradient kept in memory: {why}")
+        return why is None
 
     def set_aside(self, fw: Any, params: dict[str, Any]) -> None:
         """Write out, and clear, each gradient that is _spillable."""

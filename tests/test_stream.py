@@ -365,3 +365,13 @@ def test_no_spill_into_a_filesystem_held_in_memory(checkpoint, tmp_path, monkeyp
     code, report, err = run_cli(*args)
     assert code == 0 and aside == [] and list(scratch.iterdir()) == [], err[-2000:]
     assert _grads(report) == _grads(in_memory)
+
+    import torch
+
+    from align.torch_side import TorchSide
+
+    said = []
+    spill = stream._Spill(str(scratch), said.append)
+    assert not spill._spillable(TorchSide(), "w", torch.zeros(4)) and not spill._spillable(TorchSide(), "w", torch.zeros(4))
+    assert said == [(f"reference: w's gradient kept in memory: {scratch} is itself in memory (tmpfs); "
+                     "a TMPDIR on disk lowers the peak")]
