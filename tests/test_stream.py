@@ -294,6 +294,20 @@ def _grads(report: dict) -> dict:
     return {p["name"]: p for p in report["param_grads"]}
 
 
+def _spilled_alike(args: tuple, monkeypatch, tmp_path, run_cli) -> tuple:
+    """Runs `args` in memory, then with every shell gradient spillable: the second passes,
+    leaves its scratch directory empty, and judges every layer and parameter gradient to the
+    bit as the first did. Returns the scratch directory and the shapes written."""
+    _, in_memory, _ = run_cli(*args)
+    scratch, aside = _spilling_everything(monkeypatch, tmp_path)
+    code, spilled, err = run_cli(*args)
+    assert code == 0 and spilled["verdict"] == "pass", err[-2000:]
+    assert list(scratch.iterdir()) == []
+    assert _grads(spilled) == _grads(in_memory)
+    assert _by_layer(spilled) == _by_layer(in_memory)
+    return scratch, aside
+
+
 def test_the_shell_gradients_wait_on_disk_and_judge_as_in_memory(checkpoint, monkeypatch, run_cli, tmp_path):
     """The reference shell's large gradients wait on disk from its first pass to the port's
     shell (stream.SPILL_BYTES, made 0 here so that the tiny model's go too). The tied
@@ -303,14 +317,8 @@ def test_the_shell_gradients_wait_on_disk_and_judge_as_in_memory(checkpoint, mon
     part still arrives) fails on that gradient, as the whole total is judged, not the part
     set aside. The scratch directory is gone afterwards, after a pass and after a failure."""
     args = ("run", "gemma2", "--checkpoint", str(checkpoint), "--stream-layers")
-    _, in_memory, _ = run_cli(*args)
-    scratch, aside = _spilling_everything(monkeypatch, tmp_path)
-    code, spilled, err = run_cli(*args)
-    assert code == 0 and spilled["verdict"] == "pass", err[-2000:]
+    scratch, aside = _spilled_alike(args, monkeypatch, tmp_path, run_cli)
     assert aside.count((256, 64)) == 2 and len(aside) >= 3, aside  # the tied embedding twice, the final norm
-    assert list(scratch.iterdir()) == []
-    assert _grads(spilled) == _grads(in_memory)
-    assert _by_layer(spilled) == _by_layer(in_memory)
 
     import paddle.nn.functional as F
 
@@ -331,14 +339,8 @@ def test_untied_shell_gradients_wait_on_disk_too(tmp_path, monkeypatch, run_cli)
     aside, nothing added later), and its embedding's comes from the first block alone
     (written out at the end, not copied). Judged, the numbers are the in-memory ones, to the bit."""
     args = ("run", "phi3", "--checkpoint", tiny_checkpoint("phi3", tmp_path), "--stream-layers")
-    _, in_memory, _ = run_cli(*args)
-    scratch, aside = _spilling_everything(monkeypatch, tmp_path)
-    code, spilled, err = run_cli(*args)
-    assert code == 0 and spilled["verdict"] == "pass", err[-2000:]
+    _, aside = _spilled_alike(args, monkeypatch, tmp_path, run_cli)
     assert aside.count((256, 64)) == 2, aside  # the head's (set aside), then the embedding's (at the end)
-    assert list(scratch.iterdir()) == []
-    assert _grads(spilled) == _grads(in_memory)
-    assert _by_layer(spilled) == _by_layer(in_memory)
 
 
 def test_no_spill_into_a_filesystem_held_in_memory(checkpoint, tmp_path, monkeypatch, run_cli):
@@ -358,13 +360,10 @@ def test_no_spill_into_a_filesystem_held_in_memory(checkpoint, tmp_path, monkeyp
     assert stream._in_memory(Path("/home/a b/x"), mountinfo)
     assert not stream._in_memory(Path("/var/tmp/x"), mountinfo)
 
-    args = ("run", "gemma2", "--checkpoint", str(checkpoint), "--stream-layers")
-    _, in_memory, _ = run_cli(*args)
-    scratch, aside = _spilling_everything(monkeypatch, tmp_path)
     monkeypatch.setattr(stream, "_in_memory", lambda path: True)
-    code, report, err = run_cli(*args)
-    assert code == 0 and aside == [] and list(scratch.iterdir()) == [], err[-2000:]
-    assert _grads(report) == _grads(in_memory)
+    args = ("run", "gemma2", "--checkpoint", str(checkpoint), "--stream-layers")
+    scratch, aside = _spilled_alike(args, monkeypatch, tmp_path, run_cli)
+    assert aside == []
 
     import torch
 
