@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from align import weights as W
-from align.capture import ROOT, Arr, Trace, flatten, run_and_record
+from align.capture import ROOT, Arr, Call, Trace, flatten, run_and_record
 from align.compare import (
     BACKWARD,
     DERIVED,
@@ -297,24 +297,44 @@ def _as_fp64(obj: Any) -> Any:
     return obj
 
 
+def widened_calls(calls: dict[str, Call]) -> dict[str, Call]:
+    """Recorded calls with every fp32 tensor widened to fp64: what a float64 copy of the
+    reference is forced on, to give each stretch's exact value on the port's inputs."""
+    return {n: dataclasses.replace(c, args=_as_fp64(c.args), kwargs=_as_fp64(c.kwargs), outputs=_as_fp64(c.outputs),
+                                   grads={p: g.astype(np.float64) for p, g in c.grads.items()},
+                                   input_grads={p: g.astype(np.float64) for p, g in c.input_grads.items()})
+            for n, c in calls.items()}
+
+
+def float64_copy(module: Any) -> Any:
+    """A float64 copy of a torch module, without the gradients its parameters hold (which a
+    deep copy would copy, and widen)."""
+    import copy
+
+    params = list(module.parameters())
+    grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        return copy.deepcopy(module).double()
+    finally:
+        for p, g in zip(params, grads):
+            p.grad = g
+
+
 def _fp64_run(spec: ModelSpec, ts: Any, ref: Any, inputs: dict[str, Arr], trace: Trace,
               progress: Progress) -> ReferenceRun:
     """The reference again in float64: its whole run (the free-running truth), and one run
     forced on the fp32 run's values, widened (the teacher-forced truth: what each stretch of
     code gives exactly on the inputs the port is fed)."""
-    import copy
-
     from align.compare import Keeper
     from align.force import force
 
     progress("running the reference again in float64 (noise floor)")
-    ref64 = copy.deepcopy(ref).double()
+    ref64 = float64_copy(ref)
     run64 = run_and_record(ts, ref64, {k: ts.tensor(a, False) for k, a in _as_fp64(inputs).items()},
                            _seed(ts, spec), keep_inputs=False)
-    widened = {n: dataclasses.replace(c, args=_as_fp64(c.args), kwargs=_as_fp64(c.kwargs), outputs=_as_fp64(c.outputs),
-                                      grads={p: g.astype(np.float64) for p, g in c.grads.items()},
-                                      input_grads={p: g.astype(np.float64) for p, g in c.input_grads.items()})
-               for n, c in trace.calls.items()}
+    widened = widened_calls(trace.calls)
     keeper = Keeper()
     force(ts, ref64, {k: ts.tensor(a, False) for k, a in _as_fp64(inputs).items()}, widened,
           {n: n for n in widened}, keeper, {k: g.astype(np.float64) for k, g in trace.param_grads.items()},

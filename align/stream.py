@@ -18,6 +18,10 @@ the block boundaries. The reference shell's large gradients wait on disk in betw
    answered from the record instead of run: this judges the code around the blocks
    (embedding scale, masks, norm, head, loss) and the shell's parameter gradients.
 
+With a noise floor (tolerance.noise_floor), a float64 copy of each reference block, and of
+the shell, is forced on its record widened (as run._fp64_run does for the whole model), and
+gives the truth its port twin is judged against.
+
 Blocks must feed each other directly (block k's output is block k+1's input, as in
 transformers' decoder stacks); a model with code between them is refused, not misjudged.
 """
@@ -40,9 +44,9 @@ import numpy as np
 
 from align import weights as W
 from align.capture import ROOT, Arr, Call, Recorder, _snapshot, flatten, hooked, map_inputs, map_tensors
-from align.compare import BACKWARD, FORWARD, TEACHER_FORCED, Collector, RunResult, TensorResult, Tolerances, \
+from align.compare import BACKWARD, FORWARD, TEACHER_FORCED, Collector, Keeper, RunResult, TensorResult, Tolerances, \
     culprits, first_divergence
-from align.force import Forcer, ToReference, force_call
+from align.force import Forcer, Judge, ToReference, force_call
 from align.metrics import CHUNK, missing
 from align.pair import Unpaired, pair_calls
 from align.spec import ConfigError, ModelSpec, require_matching
@@ -354,7 +358,7 @@ def _block_inputs(ps: Any, module: Any, call: Call, extra: dict) -> tuple[tuple,
 
 
 def _force_block(ps: Any, block: Any, port_name: str, ref_name: str, calls: dict[str, Call], to_ref: dict[str, str],
-                 judge: Collector, ref_param_grads: dict[str, np.ndarray], to_reference: ToReference,
+                 judge: Judge, ref_param_grads: dict[str, np.ndarray], to_reference: ToReference,
                  extra: dict) -> Forcer:
     """One port block forced on its reference record, inputs and all: the gradients that
     come back to its inputs are judged as its own."""
@@ -371,6 +375,36 @@ def _force_block(ps: Any, block: Any, port_name: str, ref_name: str, calls: dict
         ref_g = calls[ref_name].input_grads[path]
         judge.compare(ref_name, BACKWARD, f"grad of input {path}", np.zeros_like(ref_g) if g is None else g, ref_g)
     return forcer
+
+
+def _block_truth(ts: Any, block: Any, name: str, calls: dict[str, Call], grads: dict[str, np.ndarray]) -> dict:
+    """The noise floor's truth for one block: a float64 copy of the reference block, forced
+    on its own record widened, as run._fp64_run does for the whole model (a Keeper keeps
+    what it gives, under the labels the port's forced pass uses)."""
+    from align.run import float64_copy, widened_calls
+
+    keeper, widened = Keeper(), widened_calls(calls)
+    _force_block(ts, float64_copy(block), name, name, widened, {n: n for n in widened}, keeper, grads,
+                 lambda key, g: {key: g}, {})
+    return keeper.kept
+
+
+def _shell_truth(ts: Any, ref: Any, calls: dict[str, Call], block_records: set[str], inputs: dict[str, Arr],
+                 params: set[str]) -> dict:
+    """The noise floor's truth for the shell: a float64 copy of the reference (its blocks are
+    empty skeletons by now), forced on the record widened, each block answered from it."""
+    from align.run import _as_fp64, float64_copy, widened_calls
+
+    keeper, widened, ref64 = Keeper(), widened_calls(calls), float64_copy(ref)
+
+    def run() -> None:
+        with _answered(ts, ref64, {n: widened[n] for n in block_records}):
+            ref64(**{k: ts.tensor(a, False) for k, a in _as_fp64(inputs).items()})
+
+    # The Keeper keeps what the copy gives and reads no reference value: naming the
+    # parameters whose gradients to keep is enough.
+    force_call(ts, ref64, run, widened, {n: n for n in widened}, keeper, dict.fromkeys(params), lambda key, g: {key: g})
+    return keeper.kept
 
 
 def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Progress = lambda s: None,
@@ -408,6 +442,8 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
 
     cfg = build.reference_config(spec, config)
     tolerances = Tolerances(spec.tolerance, spec.overrides)
+    noise = spec.noise_floor  # its truth comes from a float64 copy of each part, made beside it
+    factor = noise.factor if noise else None
     progress("building both models as skeletons (no weights)")
     ref = build.reference_skeleton(spec, cfg)
     ref_modules = [n or ROOT for n, _ in ref.named_modules()]
@@ -462,7 +498,8 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
             if i < lowest and not shell_judged:
                 progress(f"blocks 1-{i + 1}: --only chose nothing in them nor in the shell: not run")
                 break
-            progress(f"block {i + 1}/{len(recorder.seen)} ({b.name}): reference, then port on its inputs")
+            progress(f"block {i + 1}/{len(recorder.seen)} ({b.name}): reference{' (and in float64)' if noise else ''}, "
+                     "then port on its inputs")
             grads = {p: leaf.grad for p, leaf in b.leaves if leaf.grad is not None}
             if not grads:
                 raise ConfigError(spec.source, f"models.{spec.name}.stream.blocks",
@@ -483,6 +520,7 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
             own = {k: ts.record(p.grad).data for k, p in ref.named_parameters()
                    if wanted and _under(k, b.name) and p.grad is not None}
             graded.update(own)
+            truth = _block_truth(ts, module, b.name, block_calls, own) if noise and wanted else None
             loader.free_ref(b.name)
             b.args, b.kwargs, b.leaves = (), {}, []
             if not wanted:
@@ -493,7 +531,7 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
             loader.load_port(b.name)
             port_block = ps.submodule(port, port_name)
             pairing = pair_calls([(n, c.module) for n, c in block_calls.items()], port_modules, rules.rename_module)
-            judged = Collector(tolerances)
+            judged = Collector(tolerances, truth, factor)
             forcer = _force_block(ps, port_block, port_name, b.name, block_calls, {p.port: p.ref for p in pairing.pairs},
                                   judging(judged), own, to_reference, _call_kwargs_for(spec, b.name))
             found.absorb(judged)
@@ -505,6 +543,11 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
             ps.clear_grads(port_block)
             loader.free_port(b.name)
 
+        block_records = {n for n in ref_calls if fnmatch.fnmatchcase(n, f"{blocks}.*") and "." not in n[len(blocks) + 1:]}
+        shell_truth = None
+        if shell_judged and noise:
+            progress("reference: the shell again in float64 (noise floor)")
+            shell_truth = _shell_truth(ts, ref, ref_calls, block_records, inputs, set(shell_params))
         late = {k: p.grad for k, p in shell_params.items()} if shell_judged else {}
         loader.free_ref("", exclude=blocks)
         del ref, recorder, calls, shell_params
@@ -515,17 +558,15 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
         gc.collect()
         shell_grads = spill.totals(ts, late)  # empties `late`: the gradients go as they are read
         graded.update(shell_grads)
-        shell = Collector(tolerances)
+        shell = Collector(tolerances, shell_truth, factor)
         if shell_judged:
             progress("port: the shell, forced, each block answered from the reference's record")
             loader.load_port("", exclude=blocks)
-            block_records = {n: c for n, c in ref_calls.items() if fnmatch.fnmatchcase(n, f"{blocks}.*")
-                             and "." not in n[len(blocks) + 1:]}
             pairing = pair_calls([(n, c.module) for n, c in ref_calls.items()], port_modules, rules.rename_module)
             shell_pairs = [p for p in pairing.pairs if p.ref not in block_records]
 
             def run() -> None:
-                with _answered(ps, port, {rename(n): c for n, c in block_records.items()}):
+                with _answered(ps, port, {rename(n): ref_calls[n] for n in block_records}):
                     port(**{k: ps.tensor(a, False) for k, a in _port_inputs(inputs, spec).items()},
                          **_call_kwargs_for(spec, ROOT))
 
@@ -539,12 +580,13 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
             loader.free_port("", exclude=blocks)
         else:
             progress("port: the shell not run (--only chose no module of it)")
-        del shell_grads  # and so its memory maps, before their directory goes
+        del shell_grads, shell_truth  # and so its memory maps, before their directory goes
 
     layers = sorted(layers, key=lambda layer: order[layer.name][0])
     fwd_order = sorted(order, key=lambda n: order[n][1])
     bwd_order = sorted(order, key=lambda n: order[n][0])[::-1]
-    run = RunResult("float32", TEACHER_FORCED, spec.tolerance, spec.tolerance.describe() + "; layer-streamed",
+    policy = spec.tolerance.describe() + (f"; {noise.describe()}" if noise else "") + "; layer-streamed"
+    run = RunResult("float32", TEACHER_FORCED, spec.tolerance, policy,
                     tuple(layers), first_divergence(tuple(layers), fwd_order, bwd_order),
                     culprits(tuple(layers), fwd_order, bwd_order))
     outputs = tuple(TensorResult(k, m, tolerances.for_name(k)) for k, m in shell.labelled(ROOT, FORWARD, "output "))

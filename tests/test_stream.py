@@ -119,6 +119,48 @@ def test_other_stacks_streamed_catch_and_localize(model, bug, tmp_path, monkeypa
     assert detected and localized, (report or {}).get("culprits", err[-2000:])
 
 
+def _floor_verdicts(report) -> tuple:
+    """What a run's noise floor decided: its verdict, the layers that failed, and the
+    comparisons (layers by direction, parameter gradients) it let pass as fp32 noise."""
+    [run] = [r for r in report.runs if r.status == "ran" and r.mode == "teacher_forced"]
+    rescued = {(layer.name, d) for layer in run.layers
+               for d, m in (("forward", layer.forward), ("backward", layer.backward))
+               if m is not None and m.note.startswith("within fp32 noise")}
+    grads = {p.name for p in report.param_grads if p.metrics.note.startswith("within fp32 noise")}
+    return report.verdict, {layer.name for layer in run.layers if not layer.passed}, rescued, grads
+
+
+@pytest.mark.parametrize("tol", [3e-6, 1e-6])
+def test_streamed_applies_the_noise_floor(tol, bug_ledger):
+    """MiniLM's registry judges fp32 against a float64 run of the reference (its noise floor).
+    Streamed, the float64 truth comes from a float64 copy of each block, and of the shell,
+    forced on the record. With the tolerance tightened below what its real weights' fp32
+    rounding reaches, streaming lets pass and fails exactly what the whole-model pass does:
+    at 3e-6 both pass on the floor alone, and streaming without it is a false alarm; at 1e-6
+    the floor does not cover everything, and the same layers fail in both."""
+    import dataclasses
+
+    from align.run import align_model
+    from align.spec import Tolerance, load_registry, resolve_path
+    from align.stream import align_streamed
+
+    spec = load_registry(REGISTRY).get("minilm")
+    spec = dataclasses.replace(spec, tolerance=Tolerance(tol, tol))
+    ckpt = resolve_path(spec.checkpoints[spec.default_config], spec.source)
+    streamed = align_streamed(spec, spec.default_config, ckpt)
+    assert "ref_fp64" in streamed.runs[0].policy and "layer-streamed" in streamed.runs[0].policy
+    verdict, failed, rescued, grads = _floor_verdicts(streamed)
+    assert _floor_verdicts(align_model(spec, fast=True)) == (verdict, failed, rescued, grads)
+    assert rescued and grads, "the tightened tolerance must need the floor, or this proves nothing"
+    bare = _floor_verdicts(align_streamed(dataclasses.replace(spec, noise_floor=None), spec.default_config, ckpt))
+    assert bare[0] == "fail" and bare[1] >= {name for name, _ in rescued}
+    if tol == 3e-6:
+        bug_ledger.record_clean("layer-streamed minilm, noise floor at 3e-6", false_alarm=verdict != "pass")
+        assert verdict == "pass" and not failed
+    else:
+        assert verdict == "fail" and failed
+
+
 def test_streaming_needs_a_checkpoint_and_a_block_list(checkpoint, run_cli, tmp_path):
     code, _, err = run_cli("run", "gemma2", "--stream-layers")
     assert code == 2 and "--stream-layers needs --checkpoint" in err and "Traceback" not in err
