@@ -59,15 +59,15 @@ def measure(key: str, rounds: int) -> dict:
     from align.compare import Collector, Tolerances
     from align.force import Forcer, force
     from align.paddle_side import PaddleSide
-    from align.run import _load_weights, _seed
+    from align.run import _as_reference, _load_weights, _seed
     from align.torch_side import TorchSide
 
     spec, config = bench_spec(key)
     ts, ps = TorchSide(), PaddleSide()
     cfg = build.reference_config(spec, config)
     ref, port = build.build_reference(spec, cfg), build.build_port(spec, cfg)
-    _load_weights(W.load_rules(spec.weights_file), {k: ts.record(v).data for k, v in ref.state_dict().items()},
-                  port, ps, cfg.to_dict())
+    wmap = _load_weights(W.load_rules(spec.weights_file), {k: ts.record(v).data for k, v in ref.state_dict().items()},
+                         port, ps, cfg.to_dict())
     inputs = build.make_inputs(spec, cfg)
 
     def fresh(fw):
@@ -87,9 +87,15 @@ def measure(key: str, rounds: int) -> dict:
     to_ref = {n: n for n in trace.calls}  # gemma2's port keeps HF's module names
     tolerances = Tolerances(spec.tolerance, spec.overrides)
 
+    judges: list[Collector] = []
+
+    def to_reference(key, g):  # the port's parameter gradients as the reference stores them
+        return _as_reference({key: g}, wmap)
+
     def forced(make_judge):
         def run():
-            force(ps, port, fresh(ps), trace.calls, to_ref, make_judge(), trace.param_grads, lambda k, g: {k: g})
+            judges[:] = [make_judge()]
+            force(ps, port, fresh(ps), trace.calls, to_ref, judges[0], trace.param_grads, to_reference)
         return run
 
     def once_at_end():
@@ -97,7 +103,7 @@ def measure(key: str, rounds: int) -> dict:
         ps.clear_grads(port)
         with hooked(ps, port, forcer):
             port(**fresh(ps))
-        forcer.backward(port, trace.param_grads, lambda k, g: {k: g})
+        forcer.backward(port, trace.param_grads, to_reference)
         forcer.leaves = {}
 
     parts: dict[str, Callable[[], None]] = {
@@ -113,13 +119,17 @@ def measure(key: str, rounds: int) -> dict:
             t = time.perf_counter()
             parts[part]()
             samples[part].append(time.perf_counter() - t)
+    # The last part timed is the gate's forced pass: what its judge saw shows it compared.
+    seen = [m for found in judges[0].found.values() for _, m in found]
+    if not seen or any(not m.passed for m in seen):  # a failing comparison takes a shorter path
+        sys.exit(f"bench_floor: the forced pass of {key} did not pass all {len(seen)} comparisons")
     med = {p: statistics.median(s[1:] if len(s) > 1 else s) * 1000 for p, s in samples.items()}
     bare = med["torch bare"] + med["paddle bare"]
     floor = med["reference recorded"] + med["port forced, judging nothing"]
     gate = med["reference recorded"] + med["port forced"]
     return {"config": CONFIGS[key][0], "rounds": rounds, "median_ms": {p: round(v, 2) for p, v in med.items()},
             "samples_ms": {p: [round(x * 1000, 2) for x in s] for p, s in samples.items()},
-            "bare_ms": round(bare, 2), "floor_ms": round(floor, 2), "gate_ms": round(gate, 2),
+            "comparisons": len(seen), "bare_ms": round(bare, 2), "floor_ms": round(floor, 2), "gate_ms": round(gate, 2),
             "floor_ratio": round(floor / bare, 2), "gate_ratio": round(gate / bare, 2)}
 
 
