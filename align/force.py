@@ -174,7 +174,7 @@ class Forcer:
             if not _compatible(fw, t, a):
                 notes.kept.append(f"{path} ({fw.dtype_name(t)}{list(t.shape)} vs reference {a.dtype}{list(a.data.shape)})")
                 return self._kept(ref_name, t)
-            label = f"{call.name} input {path}"
+            label = f"{ref_name} input {path}"  # the reference's names: the noise floor's truth is kept by them
             if parent is not None:
                 self.judge.compare(parent, FORWARD, label, fw.view(t), _seen_as(tuple(t.shape), a.data))
             grad = ref_call.input_grads.get(path)
@@ -216,7 +216,7 @@ class Forcer:
                                     f"non-differentiable), while the reference's does")
             if caller is None or not _compatible(fw, t, a):
                 return t  # the model's own outputs go back to the caller as they are
-            return self._leaf(a, grad, parent, f"grad of {call.name} output {path}")
+            return self._leaf(a, grad, parent, f"grad of {ref_name} output {path}")
 
         output = map_tensors(output, fw, swap)
         if caller is not None:

@@ -100,3 +100,38 @@ def test_parameters_of_a_module_never_called_count_for_the_caller_that_used_them
           lambda k, g: {k: g})
     root = dict(judge.labelled("<root>", "backward", "grad of parameter "))
     assert root["table.weight"].passed and "lin.weight" not in root  # lin's own call judges lin's
+
+
+class Renamed(torch.nn.Module):
+    """Parent with its child under another name, as a port may call it (a rename rule)."""
+
+    def __init__(self):
+        super().__init__()
+        self.kid, self.out = Child(False), torch.nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.out(self.kid(x)).sum()
+
+
+def test_a_renamed_module_is_judged_under_the_reference_names():
+    """Every comparison of a port whose modules are named otherwise carries the reference's
+    names, owner and label alike: the noise floor's truth, kept from a float64 forced run of
+    the reference, is looked up by them."""
+    torch.manual_seed(0)
+    ref, x = Parent(False), torch.randn(4, 3)
+    port = Renamed()
+    port.load_state_dict({k.replace("child.", "kid."): v for k, v in ref.state_dict().items()})
+    ts = TorchSide()
+    trace = run_and_record(ts, ref, {"x": x}, lambda out: out, keep_inputs=True)
+
+    def judged(model, to_ref):
+        judge = Collector(TOL)
+        force(ts, model, {"x": x}, trace.calls, to_ref, judge, trace.param_grads,
+              lambda k, g: {k.replace("kid.", "child."): g})
+        return {(o, d, label): m for (o, d), items in judge.found.items() for label, m in items}
+
+    own = judged(ref, {n: n for n in trace.calls})
+    renamed = judged(port, {n.replace("child", "kid"): n for n in trace.calls})
+    assert any("child" in label for _, _, label in own), "the test needs labels that name a module"
+    assert renamed.keys() == own.keys()
+    assert all(m.passed for m in renamed.values())
