@@ -23,7 +23,7 @@ process's own VmHWM, taken after its first call. Each align process then calls
 `align_model` once more: that second call's alignment time ("warm", the fastest over the
 processes) is what PaDiff, timed after its own bare passes, is compared with.
 PaDiff 0.2.0 (in .venv-padiff, see `make venv-padiff`) runs `benchmarks/padiff_run.py` on the
-same models, API mode off and on; its time is compared with our full path.
+same models, API mode off and on; its time is compared with our gate and full paths, warm.
 """
 
 from __future__ import annotations
