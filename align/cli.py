@@ -19,7 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from align.spec import ConfigError, ModelSpec, Registry, find_registry, load_registry, resolve_path
+from align.spec import ConfigError, ModelSpec, Registry, find_registry, load_registry
 from align.weights import WeightError
 
 
@@ -279,9 +279,7 @@ def _run_streamed(spec: ModelSpec, args: argparse.Namespace, command: str, conso
     from align.stream import align_streamed
 
     config = args.config or spec.default_config
-    checkpoint = args.checkpoint
-    if checkpoint is None and config in spec.checkpoints:  # as the in-process run does
-        checkpoint = resolve_path(spec.checkpoints[config], spec.source)
+    checkpoint = args.checkpoint or spec.checkpoint_for(config)  # as the in-process run loads it
     if checkpoint is None:
         raise ConfigError(spec.source, f"models.{spec.name}", "--stream-layers needs --checkpoint (the weights to stream)"
                           f" or a checkpoint for config {config!r} in [models.{spec.name}.checkpoints]")

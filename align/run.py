@@ -247,12 +247,10 @@ def run_reference(spec: ModelSpec, config: str | None = None, checkpoint: Path |
     """
     from align import build
     from align.diagnose import reference_environment
-    from align.spec import resolve_path
     from align.torch_side import TorchSide
 
     config = config or spec.default_config
-    if checkpoint is None and config in spec.checkpoints:
-        checkpoint = resolve_path(spec.checkpoints[config], spec.source)
+    checkpoint = checkpoint or spec.checkpoint_for(config)
     progress("building the reference")
     ts = TorchSide()
     rules = W.load_rules(spec.weights_file)
@@ -295,6 +293,11 @@ def _as_fp64(obj: Any) -> Any:
         items = [_as_fp64(v) for v in obj]
         return items if isinstance(obj, list) else tuple(items)
     return obj
+
+
+def tolerance_policy(spec: ModelSpec) -> str:
+    """The fp32 rule in words, with the noise floor when the model declares one."""
+    return spec.tolerance.describe() + (f"; {spec.noise_floor.describe()}" if spec.noise_floor else "")
 
 
 def widened_calls(calls: dict[str, Call]) -> dict[str, Call]:
@@ -411,7 +414,7 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
     if noise and ref.fp64 is None:
         raise ConfigError(spec.source, f"models.{spec.name}.tolerance.noise_floor",
                           "the trace has no float64 run of the reference; trace it again")
-    policy = spec.tolerance.describe() + (f"; {noise.describe()}" if noise else "")
+    policy = tolerance_policy(spec)
     runs: list[RunResult] = []
     outputs: tuple[TensorResult, ...] = ()
     param_grads: tuple[TensorResult, ...] = ()

@@ -139,6 +139,11 @@ class ModelSpec:
     def root(self) -> Path:
         return self.source.parent
 
+    def checkpoint_for(self, config: str) -> Path | None:
+        """The checkpoint [checkpoints] names for `config`, if any (what a run loads when no
+        --checkpoint is given)."""
+        return resolve_path(self.checkpoints[config], self.source) if config in self.checkpoints else None
+
 
 @dataclass(frozen=True)
 class Registry:

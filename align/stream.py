@@ -427,7 +427,7 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
     from align.paddle_side import PaddleSide
     from align.keep import keeping
     from align.run import (FORCED_TWICE, Report, _as_reference, _call_kwargs_for, _forced_layers, _port_inputs, _seed,
-                           selected)
+                           selected, tolerance_policy)
     from align.torch_side import TorchSide
 
     blocks = spec.stream_blocks
@@ -543,7 +543,7 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
             ps.clear_grads(port_block)
             loader.free_port(b.name)
 
-        block_records = {n for n in ref_calls if fnmatch.fnmatchcase(n, f"{blocks}.*") and "." not in n[len(blocks) + 1:]}
+        block_records = {n for n in ref_calls if recorder.is_block(n)}
         shell_truth = None
         if shell_judged and noise:
             progress("reference: the shell again in float64 (noise floor)")
@@ -585,7 +585,7 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
     layers = sorted(layers, key=lambda layer: order[layer.name][0])
     fwd_order = sorted(order, key=lambda n: order[n][1])
     bwd_order = sorted(order, key=lambda n: order[n][0])[::-1]
-    policy = spec.tolerance.describe() + (f"; {noise.describe()}" if noise else "") + "; layer-streamed"
+    policy = tolerance_policy(spec) + "; layer-streamed"
     run = RunResult("float32", TEACHER_FORCED, spec.tolerance, policy,
                     tuple(layers), first_divergence(tuple(layers), fwd_order, bwd_order),
                     culprits(tuple(layers), fwd_order, bwd_order))

@@ -141,12 +141,12 @@ def test_streamed_applies_the_noise_floor(tol, bug_ledger):
     import dataclasses
 
     from align.run import align_model
-    from align.spec import Tolerance, load_registry, resolve_path
+    from align.spec import Tolerance, load_registry
     from align.stream import align_streamed
 
     spec = load_registry(REGISTRY).get("minilm")
     spec = dataclasses.replace(spec, tolerance=Tolerance(tol, tol))
-    ckpt = resolve_path(spec.checkpoints[spec.default_config], spec.source)
+    ckpt = spec.checkpoint_for(spec.default_config)
     streamed = align_streamed(spec, spec.default_config, ckpt)
     assert "ref_fp64" in streamed.runs[0].policy and "layer-streamed" in streamed.runs[0].policy
     verdict, failed, rescued, grads = _floor_verdicts(streamed)
