@@ -75,6 +75,11 @@ def checkpoint(path: Path, shapes: dict, shard_gb: float) -> None:
         print(f"generated {gen['bytes'] / 1e9:.2f} GB in {gen['shards']} shards in {time.perf_counter() - t:.0f} s")
 
 
+def depth_files(workdir: Path, depth: int) -> tuple[Path, Path]:
+    """Where the `depth`-layer cut of the 2B keeps its checkpoint and its config."""
+    return workdir / f"gemma2-2b-fp32-{depth}-layers", workdir / f"gemma2-2b-{depth}-layers.json"
+
+
 def shallower(depth: int, workdir: Path, shard_gb: float) -> dict:
     """The 2B's widths and vocabulary with only `depth` decoder layers: its own checkpoint and
     config, streamed whole, to show what the depth costs in memory and time."""
@@ -84,10 +89,9 @@ def shallower(depth: int, workdir: Path, shard_gb: float) -> dict:
 
     shapes = {k: s for k, s in gemma2_full_shapes().items()
               if not (m := re.match(r"model\.layers\.(\d+)\.", k)) or int(m.group(1)) < depth}
-    ckpt = workdir / f"gemma2-2b-fp32-{depth}-layers"
+    ckpt, config = depth_files(workdir, depth)
     checkpoint(ckpt, shapes, shard_gb)
     full = load_registry(ROOT / "align.toml").get("gemma2").configs["full"]
-    config = workdir / f"gemma2-2b-{depth}-layers.json"
     config.write_text(json.dumps({**full, "num_hidden_layers": depth}))
     gb = sum(int(np.prod(s)) for s in shapes.values()) * 4 / 1e9
     return {"depth": depth, "checkpoint_gb": round(gb, 2), "both_models_with_grads_gb": round(4 * gb, 1),
@@ -142,7 +146,9 @@ def main() -> None:
     if not args.keep:
         shutil.rmtree(ckpt)
         for d in depths:
-            shutil.rmtree(args.workdir / f"gemma2-2b-fp32-{d}-layers")
+            ckpt_d, config_d = depth_files(args.workdir, d)
+            shutil.rmtree(ckpt_d)
+            config_d.unlink()
 
 
 if __name__ == "__main__":
