@@ -1,7 +1,8 @@
-"""The `align` command: a thin shell over align.run and align.report.
+"""The `align` command: a thin shell over the execution core (align.core) and the reports.
 
-Exit codes: 0 aligned, 1 not aligned (or could not run what was asked), 2 usage or config
-error. A user mistake gets one line on stderr naming the file and key, never a traceback.
+Exit codes (align.gate.ExitCode): 0 aligned, 1 not aligned (or could not run what was
+asked), 2 usage or config error. A user mistake gets one line on stderr naming the file and
+key, never a traceback.
 """
 
 from __future__ import annotations
@@ -12,22 +13,15 @@ import shlex
 import shutil
 import sys
 import time
-from enum import IntEnum
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from align.spec import ConfigError, ModelSpec, Registry, find_registry, load_registry
-from align.weights import WeightError
-
-
-class ExitCode(IntEnum):
-    ALIGNED = 0
-    NOT_ALIGNED = 1
-    USAGE_ERROR = 2
-
+from align.errors import ConfigError, WeightError
+from align.gate import ExitCode, exit_code, gated
+from align.registry.load import find_registry, load_registry
+from align.registry.spec import ModelSpec, Registry
 
 DTYPE_ALIASES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
@@ -153,12 +147,13 @@ def _align_and_write(spec: ModelSpec, out: Path, console: Console, quiet: bool, 
                      checkpoint: Path | None = None, reference=None, weights_from: str = "rules",
                      only: tuple[str, ...] = (), fast: bool = False, shared: bool = False,
                      keep: tuple[str, ...] = ()) -> dict:
-    """Align one model (against a saved `reference` run, if given); write report.json,
-    report.html, the repro, the kept tensors, the history line and the dashboard. `fast`:
-    the gate path. `shared`: the reference is used again afterwards, so its tensors are not
-    released. `keep`: module globs whose tensors are kept in full (see align.keep)."""
-    from align.report import append_history, as_json, render_console, write_index, write_report
-    from align.run import check_port, run_reference
+    """Align one model (against a saved `reference` run, if given) and write its report
+    directory (see report.files.write_result). `fast`: the gate path. `shared`: the
+    reference is used again afterwards, so its tensors are not released. `keep`: module
+    globs whose tensors are kept in full (see compare.keep)."""
+    from align.core import check_port, run_reference
+    from align.report.console import render_console
+    from align.report.files import write_result
 
     if spec.port_environment and reference is None:
         return _align_across(spec, out, console, quiet, command, config, dtypes, checkpoint, weights_from, only, fast,
@@ -168,31 +163,8 @@ def _align_and_write(spec: ModelSpec, out: Path, console: Console, quiet: bool, 
         reference = reference or run_reference(spec, config, checkpoint, progress, only, observe=not fast)
         result = check_port(spec, reference, dtypes, progress, command, weights_from, fast=fast, release=not shared,
                             keep=keep)
-    report = _with_tensors(result, out, keep)
-    report["duration_s"] = round(time.perf_counter() - started, 3)
-    report = as_json(report)
-    paths = write_report(report, out)
-    append_history(report, out.parent, out.name)
-    index = write_index(out.parent)
-    render_console(report, console, (*paths, index))
-    return report
-
-
-def _with_tensors(result: Any, out: Path, keep: tuple[str, ...]) -> dict:
-    """The report's dict, once its tensors are written beside it: the first culprit's repro
-    and what --keep asked for. Those of an earlier run in `out` are removed."""
-    report = result.to_dict()
-    if result.repro is not None:
-        report["repro"] = str(result.repro.write(out / "repro").relative_to(out))
-    elif (out / "repro").is_dir():
-        shutil.rmtree(out / "repro")  # a passing run leaves no stale repro of an old failure behind
-    if keep:
-        from align.keep import write_kept
-
-        report["kept"] = {"path": str(write_kept(result.kept, keep, out / "kept").relative_to(out)),
-                          "globs": list(keep), "tensors": len(result.kept)}
-    elif (out / "kept").is_dir():
-        shutil.rmtree(out / "kept")  # tensors kept by an earlier run are not this report's
+    report, paths = write_result(result, out, keep, time.perf_counter() - started)
+    render_console(report, console, paths)
     return report
 
 
@@ -201,34 +173,17 @@ def _align_across(spec: ModelSpec, out: Path, console: Console, quiet: bool, com
                   weights_from: str = "rules", only: tuple[str, ...] = (), fast: bool = False,
                   keep: tuple[str, ...] = ()) -> dict:
     """The reference here, the port in its own environment: trace, then `align check` there."""
-    import subprocess
     import tempfile
 
-    from align.report import load_report
-    from align.run import run_reference
-    from align.trace_io import TraceWriter
+    from align.core.across import check_elsewhere, environment_python, trace_reference
 
-    env_dir = (spec.source.parent / spec.port_environment).resolve()
-    python = env_dir / "bin" / "python"
-    if not python.is_file():
-        raise ConfigError(spec.source, f"models.{spec.name}.port.environment",
-                          f"{env_dir} does not exist; create it with `make venv-paddleformers`")
+    env_dir = environment_python(spec).parent.parent
     with tempfile.TemporaryDirectory(prefix="align-trace-") as tmp:
-        with _progress(console, spec.name, quiet) as progress, TraceWriter(Path(tmp) / spec.name) as writer:
-            run = run_reference(spec, config, checkpoint, progress, only, sink=writer, observe=not fast)
-            trace = writer.finish(run)
-        cmd = [str(python), "-m", "align", "--registry", str(spec.source), "check", spec.name, "--trace", str(trace),
-               "--out", str(out), "--as-command", command, "--weights-from", weights_from]
-        cmd += [a for d in dtypes or () for a in ("--dtype", d)] + (["--quiet"] if quiet else [])
-        cmd += ["--fast"] if fast else []
-        cmd += [a for g in keep for a in ("--keep", g)]
+        with _progress(console, spec.name, quiet) as progress:
+            run, trace = trace_reference(spec, Path(tmp) / spec.name, progress, config, checkpoint, only, fast)
         console.print(f"{spec.name}: reference traced here (torch {run.env['torch']}); "
                       f"checking the port in {env_dir.name}", highlight=False)
-        proc = subprocess.run(cmd)
-    if proc.returncode == ExitCode.USAGE_ERROR or not (out / "report.json").is_file():
-        raise ConfigError(spec.source, f"models.{spec.name}.port",
-                          f"`align check` in {env_dir.name} failed (exit code {proc.returncode}); see above")
-    return load_report(out / "report.json")
+        return check_elsewhere(spec, trace, out, command, dtypes, weights_from, fast, keep, quiet)
 
 
 def _port_names(spec: ModelSpec, asked: list[str] | None) -> list[str]:
@@ -246,14 +201,9 @@ def _port_names(spec: ModelSpec, asked: list[str] | None) -> list[str]:
 
 
 def _port_spec(spec: ModelSpec, port: str) -> ModelSpec:
-    from align.convert import load_port
+    from align.convert.port import load_port
 
     return spec if port == "hand" else load_port(spec, spec.ports[port])
-
-
-def report_dir(root: Path, model: str, port: str) -> Path:
-    """reports/<model>/ for the hand port, reports/<model>-<port>/ for a generated one."""
-    return root / (model if port == "hand" else f"{model}-{port}")
 
 
 def _run(args: argparse.Namespace, argv: list[str], console: Console) -> ExitCode:
@@ -266,17 +216,20 @@ def _run(args: argparse.Namespace, argv: list[str], console: Console) -> ExitCod
     if args.stream_layers:
         return _run_streamed(specs[ports[0]], args, command, console)
     if len(ports) == 1:
+        from align.report.files import report_dir
+
         out = args.out or report_dir(registry.source.parent / "reports", spec.name, ports[0])
         report = _align_and_write(specs[ports[0]], out, console, args.quiet, command, args.config, dtypes,
                                   args.checkpoint, weights_from=args.weights_from, only=tuple(args.only),
                                   fast=args.fast, keep=tuple(args.keep))
-        return ExitCode.ALIGNED if report["verdict"] == "pass" else ExitCode.NOT_ALIGNED
+        return exit_code([report])
     return _run_side_by_side(spec, specs, args, dtypes, command, console)
 
 
 def _run_streamed(spec: ModelSpec, args: argparse.Namespace, command: str, console: Console) -> ExitCode:
-    from align.report import append_history, as_json, render_console, write_index, write_report
-    from align.stream import align_streamed
+    from align.core.streamed import align_streamed
+    from align.report.console import render_console
+    from align.report.files import report_dir, write_result
 
     config = args.config or spec.default_config
     checkpoint = args.checkpoint or spec.checkpoint_for(config)  # as the in-process run loads it
@@ -292,22 +245,19 @@ def _run_streamed(spec: ModelSpec, args: argparse.Namespace, command: str, conso
     with _progress(console, spec.name, args.quiet) as progress:
         result = align_streamed(spec, config, checkpoint, progress, command,
                                 only=tuple(args.only), keep=tuple(args.keep))
-    report = _with_tensors(result, out, tuple(args.keep))
-    report["duration_s"] = round(time.perf_counter() - started, 3)
-    report = as_json(report)
-    paths = write_report(report, out)
-    append_history(report, out.parent, out.name)
-    render_console(report, console, (*paths, write_index(out.parent)))
-    return ExitCode.ALIGNED if report["verdict"] == "pass" else ExitCode.NOT_ALIGNED
+    report, paths = write_result(result, out, tuple(args.keep), time.perf_counter() - started)
+    render_console(report, console, paths)
+    return exit_code([report])
 
 
 def _run_side_by_side(spec: ModelSpec, specs: dict[str, ModelSpec], args: argparse.Namespace,
                       dtypes: tuple[str, ...] | None, command: str, console: Console) -> ExitCode:
     """Several ports against ONE reference run: each gets its own report directory, and a
     side-by-side page compares them module by module."""
-    from align import side_by_side
-    from align.report import write_atomic
-    from align.run import run_reference
+    from align.atomic import write_atomic
+    from align.core import run_reference
+    from align.report import side_by_side
+    from align.report.files import report_dir
 
     if any(s.port_environment for s in specs.values()):
         raise ConfigError(spec.source, f"models.{spec.name}.port.environment",
@@ -324,11 +274,11 @@ def _run_side_by_side(spec: ModelSpec, specs: dict[str, ModelSpec], args: argpar
     write_atomic(path, side_by_side.render_html(reports))
     side_by_side.render_console(reports, console)
     console.print(f"wrote {path}", highlight=False)
-    return ExitCode.ALIGNED if all(r["verdict"] == "pass" for r in reports.values()) else ExitCode.NOT_ALIGNED
+    return exit_code(reports.values())
 
 
 def _convert(args: argparse.Namespace, console: Console) -> ExitCode:
-    from align.convert import convert, render
+    from align.convert.port import convert, render
 
     spec = _registry(args).get(args.model)
     if args.port not in spec.ports:
@@ -342,22 +292,20 @@ def _convert(args: argparse.Namespace, console: Console) -> ExitCode:
 
 
 def _trace(args: argparse.Namespace, console: Console) -> ExitCode:
-    from align.run import run_reference
-    from align.trace_io import TraceWriter
+    from align.core.across import trace_reference
 
     spec = _registry(args).get(args.model)
-    with _progress(console, spec.name, args.quiet) as progress, TraceWriter(args.out, args.force) as writer:
-        run = run_reference(spec, args.config, args.checkpoint, progress, sink=writer)
-        path = writer.finish(run)
+    with _progress(console, spec.name, args.quiet) as progress:
+        run, path = trace_reference(spec, args.out, progress, args.config, args.checkpoint, force=args.force)
     console.print(f"traced {spec.name} ({run.config_name} config): {len(run.trace.calls)} module calls, "
                   f"torch {run.env['torch']}, transformers {run.env['transformers']} -> {path}")
     return ExitCode.ALIGNED
 
 
 def _check(args: argparse.Namespace, argv: list[str], console: Console) -> ExitCode:
-    from align.run import fingerprint
-    from align.spec import require_matching
-    from align.trace_io import check_matches, read_trace
+    from align.core.reference import fingerprint
+    from align.core.trace_io import check_matches, read_trace
+    from align.registry.spec import require_matching
 
     registry = _registry(args)
     spec = registry.get(args.model)
@@ -371,21 +319,19 @@ def _check(args: argparse.Namespace, argv: list[str], console: Console) -> ExitC
     command = args.as_command or "align " + " ".join(shlex.quote(a) for a in argv)
     report = _align_and_write(spec, out, console, args.quiet, command, dtypes=dtypes, reference=run,
                               weights_from=args.weights_from, fast=args.fast, keep=tuple(args.keep))
-    return ExitCode.ALIGNED if report["verdict"] == "pass" else ExitCode.NOT_ALIGNED
+    return exit_code([report])
 
 
 def _gate(args: argparse.Namespace, console: Console) -> ExitCode:
-    from align.junit import render_junit
-    from align.report import write_atomic
+    from align.atomic import write_atomic
+    from align.report.junit import render_junit
 
     registry = _registry(args)
-    gated = [spec for spec in registry.models.values() if spec.ci]
-    if not gated:
-        raise ConfigError(registry.source, "models", "no model is marked ci = true: the gate would check nothing")
+    models = gated(registry)
     root = args.reports or registry.source.parent / "reports"
     reports = [_align_and_write(spec, root / spec.name, console, args.quiet,
                                 f"align run {spec.name}" + ("" if args.full else " --fast"), fast=not args.full)
-               for spec in gated]
+               for spec in models]
     if args.junit:
         write_atomic(args.junit, render_junit(reports))
     table = Table(title="align gate", show_edge=False)
@@ -397,13 +343,14 @@ def _gate(args: argparse.Namespace, console: Console) -> ExitCode:
     console.print(table)
     if args.junit:
         console.print(f"wrote {args.junit}")
-    return ExitCode.ALIGNED if all(r["verdict"] == "pass" for r in reports) else ExitCode.NOT_ALIGNED
+    return exit_code(reports)
 
 
 def _render(args: argparse.Namespace, console: Console) -> ExitCode:
-    from align.html import render_html
-    from align.junit import render_junit
-    from align.report import load_report, write_atomic
+    from align.atomic import write_atomic
+    from align.report.files import load_report
+    from align.report.html import render_html
+    from align.report.junit import render_junit
 
     path = args.path / "report.json" if args.path.is_dir() else args.path
     try:
@@ -420,14 +367,25 @@ def _render(args: argparse.Namespace, console: Console) -> ExitCode:
     if args.junit:
         write_atomic(args.junit, render_junit([report]))
         console.print(f"wrote {args.junit}")
-    return ExitCode.ALIGNED if report["verdict"] == "pass" else ExitCode.NOT_ALIGNED
+    return exit_code([report])
 
 
 def _weights(args: argparse.Namespace, console: Console) -> ExitCode:
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
     from align import build
-    from align.checkpoint import Checkpoint, convert_checkpoint, verify_checkpoint
+    from align.weights.checkpoint import (
+        Checkpoint,
+        convert_checkpoint,
+        verify_checkpoint,
+    )
     from align.weights import load_rules, plan, render_rules, same_bytes
 
     spec = _registry(args).get(args.model)
@@ -438,7 +396,7 @@ def _weights(args: argparse.Namespace, console: Console) -> ExitCode:
                             f"Generated by `align weights rules --model {spec.name}` from {spec.port_class}.\n"
                             "Add renames, ties, merges and ignores by hand; see align/weights.py.")
         if args.out:
-            from align.report import write_atomic
+            from align.atomic import write_atomic
 
             write_atomic(args.out, text)
             console.print(f"wrote {args.out}")

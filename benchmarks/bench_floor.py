@@ -55,18 +55,21 @@ class _Nothing:
 def measure(key: str, rounds: int) -> dict:
     from align import build
     from align import weights as W
-    from align.capture import hooked, run_and_record
-    from align.compare import Collector, Tolerances
-    from align.force import Forcer, force
-    from align.paddle_side import PaddleSide
-    from align.run import _as_reference, _load_weights, _seed
-    from align.torch_side import TorchSide
+    from align.build.backward import backward_seed
+    from align.capture.force import Forcer, force
+    from align.capture.hooks import hooked, run_and_record
+    from align.capture.paddle_side import PaddleSide
+    from align.capture.torch_side import TorchSide
+    from align.compare.judges import Collector
+    from align.compare.results import Tolerances
+    from align.core.judged import as_reference
+    from align.weights.loader import load_weights
 
     spec, config = bench_spec(key)
     ts, ps = TorchSide(), PaddleSide()
     cfg = build.reference_config(spec, config)
     ref, port = build.build_reference(spec, cfg), build.build_port(spec, cfg)
-    wmap = _load_weights(W.load_rules(spec.weights_file), {k: ts.record(v).data for k, v in ref.state_dict().items()},
+    wmap = load_weights(W.load_rules(spec.weights_file), {k: ts.record(v).data for k, v in ref.state_dict().items()},
                          port, ps, cfg.to_dict())
     inputs = build.make_inputs(spec, cfg)
 
@@ -77,20 +80,20 @@ def measure(key: str, rounds: int) -> dict:
         def run():
             fw.clear_grads(model)
             if sink is None:
-                fw.backward(_seed(fw, spec)(model(**fresh(fw))))
+                fw.backward(backward_seed(fw, spec)(model(**fresh(fw))))
                 return
             with hooked(fw, model, sink):
-                fw.backward(_seed(fw, spec)(model(**fresh(fw))))
+                fw.backward(backward_seed(fw, spec)(model(**fresh(fw))))
         return run
 
-    trace = run_and_record(ts, ref, fresh(ts), _seed(ts, spec), keep_inputs=True)
+    trace = run_and_record(ts, ref, fresh(ts), backward_seed(ts, spec), keep_inputs=True)
     to_ref = {n: n for n in trace.calls}  # gemma2's port keeps HF's module names
     tolerances = Tolerances(spec.tolerance, spec.overrides)
 
     judges: list[Collector] = []
 
     def to_reference(key, g):  # the port's parameter gradients as the reference stores them
-        return _as_reference({key: g}, wmap)
+        return as_reference({key: g}, wmap)
 
     def forced(make_judge):
         def run():
@@ -109,7 +112,7 @@ def measure(key: str, rounds: int) -> dict:
     parts: dict[str, Callable[[], None]] = {
         "torch bare": plain(ts, ref), "paddle bare": plain(ps, port),
         "torch hooks only": plain(ts, ref, _Nothing()), "paddle hooks only": plain(ps, port, _Nothing()),
-        "reference recorded": lambda: run_and_record(ts, ref, fresh(ts), _seed(ts, spec), keep_inputs=True),
+        "reference recorded": lambda: run_and_record(ts, ref, fresh(ts), backward_seed(ts, spec), keep_inputs=True),
         "port forced, judging nothing": forced(_Nothing), "the same, one backward at the end": once_at_end,
         "port forced": forced(lambda: Collector(tolerances)),
     }

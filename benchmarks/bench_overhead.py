@@ -43,9 +43,11 @@ import json, sys, time
 import torch, paddle
 HWM = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
 from align import build, weights as W
-from align.run import align_model, _load_weights, _seed
-from align.paddle_side import PaddleSide
-from align.torch_side import TorchSide
+from align.build.backward import backward_seed
+from align.core.port import align_model
+from align.weights.loader import load_weights
+from align.capture.paddle_side import PaddleSide
+from align.capture.torch_side import TorchSide
 sys.path.insert(0, "benchmarks")
 from common import bench_spec
 phase = sys.argv[1]
@@ -71,7 +73,7 @@ else:
     ts, ps = TorchSide(), PaddleSide()
     cfg = build.reference_config(spec, config)
     ref, port = build.build_reference(spec, cfg), build.build_port(spec, cfg)
-    _load_weights(W.load_rules(spec.weights_file), {k: ts.record(v).data for k, v in ref.state_dict().items()},
+    load_weights(W.load_rules(spec.weights_file), {k: ts.record(v).data for k, v in ref.state_dict().items()},
                   port, ps, cfg.to_dict())
     inputs = build.make_inputs(spec, cfg)
     def both():
@@ -79,7 +81,7 @@ else:
         for fw, model in ((ts, ref), (ps, port)):
             fw.clear_grads(model)
             out = model(**{k: fw.tensor(a, False) for k, a in inputs.items()})
-            fw.backward(_seed(fw, spec)(out))
+            fw.backward(backward_seed(fw, spec)(out))
         return time.perf_counter() - t
     cold = both()
     warm = both()

@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import RESULTS, ROOT, gemma2_full_shapes, update_readme, write_checkpoint
 
 CHILD = r"""
@@ -85,7 +84,7 @@ def shallower(depth: int, workdir: Path, shard_gb: float) -> dict:
     config, streamed whole, to show what the depth costs in memory and time."""
     import re
 
-    from align.spec import load_registry
+    from align.registry.load import load_registry
 
     shapes = {k: s for k, s in gemma2_full_shapes().items()
               if not (m := re.match(r"model\.layers\.(\d+)\.", k)) or int(m.group(1)) < depth}

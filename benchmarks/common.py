@@ -33,7 +33,7 @@ def bench_spec(key: str):
     """The gemma2 ModelSpec and config argument of one benchmark config."""
     import dataclasses
 
-    from align.spec import load_registry
+    from align.registry.load import load_registry
 
     _, config, seq_len, std = CONFIGS[key]
     if config == str(MID_JSON):
@@ -58,7 +58,7 @@ def update_readme(section: str, table: str) -> None:
 def gemma2_full_shapes() -> dict[str, tuple[int, ...]]:
     """Every tensor google/gemma-2-2b stores (the tied head is not stored)."""
     from align import build
-    from align.spec import load_registry
+    from align.registry.load import load_registry
 
     spec = load_registry(ROOT / "align.toml").get("gemma2")
     shapes = build.reference_shapes(spec, build.reference_config(spec, "full"))
@@ -71,7 +71,7 @@ def write_checkpoint(dst: Path, shapes: dict[str, tuple[int, ...]], dtype: str, 
     values: "BF16", drawn as bit patterns of normal values in about +-[1e-3, 0.06]; or "F32",
     N(0, 0.02) for matrices (the configs' initializer_range) and N(0, 0.1) for vectors (norm
     weights around Gemma's 1 + w, so a dropped "1 +" shows)."""
-    from align.safetensors_io import Planned, write_streaming
+    from align.weights.safetensors_io import Planned, write_streaming
 
     rng = np.random.default_rng(seed)
     width = {"BF16": 2, "F32": 4}[dtype]

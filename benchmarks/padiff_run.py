@@ -116,9 +116,10 @@ def child(config: str, mode: str, raw: bool, scratch: Path, bug: bool = False, t
 
     from align import build
     from align import weights as W
-    from align.paddle_side import PaddleSide, paddle
-    from align.run import _load_weights, _seed
-    from align.torch_side import TorchSide
+    from align.build.backward import backward_seed
+    from align.capture.paddle_side import PaddleSide, paddle
+    from align.capture.torch_side import TorchSide
+    from align.weights.loader import load_weights
 
     name = CONFIGS[config][0]
     spec, config_arg = bench_spec(config)
@@ -132,7 +133,7 @@ def child(config: str, mode: str, raw: bool, scratch: Path, bug: bool = False, t
     ts, ps = TorchSide(), PaddleSide()
     cfg = build.reference_config(spec, config_arg)
     ref, port = build.build_reference(spec, cfg), build.build_port(spec, cfg)
-    wmap = _load_weights(W.load_rules(spec.weights_file), {k: ts.record(v).data for k, v in ref.state_dict().items()},
+    wmap = load_weights(W.load_rules(spec.weights_file), {k: ts.record(v).data for k, v in ref.state_dict().items()},
                          port, ps, cfg.to_dict())
     assert wmap.all_exact, "align's weight load is not bit-exact"
     inputs = build.make_inputs(spec, cfg)
@@ -140,7 +141,7 @@ def child(config: str, mode: str, raw: bool, scratch: Path, bug: bool = False, t
     def once(fw, model):
         fw.clear_grads(model)
         out = model(**{k: fw.tensor(a, False) for k, a in inputs.items()})
-        fw.backward(_seed(fw, spec)(out))
+        fw.backward(backward_seed(fw, spec)(out))
 
     for fw, model in ((ts, ref), (ps, port)):
         once(fw, model)  # warm-up

@@ -4,11 +4,11 @@ import shutil
 
 import pytest
 import torch
+from conftest import REGISTRY, ROOT
 from safetensors.torch import save_file
 
 from align import build
-from align.spec import load_registry
-from conftest import REGISTRY, ROOT
+from align.registry.load import load_registry
 
 
 @pytest.fixture(scope="module")

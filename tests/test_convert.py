@@ -10,10 +10,10 @@ import os
 import shutil
 
 import pytest
-
 from conftest import ROOT
 
-from align.convert import Leftover, parse_log, rewrite, runtime_names
+from align.convert.paconvert import parse_log
+from align.convert.rewrite import Leftover, rewrite, runtime_names
 
 PACONVERT = ROOT / ".venv-paconvert" / "bin" / "paconvert"
 # .ci/run sets this: there a missing PaConvert fails the tests instead of skipping them.
@@ -107,7 +107,7 @@ def test_rules_rewrite_imports_buffers_embeddings_losses_and_tracing(rewritten):
     assert ("import-transformers", 5) in rules and ("no-global-patch", 11) in rules
     assert ("buffer", 17) in rules and ("buffer", 19) in rules
     assert ("embedding", 24) in rules and ("cross-entropy", 25) in rules and ("jit-tracing", 28) in rules
-    assert "from align.hf_runtime import ACT2FN" in code
+    assert "from align.convert.hf_runtime import ACT2FN" in code
     assert "from transformers.models.tiny.configuration_tiny import TinyConfig" in code
     assert 'self.register_buffer("inv_freq", inv_freq, persistable=False)' in code
     assert 'self.register_buffer(f"{name}_inv_freq", inv_freq.clone(), persistable=False)' in code
@@ -302,7 +302,7 @@ def test_a_bug_in_generated_code_fails_and_is_localized(converted_copy, capsys, 
 def test_paddles_cross_entropy_in_the_runtime_would_fail_at_the_root(converted, capsys, bug_ledger, monkeypatch):
     import paddle
 
-    from align.hf_runtime import losses
+    from align.convert.hf_runtime import losses
 
     def paddle_mean(logits, labels, vocab_size, **kwargs):  # what a converted loss gives without the fix
         shifted = paddle.concat([labels[:, 1:], paddle.full([labels.shape[0], 1], -100, dtype=labels.dtype)], axis=1)
@@ -337,7 +337,7 @@ def test_hand_and_converted_side_by_side_against_one_reference(converted_copy, c
     assert (f"Rerun: align --registry {registry / 'align.toml'} run gemma2 --port converted --dtype float32 "
             "--only model.layers.0.input_layernorm") in err
 
-    from align import side_by_side
+    from align.report import side_by_side
 
     rows = {r.module: r for r in side_by_side.rows({"hand": hand, "converted": conv})}
     norm = rows["model.layers.0.input_layernorm"]

@@ -1,12 +1,14 @@
-"""align.hf_runtime: each semantic fix shows Paddle's raw behaviour differing from torch, and
+"""align.convert.hf_runtime: each semantic fix shows Paddle's raw behaviour differing from torch, and
 the runtime matching torch. Also the weight layout decided by layer type, with square weights."""
+
+from pathlib import Path
 
 import numpy as np
 import paddle
 import pytest
 import torch
 
-from align import hf_runtime as hf
+from align.convert import hf_runtime as hf
 
 RNG = np.random.default_rng(0)
 
@@ -186,7 +188,7 @@ def test_compat_linear_keeps_torch_layout_and_nn_linear_is_transposed_even_when_
     port = Port()
     ref = {"compat.weight": RNG.standard_normal((6, 6)).astype(np.float32),
            "plain.weight": RNG.standard_normal((6, 6)).astype(np.float32)}
-    rules = W.Rules(source=W.Path("inline.toml"), renames=(), tie={}, ignore=())
+    rules = W.Rules(source=Path("inline.toml"), renames=(), tie={}, ignore=())
     slots = W.describe_slots(port.state_dict(), dict(port.named_sublayers(include_self=True)))
     wmap = W.plan(rules, {k: v.shape for k, v in ref.items()}, slots)
     transforms = {e.source: e.transform for e in wmap.entries}

@@ -8,12 +8,15 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import REGISTRY
+from conftest import ROOT as PROJECT
 
-from align.capture import ROOT
-from align.compare import LayerResult, amplification, culprits, deepest
-from align.metrics import compare_arrays
-from align.spec import Tolerance, load_registry
-from conftest import REGISTRY, ROOT as PROJECT
+from align.capture.trace import ROOT
+from align.compare.metrics import compare_arrays
+from align.compare.results import LayerResult
+from align.diagnose.culprits import amplification, culprits, deepest
+from align.registry.load import load_registry
+from align.registry.spec import Tolerance
 
 TOL = Tolerance(1e-5, 1e-5)
 GOOD = compare_arrays(np.ones(2), np.ones(2), TOL)
@@ -63,8 +66,8 @@ def test_a_record_written_to_later_is_recorded_again_with_copies():
     it was recorded must not change what was recorded (torch's version counter shows it)."""
     import torch
 
-    from align.capture import run_and_record
-    from align.torch_side import TorchSide
+    from align.capture.hooks import run_and_record
+    from align.capture.torch_side import TorchSide
 
     class Writer(torch.nn.Module):
         def __init__(self):
@@ -104,8 +107,8 @@ def test_a_recorder_is_freed_by_reference_counting():
 
     import torch
 
-    from align.capture import Recorder, hooked
-    from align.torch_side import TorchSide
+    from align.capture.hooks import Recorder, hooked
+    from align.capture.torch_side import TorchSide
 
     model, x = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh()), torch.randn(2, 3)
     gc.disable()
@@ -125,8 +128,8 @@ def test_a_recorder_is_freed_by_reference_counting():
 def test_observer_effect_is_caught(monkeypatch, run_cli, room):
     """Instrumentation that perturbs what it records must not go unnoticed, whether the
     port's run without hooks goes alongside the instrumented ones or after them."""
-    from align import diagnose
-    from align.paddle_side import PaddleSide, paddle
+    from align.capture.paddle_side import PaddleSide, paddle
+    from align.diagnose import observer as diagnose
 
     monkeypatch.setattr(diagnose, "room_alongside", lambda nbytes: room)
     monkeypatch.setattr(PaddleSide, "identity", lambda self, t: t * paddle.to_tensor(1.0 + 1e-6, dtype=t.dtype))
@@ -143,7 +146,7 @@ def test_observer_effect_is_caught(monkeypatch, run_cli, room):
 def test_observer_effect_on_the_reference_is_caught(monkeypatch, run_cli):
     """The reference's run without hooks goes before its hooked run (so that the hooked run
     reuses its memory); a hook that perturbs what it records must still show."""
-    from align.torch_side import TorchSide
+    from align.capture.torch_side import TorchSide
 
     monkeypatch.setattr(TorchSide, "identity", lambda self, t: t * (1.0 + 1e-6))
     _, report, err = run_cli("run", "gemma2", "--dtype", "fp32")
@@ -159,8 +162,8 @@ def test_the_observer_run_alongside_judges_as_the_one_after(monkeypatch, broken)
     and free-running runs go on, gives the very report the run made after them gives."""
     from test_injected_bugs import attention_without_softcap
 
-    from align import diagnose
-    from align.run import align_model
+    from align.core.port import align_model
+    from align.diagnose import observer as diagnose
 
     if broken:
         attention_without_softcap(monkeypatch)
@@ -184,7 +187,7 @@ def test_alongside_waits_for_its_thread_and_hands_on_an_error(which):
     import threading
     import time
 
-    from align.diagnose import alongside
+    from align.diagnose.observer import alongside
 
     finished = []
 
@@ -207,8 +210,10 @@ def test_alongside_waits_for_its_thread_and_hands_on_an_error(which):
 def test_an_error_in_the_forced_pass_alongside_reaches_the_caller(monkeypatch):
     import threading
 
-    from align import diagnose, run
-    from align.run import check_port, run_reference
+    from align.core import port as run
+    from align.core.port import check_port
+    from align.core.reference import run_reference
+    from align.diagnose import observer as diagnose
 
     spec = load_registry(REGISTRY).get("gemma2")
     ref = run_reference(spec)
@@ -232,8 +237,9 @@ def test_an_error_in_the_forced_pass_alongside_reaches_the_caller(monkeypatch):
 
 
 def test_a_port_that_cannot_be_copied_is_observed_after_the_runs(monkeypatch):
-    from align import diagnose
-    from align.run import check_port, run_reference
+    from align.core.port import check_port
+    from align.core.reference import run_reference
+    from align.diagnose import observer as diagnose
 
     spec = load_registry(REGISTRY).get("gemma2")
     ref = run_reference(spec)
@@ -251,7 +257,7 @@ def test_a_port_that_cannot_be_copied_is_observed_after_the_runs(monkeypatch):
 
 
 def test_room_alongside_needs_a_second_core_and_memory(monkeypatch):
-    from align import diagnose
+    from align.diagnose import observer as diagnose
 
     monkeypatch.setattr(diagnose.os, "sched_getaffinity", lambda pid: {0, 1})
     assert diagnose.room_alongside(1 << 20)
@@ -368,6 +374,6 @@ def test_the_platform_recorded_is_what_platform_reports():
     `uname -p` subprocess that starts on every run."""
     import platform
 
-    from align.diagnose import _platform
+    from align.diagnose.environment import _platform
 
     assert _platform() == platform.platform()

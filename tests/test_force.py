@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from align.capture import hooked, run_and_record
-from align.compare import Collector, Tolerances
-from align.force import Forcer, Rejoined, force
-from align.spec import Tolerance
-from align.torch_side import TorchSide
+from align.capture.force import Forcer, Rejoined, force
+from align.capture.hooks import hooked, run_and_record
+from align.capture.torch_side import TorchSide
+from align.compare.judges import Collector
+from align.compare.results import Tolerances
+from align.registry.spec import Tolerance
 
 TOL = Tolerances(Tolerance(1e-5, 1e-5), ())
 

@@ -4,14 +4,14 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REGISTRY
 
 
 @pytest.fixture(scope="module")
 def passing(tmp_path_factory):
-    from align.cli import main
     import json
+
+    from align.cli import main
 
     out = tmp_path_factory.mktemp("gemma2")
     code = main(["--registry", str(REGISTRY), "run", "gemma2", "--out", str(out), "--quiet"])

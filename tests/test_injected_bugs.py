@@ -8,9 +8,9 @@ import fnmatch
 import paddle
 import paddle.nn.functional as F
 import pytest
+from conftest import after_init
 
 from align import weights as W
-from conftest import after_init
 from ports.gemma2 import modeling as M
 
 
@@ -223,9 +223,10 @@ def test_buffer_dtype_is_its_own_finding(monkeypatch, run_cli):
 @pytest.mark.parametrize("init_seed,input_seed", [(0, 1), (1, 2), (7, 3)])
 def test_no_false_alarm_on_the_correct_port(init_seed, input_seed, bug_ledger):
     """The correct port at the default tolerances, on several weights and inputs."""
-    from align.run import align_model
-    from align.spec import load_registry
     from conftest import REGISTRY
+
+    from align.core.port import align_model
+    from align.registry.load import load_registry
 
     spec = load_registry(REGISTRY).get("gemma2")
     spec = dataclasses.replace(spec, init=dataclasses.replace(spec.init, seed=init_seed),

@@ -3,13 +3,13 @@
 import json
 
 import pytest
+from conftest import REGISTRY
 from safetensors.numpy import load_file
+from test_injected_bugs import attention_without_softcap
 
 from align.cli import main
-from align.metrics import combine, compare_arrays
-from align.spec import Tolerance
-from conftest import REGISTRY
-from test_injected_bugs import attention_without_softcap
+from align.compare.metrics import combine, compare_arrays
+from align.registry.spec import Tolerance
 
 GLOBS = ("model.layers.1.self_attn", "model.layers.1.mlp")
 

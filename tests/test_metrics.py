@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from align.metrics import combine, compare_arrays, cosine, needed_atol, rel_diff
-from align.spec import Tolerance
+from align.compare.metrics import combine, compare_arrays, cosine, needed_atol, rel_diff
+from align.registry.spec import Tolerance
 
 TOL = Tolerance(atol=1e-5, rtol=1e-5)
 
@@ -83,8 +83,8 @@ def test_combine_takes_the_worst_and_none_for_nothing():
 def test_large_tensors_are_compared_in_slices_with_the_same_result(monkeypatch):
     """Slicing keeps the temporaries of a 2.4 GB gradient's comparison small; the verdict,
     the statistics and the index of the worst element must not change."""
-    import align.metrics as M
-    from align.spec import Tolerance
+    import align.compare.metrics as M
+    from align.registry.spec import Tolerance
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((64, 1000, 3)).astype(np.float32)
@@ -125,7 +125,7 @@ def test_a_difference_beyond_float32_range_is_still_measured():
 
 
 def test_relative_l2_in_float32_agrees_with_float64():
-    from align.compare import rel_l2
+    from align.compare.metrics import rel_l2
 
     rng = np.random.default_rng(2)
     e = rng.standard_normal((128, 64)).astype(np.float32)
@@ -140,7 +140,7 @@ def test_work_buffers_are_reused_and_leave_no_trace_between_comparisons(monkeypa
     """Comparisons write their temporaries into reused buffers (fresh ones cost a page fault
     per 4 KiB). A comparison must give the same result whatever the one before it left in
     them: larger or smaller, float32 or float64, passing or failing."""
-    import align.metrics as M
+    import align.compare.metrics as M
 
     rng = np.random.default_rng(3)
     first = M.scratch(0, (300, 200), np.float32)

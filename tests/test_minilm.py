@@ -4,10 +4,10 @@ noise floor; and proof that the noise floor hides no bug."""
 import numpy as np
 import paddle
 import pytest
-
-from align.metrics import compare_arrays, within_noise
-from align.spec import Tolerance
 from conftest import after_init
+
+from align.compare.metrics import compare_arrays, within_noise
+from align.registry.spec import Tolerance
 from ports.bert import modeling as B
 
 TOL = Tolerance(1e-5, 1e-5)

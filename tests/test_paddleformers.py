@@ -8,9 +8,9 @@ import json
 import shutil
 
 import pytest
+from conftest import REGISTRY, ROOT
 
 from align.cli import main
-from conftest import REGISTRY, ROOT
 
 PF_PYTHON = ROOT / ".venv-paddleformers" / "bin" / "python"
 pytestmark = pytest.mark.skipif(

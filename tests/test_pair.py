@@ -1,7 +1,7 @@
 """Pairing is by exact name through the rules' renames; nothing is matched by position."""
 
-from align.capture import ROOT
-from align.pair import pair_calls
+from align.capture.trace import ROOT
+from align.compare.pair import pair_calls
 
 
 def identity(name):
@@ -42,7 +42,7 @@ def test_positional_names_are_each_forwards_own():
     classes, an override, and a forward set on one instance must each keep their own."""
     import functools
 
-    from align.capture import positional_names
+    from align.capture.structure import positional_names
 
     class A:
         def forward(self, x, mask=None, *rest, scale=1.0):

@@ -5,8 +5,8 @@ import fnmatch
 import paddle
 import paddle.nn.functional as F
 import pytest
-
 from conftest import after_init
+
 from ports.modernbert import modeling as MB
 from ports.phi3 import modeling as P3
 
@@ -175,10 +175,10 @@ def test_paddle_layernorm_grad_bug_is_avoided():
     both facts."""
     import numpy as np
 
-    from align.capture import ROOT, Arr, Call
-    from align.compare import Keeper
-    from align.force import force
-    from align.paddle_side import PaddleSide
+    from align.capture.force import force
+    from align.capture.paddle_side import PaddleSide
+    from align.capture.trace import ROOT, Arr, Call
+    from align.compare.judges import Keeper
 
     class Block(paddle.nn.Layer):
         def __init__(self):

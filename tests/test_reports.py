@@ -10,12 +10,12 @@ import tempfile
 import xml.etree.ElementTree as ET
 
 import pytest
-
-from align.cli import main
-from align.html import render_html, render_index
-from align.junit import render_junit
 from conftest import REGISTRY, ROOT
 from test_injected_bugs import attention_without_softcap
+
+from align.cli import main
+from align.report.html import render_html, render_index
+from align.report.junit import render_junit
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def failing(tmp_path_factory):
 
 
 def load(out):
-    from align.report import load_report
+    from align.report.files import load_report
 
     return load_report(out / "report.json")
 
@@ -116,7 +116,7 @@ def test_junit_one_case_per_model_dtype_mode(passing, failing):
 
 
 def test_dashboard_shows_history(passing, failing, tmp_path):
-    from align.report import append_history, load_report, write_index
+    from align.report.files import append_history, load_report, write_index
 
     root = tmp_path / "reports"
     good, bad = load_report(passing / "report.json"), load_report(failing / "report.json")
@@ -183,7 +183,7 @@ def test_index_without_reports():
 
 
 def test_index_skips_what_is_not_a_report(passing, tmp_path):
-    from align.report import write_index
+    from align.report.files import write_index
 
     shutil.copytree(passing, tmp_path / "gemma2")
     (tmp_path / "stray").mkdir()

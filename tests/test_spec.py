@@ -5,10 +5,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REGISTRY, ROOT
 
 from align.cli import main
-from align.spec import ConfigError, load_registry
-from conftest import REGISTRY, ROOT
+from align.errors import ConfigError
+from align.registry.load import load_registry
 
 
 @pytest.fixture

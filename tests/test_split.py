@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
-
-from align.cli import main
 from conftest import REGISTRY, ROOT
 from test_injected_bugs import attention_without_softcap
+
+from align.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +84,9 @@ def test_existing_trace_needs_force(trace, capsys):
 def test_trace_is_written_as_it_goes(tmp_path):
     """Each call's file is on disk as soon as it is handed over, before the run ends, and the
     reference's run keeps no per-call tensors once they are written."""
-    from align.run import run_reference
-    from align.spec import load_registry
-    from align.trace_io import TraceWriter, read_trace
+    from align.core.reference import run_reference
+    from align.core.trace_io import TraceWriter, read_trace
+    from align.registry.load import load_registry
 
     spec = load_registry(REGISTRY).get("gemma2")
     seen = []
@@ -113,9 +113,9 @@ def test_trace_is_written_as_it_goes(tmp_path):
 def test_partial_trace_round_trips(tmp_path, capsys):
     out = tmp_path / "t"
     assert main(["--registry", str(REGISTRY), "trace", "gemma2", "--out", str(out), "--quiet"]) == 0
-    from align.run import run_reference
-    from align.spec import load_registry
-    from align.trace_io import read_trace, write_trace
+    from align.core.reference import run_reference
+    from align.core.trace_io import read_trace, write_trace
+    from align.registry.load import load_registry
 
     spec = load_registry(REGISTRY).get("gemma2")
     write_trace(run_reference(spec, only=("model.norm",)), tmp_path / "p")
@@ -130,8 +130,9 @@ def test_a_released_reference_gives_the_same_report(monkeypatch, broken):
     run is done with them (so a port observer run made after it reuses their memory): same
     report, repro included, and only when asked (a reference shared by several ports is
     released by none)."""
-    from align.run import check_port, run_reference
-    from align.spec import load_registry
+    from align.core.port import check_port
+    from align.core.reference import run_reference
+    from align.registry.load import load_registry
 
     if broken:
         attention_without_softcap(monkeypatch)

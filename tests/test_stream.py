@@ -6,7 +6,6 @@ blocks, and refuse what it cannot do in one line."""
 import fnmatch
 
 import pytest
-
 from conftest import REGISTRY
 from test_injected_bugs import BUGS
 
@@ -17,7 +16,7 @@ def tiny_checkpoint(model: str, directory) -> str:
     from safetensors.numpy import save_file
 
     from align import build
-    from align.spec import load_registry
+    from align.registry.load import load_registry
 
     spec = load_registry(REGISTRY).get(model)
     ref = build.build_reference(spec, build.reference_config(spec, "tiny"))
@@ -140,9 +139,10 @@ def test_streamed_applies_the_noise_floor(tol, bug_ledger):
     the floor does not cover everything, and the same layers fail in both."""
     import dataclasses
 
-    from align.run import align_model
-    from align.spec import Tolerance, load_registry
-    from align.stream import align_streamed
+    from align.core.port import align_model
+    from align.core.streamed import align_streamed
+    from align.registry.load import load_registry
+    from align.registry.spec import Tolerance
 
     spec = load_registry(REGISTRY).get("minilm")
     spec = dataclasses.replace(spec, tolerance=Tolerance(tol, tol))
@@ -168,8 +168,9 @@ def test_streaming_needs_a_checkpoint_and_a_block_list(checkpoint, run_cli, tmp_
     import dataclasses
     from pathlib import Path
 
-    from align.spec import ConfigError, load_registry
-    from align.stream import align_streamed
+    from align.core.streamed import align_streamed
+    from align.errors import ConfigError
+    from align.registry.load import load_registry
 
     spec = dataclasses.replace(load_registry(REGISTRY).get("gemma2"), stream_blocks="")
     with pytest.raises(ConfigError, match=r"models\.gemma2\.stream\.blocks: missing"):
@@ -233,7 +234,7 @@ def test_a_block_forced_again_still_catches_and_localizes(bug, checkpoint, monke
 
 def _ref_param_names() -> set[str]:
     from align import build
-    from align.spec import load_registry
+    from align.registry.load import load_registry
 
     spec = load_registry(REGISTRY).get("gemma2")
     return {k for k, _ in build.build_reference(spec, build.reference_config(spec, "tiny")).named_parameters()}
@@ -241,7 +242,7 @@ def _ref_param_names() -> set[str]:
 
 def _count_loads(monkeypatch) -> tuple[list[str], list[str]]:
     """The module subtrees loaded into the port's and the reference's skeletons, in order."""
-    from align.stream import Loader
+    from align.weights.loader import Loader
 
     loads: tuple[list[str], list[str]] = ([], [])
     for side, name in enumerate(("load_port", "load_ref")):
@@ -320,14 +321,14 @@ def _spilling_everything(monkeypatch, tmp_path) -> tuple:
     directory of the test's own; returns it and the shapes written, as they are written."""
     import tempfile
 
-    from align import stream
+    from align.core import spill as stream
 
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     monkeypatch.setattr(stream, "SPILL_BYTES", 0)
-    aside, write = [], stream._Spill.write
-    monkeypatch.setattr(stream._Spill, "write",
+    aside, write = [], stream.Spill.write
+    monkeypatch.setattr(stream.Spill, "write",
                         lambda self, arr, path=None: aside.append(arr.shape) or write(self, arr, path))
     return scratch, aside
 
@@ -390,29 +391,29 @@ def test_no_spill_into_a_filesystem_held_in_memory(checkpoint, tmp_path, monkeyp
     memory all the same: nothing is written there, and the run is the in-memory one."""
     from pathlib import Path
 
-    from align import stream
+    from align.core import spill as stream
 
     mountinfo = ["27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n",
                  "40 27 0:30 / /tmp rw,nosuid - tmpfs tmpfs rw,size=100k\n",
                  "41 40 0:31 / /tmp/disk rw - ext4 /dev/vdb rw\n",
                  "42 27 0:32 / /home/a\\040b rw - tmpfs tmpfs rw\n"]
-    assert stream._in_memory(Path("/tmp/align-spill-x"), mountinfo)
-    assert not stream._in_memory(Path("/tmp/disk/align-spill-x"), mountinfo)
-    assert not stream._in_memory(Path("/tmpfoo/x"), mountinfo)
-    assert stream._in_memory(Path("/home/a b/x"), mountinfo)
-    assert not stream._in_memory(Path("/var/tmp/x"), mountinfo)
+    assert stream.in_memory(Path("/tmp/align-spill-x"), mountinfo)
+    assert not stream.in_memory(Path("/tmp/disk/align-spill-x"), mountinfo)
+    assert not stream.in_memory(Path("/tmpfoo/x"), mountinfo)
+    assert stream.in_memory(Path("/home/a b/x"), mountinfo)
+    assert not stream.in_memory(Path("/var/tmp/x"), mountinfo)
 
-    monkeypatch.setattr(stream, "_in_memory", lambda path: True)
+    monkeypatch.setattr(stream, "in_memory", lambda path: True)
     args = ("run", "gemma2", "--checkpoint", str(checkpoint), "--stream-layers")
     scratch, aside = _spilled_alike(args, monkeypatch, tmp_path, run_cli)
     assert aside == []
 
     import torch
 
-    from align.torch_side import TorchSide
+    from align.capture.torch_side import TorchSide
 
     said = []
-    spill = stream._Spill(str(scratch), said.append)
+    spill = stream.Spill(str(scratch), said.append)
     assert not spill._spillable(TorchSide(), "w", torch.zeros(4)) and not spill._spillable(TorchSide(), "w", torch.zeros(4))
     assert said == [(f"reference: w's gradient kept in memory: {scratch} is itself in memory (tmpfs); "
                      "a TMPDIR on disk lowers the peak")]

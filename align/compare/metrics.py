@@ -1,0 +1,331 @@
+"""Error metrics: small pure functions over float64 numpy arrays.
+
+Convention (as torch.testing): `actual` is the port, `expected` is the reference, so every
+relative error is relative to the reference.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from align.registry.spec import Tolerance
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """How one port tensor (or a group of them) differs from its reference."""
+
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    cosine: float
+    passed: bool
+    numel: int
+    mismatched: int
+    needed_atol: float  # the smallest atol that would have passed at the configured rtol
+    worst: str  # which tensor and index holds the greatest absolute difference
+    note: str = ""  # why it failed when the numbers alone do not say (NaN, shape, missing)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def abs_diff(actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is NaN, by design
+        return np.abs(actual.astype(np.float64) - expected.astype(np.float64))
+
+
+def rel_diff(actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """|a - e| / |e|; where e == 0 the result is 0 if a == 0 and inf otherwise."""
+    diff = abs_diff(actual, expected)
+    ref = np.abs(expected.astype(np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(ref > 0, diff / np.where(ref > 0, ref, 1.0), np.where(diff > 0, np.inf, 0.0))
+    return rel
+
+
+def cosine(actual: np.ndarray, expected: np.ndarray) -> float:
+    """Cosine similarity of the flattened tensors (float64 sums); 1.0 when both are all zero."""
+    a, e = actual.ravel(), expected.ravel()
+    na, ne = np.sqrt(_dot64(a, a)), np.sqrt(_dot64(e, e))
+    if na == 0 and ne == 0:
+        return 1.0
+    if na == 0 or ne == 0:
+        return 0.0
+    return float(np.clip(_dot64(a, e) / (na * ne), -1.0, 1.0))
+
+
+def _dot64(x: np.ndarray, y: np.ndarray) -> float:
+    # einsum with a float64 accumulator: float64 sums without float64 copies, and (unlike
+    # np.dot on float64, which goes through BLAS) fast on these 2-core machines.
+    return float(np.einsum("i,i->", x, y, dtype=np.float64))
+
+
+def needed_atol(actual: np.ndarray, expected: np.ndarray, rtol: float) -> float:
+    """The smallest atol for which every element satisfies |a - e| <= atol + rtol * |e|."""
+    if actual.size == 0:
+        return 0.0
+    slack = abs_diff(actual, expected) - rtol * np.abs(expected.astype(np.float64))
+    return float(max(slack.max(), 0.0))
+
+
+def compare_arrays(actual: np.ndarray, expected: np.ndarray, tol: Tolerance, label: str = "") -> Metrics:
+    """Compare one port tensor with its reference under an elementwise atol/rtol rule.
+
+    Fails on shape mismatch, on an empty tensor, and on any NaN or Inf in either side.
+    Elementwise work is done in the tensors' own precision when both are float32 (as
+    torch.isclose does), the reductions that need it (cosine) in float64: comparing is on
+    the hot path of every run, and fresh float64 temporaries cost more than the arithmetic.
+    """
+    if actual.shape != expected.shape:
+        return _failed(f"shape mismatch: port {tuple(actual.shape)} vs reference {tuple(expected.shape)}", label)
+    if expected.size == 0:
+        return _failed("empty tensor: nothing to compare", label)
+    if expected.ndim == 0:  # a loss: ufuncs would hand back scalars, which cannot be written into
+        m = compare_arrays(actual.reshape(1), expected.reshape(1), tol, label)
+        return Metrics(**{**m.to_dict(), "worst": f"{label}[]" if label else "[]"})
+    if actual.dtype == expected.dtype and _equal(actual, expected) \
+            and np.isfinite(expected).all():
+        return _identical(expected, label)  # common under teacher forcing, and cheap to see
+    if expected.size > CHUNK:
+        return _compare_chunked(actual, expected, tol, label)
+    work = np.float32 if actual.dtype == expected.dtype == np.float32 else np.float64
+    diff, ref_abs, slack = (scratch(i, expected.shape, work) for i in range(3))
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # inf - inf, x/0: handled below
+        np.subtract(actual, expected, out=diff, dtype=work)
+        np.abs(diff, out=diff)
+        worst_flat = int(np.argmax(diff))  # argmax stops at the first NaN, and a NaN or Inf anywhere
+        if not math.isfinite(diff.flat[worst_flat]):  # on either side makes the difference non-finite
+            if work is np.float32 and np.isfinite(actual).all() and np.isfinite(expected).all():
+                # finite values whose difference exceeds float32's range: in float64
+                return compare_arrays(actual.astype(np.float64), expected.astype(np.float64), tol, label)
+            return _compare_nonfinite(actual, expected, tol, label)
+        np.abs(expected, out=ref_abs, dtype=work)
+        np.multiply(ref_abs, tol.rtol, out=slack, dtype=work)
+        np.subtract(diff, slack, out=slack)  # > atol exactly where |a - e| > atol + rtol * |e|
+        needed = float(slack.max())
+        mismatched = int(np.count_nonzero(slack > tol.atol)) if needed > tol.atol else 0
+        rel = np.divide(diff, ref_abs, out=slack)  # x/0 is inf, 0/0 NaN (fmax skips it: equal zeros)
+        max_rel = float(np.fmax.reduce(rel, axis=None))
+        total = float(np.add.reduce(diff, axis=None))
+        if not np.isfinite(total):  # float32's range exceeded: the float64 sum
+            total = float(np.add.reduce(diff, axis=None, dtype=np.float64))
+    worst = np.unravel_index(worst_flat, diff.shape)
+    return Metrics(
+        max_abs=float(diff.flat[worst_flat]),
+        mean_abs=total / diff.size,
+        max_rel=0.0 if math.isnan(max_rel) else max_rel,
+        cosine=_cosine_near(actual, expected, diff),
+        passed=mismatched == 0,
+        numel=int(diff.size),
+        mismatched=mismatched,
+        needed_atol=max(needed, 0.0),
+        worst=f"{label}{list(map(int, worst))}" if label else str(list(map(int, worst))),
+    )
+
+
+class _Scratch(threading.local):
+    buffers: dict[tuple[int, np.dtype], np.ndarray]
+
+    def __init__(self) -> None:
+        self.buffers = {}
+
+
+_SCRATCH = _Scratch()
+SCRATCH_MIN = 1 << 14  # below this (64 KiB of float32) malloc keeps the memory: a fresh array is cheaper
+
+
+def scratch(slot: int, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """Work buffer number `slot`, in this shape; its contents are garbage, and the next call
+    for the same slot (in this thread) reuses its memory. A fresh temporary the size of a
+    tensor costs a page fault per 4 KiB (glibc hands large blocks back to the OS when they
+    are freed), which made comparing five times slower than the arithmetic in it."""
+    n = math.prod(shape)
+    if n < SCRATCH_MIN:
+        return np.empty(shape, dtype)
+    key = (slot, np.dtype(dtype))
+    buf = _SCRATCH.buffers.get(key)
+    if buf is None or buf.size < n:
+        buf = _SCRATCH.buffers[key] = np.empty(n, dtype)
+    return buf[:n].reshape(shape)
+
+
+def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    """The very same elements: one buffer, read the same way (a value handed on unchanged)."""
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.strides == b.strides and a.shape == b.shape)
+
+
+def _equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """array_equal, after a look at three elements: rounding differences touch most
+    elements, so a differing pair is usually known without reading either tensor (or
+    asking where they live, which costs more than the look)."""
+    n = a.size
+    for i in (0, n // 2, n - 1):
+        if a.flat[i] != b.flat[i]:
+            return False
+    return _same_memory(a, b) or bool(np.array_equal(a, b))
+
+
+def sum_squares(x: np.ndarray) -> float:
+    """The sum of x's squares, in x's precision (BLAS for contiguous x), without copying x."""
+    if x.flags.c_contiguous:
+        flat = x.reshape(-1)
+        return float(np.dot(flat, flat))
+    axes = list(range(x.ndim))
+    return float(np.einsum(x, axes, x, axes, []))  # without the copy reshape would make
+
+
+def _cosine_near(actual: np.ndarray, expected: np.ndarray, diff: np.ndarray) -> float:
+    """cosine(actual, expected), from the norms and the difference's norm:
+    1 - cos = (|a - e|^2 - (|a| - |e|)^2) / (2 |a| |e|). For nearly equal tensors the
+    numerator comes from the small difference itself, so float32 sums keep it exact to far
+    below 1e-7, where a float32 dot product would have rounded the cosine to 1."""
+    if actual.dtype != np.float32 or expected.dtype != np.float32:
+        return cosine(actual, expected)
+    with np.errstate(over="ignore", invalid="ignore"):
+        sa, se, sd = sum_squares(actual), sum_squares(expected), sum_squares(diff)
+    if not math.isfinite(sa + se + sd):  # squares beyond float32's range
+        return cosine(actual, expected)
+    # Python floats from here: numpy's scalar functions cost more than this whole formula.
+    na, ne = math.sqrt(sa), math.sqrt(se)
+    if na == 0 and ne == 0:
+        return 1.0
+    if na == 0 or ne == 0:
+        return 0.0
+    return min(1.0, max(-1.0, 1.0 - (sd - (na - ne) ** 2) / (2.0 * na * ne)))
+
+
+# Above this many elements a comparison runs in slices, so that its temporaries stay small
+# next to the tensors themselves (a 256k-vocab embedding gradient is 2.4 GB).
+CHUNK = 1 << 22
+
+
+def _compare_chunked(actual: np.ndarray, expected: np.ndarray, tol: Tolerance, label: str) -> Metrics:
+    a, e = actual.reshape(-1), expected.reshape(-1)
+    parts, dots = [], np.zeros(3)
+    for start in range(0, e.size, CHUNK):
+        pa, pe = a[start:start + CHUNK], e[start:start + CHUNK]
+        m = compare_arrays(pa, pe, tol)
+        if m.note:  # NaN or Inf somewhere: the careful whole-tensor account
+            return _compare_nonfinite(actual, expected, tol, label)
+        parts.append((start, m))
+        dots += (_dot64(pa, pe), _dot64(pa, pa), _dot64(pe, pe))
+    start, worst = max(parts, key=lambda p: p[1].max_abs)
+    index = np.unravel_index(start + int(worst.worst.strip("[]")), expected.shape)
+    na, ne = np.sqrt(dots[1]), np.sqrt(dots[2])
+    cos = 1.0 if na == ne == 0 else 0.0 if na == 0 or ne == 0 else float(np.clip(dots[0] / (na * ne), -1.0, 1.0))
+    return Metrics(
+        max_abs=worst.max_abs,
+        mean_abs=sum(m.mean_abs * m.numel for _, m in parts) / e.size,
+        max_rel=max(m.max_rel for _, m in parts),
+        cosine=cos,
+        passed=all(m.passed for _, m in parts),
+        numel=int(e.size),
+        mismatched=sum(m.mismatched for _, m in parts),
+        needed_atol=max(m.needed_atol for _, m in parts),
+        worst=f"{label}{list(map(int, index))}" if label else str(list(map(int, index))),
+    )
+
+
+def _identical(expected: np.ndarray, label: str) -> Metrics:
+    first = [0] * expected.ndim
+    return Metrics(max_abs=0.0, mean_abs=0.0, max_rel=0.0, cosine=1.0, passed=True, numel=int(expected.size),
+                   mismatched=0, needed_atol=0.0, worst=f"{label}{first}" if label else str(first))
+
+
+def _compare_nonfinite(actual: np.ndarray, expected: np.ndarray, tol: Tolerance, label: str) -> Metrics:
+    """The slow, careful path for tensors holding NaN or Inf: they never pass."""
+    a = actual.astype(np.float64)
+    e = expected.astype(np.float64)
+    finite = np.isfinite(a) & np.isfinite(e)
+    diff = np.where(finite, abs_diff(a, e), np.inf)
+    allowed = tol.atol + tol.rtol * np.where(finite, np.abs(e), 0.0)
+    ok = diff <= allowed
+    worst = np.unravel_index(int(np.argmax(diff)), diff.shape)
+    nonfinite = int(finite.size - finite.sum())
+    return Metrics(
+        max_abs=float(diff.max()),
+        mean_abs=float(diff.mean()),
+        max_rel=float(np.where(finite, rel_diff(a, e), np.inf).max()),
+        cosine=cosine(np.where(finite, a, 0.0), np.where(finite, e, 0.0)),
+        passed=False,
+        numel=int(ok.size),
+        mismatched=int(ok.size - ok.sum()),
+        needed_atol=float("inf"),
+        worst=f"{label}{list(map(int, worst))}" if label else str(list(map(int, worst))),
+        note=f"{nonfinite} element(s) are NaN or Inf (port {int((~np.isfinite(a)).sum())}, "
+             f"reference {int((~np.isfinite(e)).sum())})",
+    )
+
+
+def missing(note: str, label: str = "") -> Metrics:
+    """A failed comparison where one side has no tensor at all."""
+    return _failed(note, label)
+
+
+def _failed(note: str, label: str) -> Metrics:
+    inf = float("inf")
+    return Metrics(inf, inf, inf, 0.0, False, 0, 0, inf, label, note)
+
+
+def combine(parts: list[Metrics]) -> Metrics | None:
+    """One verdict over several tensors (a module's outputs): worst of each statistic.
+
+    Returns None for no parts: the caller decides whether "nothing" is acceptable.
+    """
+    if not parts:
+        return None
+    numel = sum(p.numel for p in parts)
+    worst = max(parts, key=lambda p: (not p.passed and p.numel == 0, p.max_abs))
+    return Metrics(
+        max_abs=max(p.max_abs for p in parts),
+        mean_abs=sum(p.mean_abs * p.numel for p in parts) / numel if numel else float("inf"),
+        max_rel=max(p.max_rel for p in parts),
+        cosine=min(p.cosine for p in parts),
+        passed=all(p.passed for p in parts),
+        numel=numel,
+        mismatched=sum(p.mismatched for p in parts),
+        needed_atol=max(p.needed_atol for p in parts),
+        worst=worst.worst,
+        note="; ".join(p.note for p in parts if p.note),
+    )
+
+
+def within_noise(m: Metrics, actual: np.ndarray, expected: np.ndarray, truth: np.ndarray | None,
+                 tol: Tolerance, factor: float) -> Metrics:
+    """Re-judge a failed comparison against an fp64 `truth`: it passes if the port's error
+    against the truth is at most `factor` times the fp32 reference's own (+ atol)."""
+    if m.passed or truth is None or m.note or actual.shape != truth.shape:
+        return m
+    port_err = float(abs_diff(actual, truth).max())
+    ref_err = float(abs_diff(expected, truth).max())
+    if not np.isfinite(port_err) or port_err > factor * ref_err + tol.atol:
+        return Metrics(**{**m.to_dict(), "note": f"port vs fp64 {port_err:.3g} > {factor:g} x the reference's "
+                                                  f"own fp32 error {ref_err:.3g}"})
+    return Metrics(**{**m.to_dict(), "passed": True,
+                      "note": f"within fp32 noise: port vs fp64 {port_err:.3g} <= {factor:g} x reference's {ref_err:.3g}"})
+
+
+def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
+    """||actual - expected|| / ||expected||; inf for a non-finite or shape-mismatched pair.
+
+    float32 pairs are measured in float32 (the difference of close values is exact, and
+    the ratio feeds a factor-of-10 test); float64 only when that over- or underflows."""
+    if actual.shape != expected.shape:
+        return float("inf")
+    if actual.dtype == expected.dtype == np.float32 and actual.size:
+        with np.errstate(over="ignore", invalid="ignore"):
+            d = np.subtract(actual, expected, out=scratch(0, expected.shape, np.float32))
+            num, den = sum_squares(d), sum_squares(expected)
+        if np.isfinite(num) and np.isfinite(den) and den > 1e-30:
+            return float(np.sqrt(num / den))
+    a, e = actual.astype(np.float64), expected.astype(np.float64)
+    if not (np.isfinite(a).all() and np.isfinite(e).all()):
+        return float("inf")
+    num, den = float(np.linalg.norm(a - e)), float(np.linalg.norm(e))
+    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))

@@ -1,0 +1,196 @@
+"""`align convert`: PaConvert drafts a Paddle port from the reference's own modeling file, this
+module's rules make the draft runnable against align's runtime, and the report says what was
+converted, what the rules rewrote, and what still needs a human.
+
+    installed transformers file -> PaConvert (its own venv, a subprocess) -> draft + log
+      -> rewrites (imports to align.convert.hf_runtime, buffers, torch semantics) -> build/converted/<model>/
+
+The generated code is never committed: build/ is git-ignored. The reference file is read from
+the installed package, so the port always matches the transformers the reference runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from align.convert.paconvert import (
+    ApiUse,
+    module_file,
+    paconvert_command,
+    parse_log,
+    run_paconvert,
+)
+from align.convert.rewrite import Leftover, Rewrite, rewrite, runtime_names
+from align.errors import ConfigError
+from align.registry.spec import ModelSpec, PortVariant
+
+REPORT_NAME = "conversion.json"
+DRAFT_NAME = "paconvert_draft.py"  # PaConvert's own output, kept so that "draft line N" can be looked up
+# Bumped whenever the rewrite rules change, so a stale generated port is noticed.
+RULES_VERSION = 2
+
+
+@dataclass(frozen=True)
+class ConversionReport:
+    model: str
+    port: str
+    reference_file: str
+    reference_sha256: str
+    output: str  # the generated module, relative to the registry's directory
+    paconvert_version: str
+    rules_version: int
+    converted: tuple[ApiUse, ...]
+    unconverted: tuple[ApiUse, ...]
+    rewrites: tuple[Rewrite, ...]
+    leftovers: tuple[Leftover, ...]
+    total_uses: int = 0
+    converted_uses: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.converted_uses / self.total_uses if self.total_uses else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model, "port": self.port, "reference_file": self.reference_file,
+            "reference_sha256": self.reference_sha256, "output": self.output,
+            "paconvert_version": self.paconvert_version, "rules_version": self.rules_version,
+            "api_uses": {"total": self.total_uses, "converted": self.converted_uses, "rate": round(self.rate, 4)},
+            "converted": [u.to_dict() for u in self.converted],
+            "unconverted": [u.to_dict() for u in self.unconverted],
+            "rewrites": [r.to_dict() for r in self.rewrites],
+            "leftovers": [x.to_dict() for x in self.leftovers],
+        }
+
+
+# --- where things are -----------------------------------------------------------------------
+
+
+def output_dir(spec: ModelSpec, variant: PortVariant) -> Path:
+    return spec.root / "build" / variant.name / spec.name
+
+
+def generated_module(spec: ModelSpec, variant: PortVariant) -> Path:
+    return output_dir(spec, variant) / (variant.source.rpartition(".")[2] + ".py")
+
+
+def import_name(spec: ModelSpec, variant: PortVariant) -> str:
+    """The name the generated module is imported under (it lives outside any package)."""
+    return f"align_{variant.name}.{spec.name}"
+
+
+# --- PaConvert ----------------------------------------------------------------------------
+
+
+# --- align's rewrite rules ------------------------------------------------------------------
+
+
+# --- the command --------------------------------------------------------------------------
+
+def _write_dir_atomic(target: Path, files: dict[str, str]) -> None:
+    """Write files into a fresh sibling directory, then swap it in."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+        if target.exists():
+            old = target.with_name(f".{target.name}-old-{os.getpid()}")
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def convert(spec: ModelSpec, variant: PortVariant, exe: Path | None = None) -> ConversionReport:
+    """Convert the reference's modeling file; write the port and conversion.json."""
+    key = f"models.{spec.name}.ports.{variant.name}.source"
+    source = module_file(variant.source, spec.source, key)
+    exe = exe or paconvert_command(spec.root)
+    with tempfile.TemporaryDirectory(prefix="align-paconvert-") as tmp:
+        draft, log, version = run_paconvert(exe, source, Path(tmp))
+    try:
+        converted, unconverted, total, done = parse_log(log)
+    except ValueError as e:
+        raise ConfigError(source, "", str(e)) from None
+    out = generated_module(spec, variant)
+    header = (f"# GENERATED by `align convert {spec.name}` from {variant.source} (transformers, installed),\n"
+              f"# drafted by PaConvert {version} ({DRAFT_NAME}) and rewritten by align's rules (version "
+              f"{RULES_VERSION}).\n# Do not edit or commit: see {REPORT_NAME} beside it.\n")
+    code, rewrites, leftovers = rewrite(draft, variant.source, runtime_names(), header)
+    report = ConversionReport(
+        model=spec.name, port=variant.name, reference_file=str(source),
+        reference_sha256=hashlib.sha256(source.read_bytes()).hexdigest(),
+        output=str(out.relative_to(spec.root)), paconvert_version=version, rules_version=RULES_VERSION,
+        converted=tuple(converted), unconverted=tuple(unconverted), rewrites=tuple(rewrites),
+        leftovers=tuple(leftovers), total_uses=total, converted_uses=done)
+    _write_dir_atomic(out.parent, {out.name: code, DRAFT_NAME: draft,
+                                   REPORT_NAME: json.dumps(report.to_dict(), indent=2) + "\n"})
+    return report
+
+
+def load_port(spec: ModelSpec, variant: PortVariant) -> ModelSpec:
+    """The spec with the generated port in place of the hand port. Imports the generated module
+    (from build/, outside any package) under `align_<port>.<model>`."""
+    path = generated_module(spec, variant)
+    hint = f"run `align convert {spec.name}` first"
+    if not path.is_file():
+        raise ConfigError(spec.source, f"models.{spec.name}.ports.{variant.name}",
+                          f"no generated port at {path.relative_to(spec.root)}; {hint}")
+    meta = json.loads((path.parent / REPORT_NAME).read_text())
+    source = module_file(variant.source, spec.source, f"models.{spec.name}.ports.{variant.name}.source")
+    if (meta.get("reference_sha256") != hashlib.sha256(source.read_bytes()).hexdigest()
+            or meta.get("rules_version") != RULES_VERSION):
+        raise ConfigError(spec.source, f"models.{spec.name}.ports.{variant.name}",
+                          f"{path.relative_to(spec.root)} was generated from another version of {variant.source} "
+                          f"or of align's rules; {hint} again")
+    name = import_name(spec, variant)
+    # Executed afresh on every load: the file may have been regenerated (or, in a test, broken
+    # on purpose) since the last one; a cached module would align stale code.
+    found = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(found)
+    sys.modules[name] = module  # build.import_object finds the port class by this name
+    try:
+        found.loader.exec_module(module)
+    except Exception as e:  # the generated code is not ours to trust: say where it broke
+        sys.modules.pop(name, None)
+        raise ConfigError(path, "", f"the generated port does not import: {type(e).__name__}: {e}") from None
+    return dataclasses.replace(
+        spec, port_class=f"{name}:{variant.class_name}", port_config_class=variant.config_class,
+        weights_file=variant.weights_file, port_call_kwargs=variant.call_kwargs, port_labels=variant.labels,
+        port_environment=None)
+
+
+def render(report: ConversionReport) -> str:
+    """The console summary of a conversion."""
+    out = [f"{report.model}: {report.reference_file}",
+           f"  PaConvert {report.paconvert_version}: {report.converted_uses}/{report.total_uses} torch API uses "
+           f"converted ({100 * report.rate:.1f}%)"]
+    for u in report.unconverted:
+        out.append(f"  not converted: {u.name} x{u.count} (reference lines {', '.join(map(str, u.lines))})")
+    by_rule: dict[str, int] = {}
+    for r in report.rewrites:
+        by_rule[r.rule] = by_rule.get(r.rule, 0) + 1
+    out.append(f"  rewritten by align's rules: {len(report.rewrites)} lines "
+               f"({', '.join(f'{k} {v}' for k, v in sorted(by_rule.items())) or 'none'})")
+    for r in report.rewrites:
+        if r.rule not in ("import-runtime", "import-transformers"):
+            out.append(f"    draft line {r.line} ({r.rule}): {r.before.splitlines()[0][:90]}")
+    out.append(f"  left for a human: {len(report.leftovers)}")
+    for x in report.leftovers:
+        out.append(f"    line {x.line}: {x.text[:80]} -- {x.why}")
+    out.append(f"  wrote {report.output} and {Path(report.output).parent / REPORT_NAME}")
+    return "\n".join(out)

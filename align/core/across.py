@@ -1,0 +1,53 @@
+"""Across processes: the reference traced in this process, the port checked in another, with
+its own Python environment (a port whose framework pins clash with the reference's, such as
+PaddleFormers'). The trace on disk (trace_io.py) is all the two processes share."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from align.core.judged import Progress
+from align.core.reference import ReferenceRun, run_reference
+from align.core.trace_io import TraceWriter
+from align.errors import ConfigError
+from align.registry.spec import ModelSpec
+from align.report.files import load_report
+
+USAGE_ERROR = 2  # what `align check` exits with on a user's mistake (cli.ExitCode)
+
+
+def environment_python(spec: ModelSpec) -> Path:
+    """The Python of the environment the registry says the port runs in."""
+    env_dir = (spec.source.parent / spec.port_environment).resolve()
+    python = env_dir / "bin" / "python"
+    if not python.is_file():
+        raise ConfigError(spec.source, f"models.{spec.name}.port.environment",
+                          f"{env_dir} does not exist; create it with `make venv-paddleformers`")
+    return python
+
+
+def trace_reference(spec: ModelSpec, dst: Path, progress: Progress, config: str | None = None,
+                    checkpoint: Path | None = None, only: tuple[str, ...] = (), fast: bool = False,
+                    force: bool = False) -> tuple[ReferenceRun, Path]:
+    """Run the reference and write its trace to `dst`, whole or not at all (`align trace`)."""
+    with TraceWriter(dst, force) as writer:
+        run = run_reference(spec, config, checkpoint, progress, only, sink=writer, observe=not fast)
+        return run, writer.finish(run)
+
+
+def check_elsewhere(spec: ModelSpec, trace: Path, out: Path, command: str, dtypes: tuple[str, ...] | None = None,
+                    weights_from: str = "rules", fast: bool = False, keep: tuple[str, ...] = (),
+                    quiet: bool = False) -> dict[str, Any]:
+    """`align check` of `trace` with the port environment's Python; the report it wrote to `out`."""
+    cmd = [str(environment_python(spec)), "-m", "align", "--registry", str(spec.source), "check", spec.name,
+           "--trace", str(trace), "--out", str(out), "--as-command", command, "--weights-from", weights_from]
+    cmd += [a for d in dtypes or () for a in ("--dtype", d)] + (["--quiet"] if quiet else [])
+    cmd += ["--fast"] if fast else []
+    cmd += [a for g in keep for a in ("--keep", g)]
+    proc = subprocess.run(cmd)
+    if proc.returncode == USAGE_ERROR or not (out / "report.json").is_file():
+        raise ConfigError(spec.source, f"models.{spec.name}.port", f"`align check` in {spec.port_environment} "
+                          f"failed (exit code {proc.returncode}); see above")
+    return load_report(out / "report.json")

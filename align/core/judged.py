@@ -1,0 +1,143 @@
+"""What every schedule shares once the port is forced on the reference's record: the results
+of each forced pass (the whole model in memory; each block, then the shell, when streamed),
+gathered into one teacher-forced RunResult with the parameter gradients and model outputs
+those passes saw and the unpaired modules the rules allow."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from align import weights as W
+from align.capture.force import Forcer, Judge
+from align.capture.trace import BACKWARD, FORWARD, ROOT, Call
+from align.compare.judges import Collector
+from align.compare.keep import KeptTensor, TensorKeeper, keeping
+from align.compare.metrics import missing
+from align.compare.pair import Pair, Unpaired
+from align.compare.results import TEACHER_FORCED, LayerResult, RunResult, TensorResult, Tolerances
+from align.diagnose.culprits import culprits, first_divergence
+from align.registry.spec import ModelSpec, matches
+
+Progress = Callable[[str], None]
+
+FORCED_TWICE = ("the forced pass ran twice: a port value reaches another module's code by a way no module "
+                "boundary shows (an attribute?), so its stretches could not run backward one by one")
+
+
+def selected(module: str, only: tuple[str, ...]) -> bool:
+    """Whether a module is among the --only globs (all modules when there are none)."""
+    return not only or matches(module, only)
+
+
+def tolerance_policy(spec: ModelSpec) -> str:
+    """The fp32 rule in words, with the noise floor when the model declares one."""
+    return spec.tolerance.describe() + (f"; {spec.noise_floor.describe()}" if spec.noise_floor else "")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def as_reference(port_grads: dict[str, np.ndarray], wmap: W.WeightMap) -> dict[str, np.ndarray]:
+    """Port parameter grads renamed and laid out as the reference's (a transposed Linear
+    weight's grad is transposed back). A port-only parameter keeps its name, marked."""
+    out = {}
+    for key, g in port_grads.items():
+        try:
+            out.update(wmap.to_reference(key, g))
+        except KeyError:
+            out[f"{key} (port only)"] = g
+    return out
+
+
+def allowed(unpaired: Iterable[Unpaired], rules: W.Rules) -> list[Unpaired]:
+    """Unpaired modules, those the rules say have no counterpart by design marked allowed."""
+    return [u if not (why := rules.unpaired_reason(u.name.split("#")[0]))
+            else Unpaired(u.name, u.side, f"{why} ({rules.source.name})", allowed=True) for u in unpaired]
+
+
+def _notes(notes: Any) -> tuple[str, ...]:
+    return tuple(notes.ignored) + tuple(f"{k}: kept the port's own" for k in notes.kept)
+
+
+def forced_layers(pairs: list[Pair], ref_calls: dict[str, Call], forced: Forcer, judged: Collector,
+                  tolerances: Tolerances) -> list[LayerResult]:
+    """One LayerResult per pair, from what a forced pass showed `judged`."""
+    layers = []
+    for p in pairs:
+        call = ref_calls[p.ref]
+        tol = tolerances.for_name(p.ref)
+        notes = forced.notes.get(p.ref)
+        if notes is None:
+            layers.append(LayerResult(p.ref, p.port, call.type, missing("the port never called this module"), None, tol,
+                                      module=p.ref_module))
+            continue
+        layers.append(LayerResult(p.ref, p.port, call.type,
+                                  judged.get(p.ref, FORWARD) or missing("the module returned no tensor"),
+                                  judged.get(p.ref, BACKWARD), tol, _notes(notes), tuple(notes.extra),
+                                  module=p.ref_module))
+    return layers
+
+
+class Judgement:
+    """The teacher-forced judgement of one port in one dtype, made in one forced pass or in
+    several (each a part of the model), and gathered: the modules judged, the parameter
+    gradients and model outputs the passes saw, the unpaired modules, the kept tensors."""
+
+    def __init__(self, spec: ModelSpec, rules: W.Rules, dtype: str, only: tuple[str, ...] = (),
+                 keep: tuple[str, ...] = ()):
+        self.spec, self.rules, self.dtype, self.only, self.keep = spec, rules, dtype, only, keep
+        self.tolerances = Tolerances(spec.tolerance, spec.overrides)
+        self.factor = spec.noise_floor.factor if spec.noise_floor else None
+        self.layers: list[LayerResult] = []
+        self.outputs: list[TensorResult] = []
+        self.param_grads: list[TensorResult] = []
+        self.unpaired: list[Unpaired] = []
+        self.twice = False  # some pass was made again with one backward (see force.eager_or_once)
+        self._keepers: list[TensorKeeper] = []
+
+    def judge(self, truth: dict[str, np.ndarray] | None = None, mode: str = TEACHER_FORCED) -> tuple[Collector, Judge]:
+        """A Collector for one pass (judging, under a noise floor, against `truth`) and the
+        judge to show that pass: the collector, teamed with a TensorKeeper for --keep."""
+        collector = Collector(self.tolerances, truth, self.factor)
+        judge, keeper = keeping(collector, self.keep, self.dtype, mode)
+        self._keepers += [keeper] if keeper else []
+        return collector, judge
+
+    def record(self, judged: Collector, forcer: Forcer, pairs: list[Pair], calls: dict[str, Call],
+               unpaired: Iterable[Unpaired] = (), model: bool = False) -> None:
+        """What one forced pass judged: its modules (those --only chose), the parameter
+        gradients it saw and, for a pass that ran the model itself, the model's outputs."""
+        tol = self.tolerances.for_name
+        self.twice = self.twice or not forcer.eager
+        self.layers += forced_layers([p for p in pairs if selected(p.ref_module, self.only)], calls, forcer, judged,
+                                     self.tolerances)
+        self.param_grads += [TensorResult(k, m, tol(k)) for owner in forcer.first_calls.values()
+                             for k, m in judged.labelled(owner, BACKWARD, "grad of parameter ")]
+        if model:
+            self.outputs += [TensorResult(k, m, tol(k)) for k, m in judged.labelled(ROOT, FORWARD, "output ")]
+        self.unpaired += allowed(unpaired, self.rules)
+
+    def missing_grads(self, graded: Iterable[str]) -> None:
+        """Every reference parameter that got a gradient and the passes never saw: a failure."""
+        seen = {r.name for r in self.param_grads}
+        self.param_grads += [TensorResult(k, missing("the port parameter got no gradient", k),
+                                          self.tolerances.for_name(k)) for k in sorted(set(graded) - seen)]
+
+    def run(self, policy: str, forward_order: list[str], backward_order: list[str]) -> RunResult:
+        layers = tuple(self.layers)
+        return RunResult(self.dtype, TEACHER_FORCED, self.spec.tolerance, policy, layers,
+                         first_divergence(layers, forward_order, backward_order),
+                         culprits(layers, forward_order, backward_order), gated=True)
+
+    @property
+    def kept(self) -> list[KeptTensor]:
+        return [k for keeper in self._keepers for k in keeper.kept]
+
+    @property
+    def warnings(self) -> list[str]:
+        return [FORCED_TWICE] if self.twice else []

@@ -1,0 +1,297 @@
+"""The port's half of an alignment, in memory: build the port, give it the reference's weights,
+force it on the reference's record (judged module by module), then, on the full path, run it
+free (how error accumulates) and without hooks (the observer effect). Never imports torch:
+the record may come from another process (align check).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from align import build
+from align import weights as W
+from align.build.backward import backward_seed
+from align.build.inputs import call_kwargs, inputs_for_port
+from align.capture.follow import Follower
+from align.capture.force import force
+from align.capture.hooks import hooked
+from align.capture.trace import BACKWARD, FORWARD, ROOT, Arr, Trace
+from align.compare.derived import DERIVED
+from align.compare.judges import Collector
+from align.compare.metrics import compare_arrays, missing, rel_l2, within_noise
+from align.compare.pair import Pair, pair_calls
+from align.compare.results import (
+    FREE_RUNNING,
+    TEACHER_FORCED,
+    Amplification,
+    LayerResult,
+    RunResult,
+    TensorResult,
+    Tolerances,
+)
+from align.core.judged import Judgement, Progress, as_reference, now, selected, tolerance_policy
+from align.core.reference import ReferenceRun, free_truth, run_reference
+from align.diagnose.culprits import culprits, first_divergence
+from align.diagnose.environment import bf16_unavailable, environment, environment_warnings, port_environment
+from align.diagnose.findings import Finding, dtype_table
+from align.diagnose.observer import Observer, alongside, bare_run, judge_observed, observer_check, observer_copy
+from align.diagnose.repro import ReproCase
+from align.errors import ConfigError
+from align.registry.spec import ModelSpec, require_matching
+from align.report.schema import Report
+from align.weights.loader import load_weights, plan_for
+
+
+def align_model(spec: ModelSpec, config: str | None = None, dtypes: tuple[str, ...] | None = None,
+                checkpoint: Path | None = None, progress: Progress = lambda s: None,
+                command: str = "", only: tuple[str, ...] = (), fast: bool = False) -> Report:
+    """Align one model in one process: the reference's half, then the port's.
+
+    `config` defaults to the model's default_config, and `checkpoint` to the one align.toml
+    names for that config (if any).
+    """
+    ref = run_reference(spec, config, checkpoint, progress, only, observe=not fast)
+    return check_port(spec, ref, dtypes, progress, command, fast=fast, release=True)
+
+
+def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | None = None,
+               progress: Progress = lambda s: None, command: str = "", weights_from: str = "rules",
+               fast: bool = False, release: bool = False, keep: tuple[str, ...] = ()) -> Report:
+    """Run only the port (Paddle) against a ReferenceRun, and judge it. Never imports torch.
+
+    weights_from="rules" loads the port's weights with align's weight rules; "pretrained"
+    lets the port's own loader (from_pretrained) convert the reference's checkpoint, and then
+    checks every tensor it produced against what the rules say it should be.
+    With `release` (the caller has no further use for `ref`), the reference's recorded
+    tensors are dropped once the last comparison that needs them is made, so that a port
+    observer run made after the others can reuse their memory instead of needing more.
+    `keep`: module globs whose comparisons' tensors are kept in full (Report.kept).
+    """
+    from align.capture.paddle_side import PaddleSide
+
+    require_matching(spec, "--keep", keep, (c.module for c in ref.trace.calls.values()))
+    if spec.noise_floor and ref.fp64 is None:
+        raise ConfigError(spec.source, f"models.{spec.name}.tolerance.noise_floor",
+                          "the trace has no float64 run of the reference; trace it again")
+    ps = PaddleSide()
+    rules = W.load_rules(spec.weights_file)
+    port, wmap, findings = _port_with_weights(spec, ref, rules, ps, weights_from, progress)
+    dtypes_seen, mismatched = dtype_table(ref.dtypes, {k: ps.dtype_name(t) for k, t in
+                                                       {**ps.parameters(port), **ps.buffers(port)}.items()},
+                                          partial(_port_key, wmap, rules))
+    findings = mismatched + findings
+    env = environment(ref.env, port_environment(), {"init": spec.init.seed, "inputs": spec.inputs.seed})
+    warnings = environment_warnings(env)
+    runs: list[RunResult] = []
+    outputs: tuple[TensorResult, ...] = ()
+    param_grads: tuple[TensorResult, ...] = ()
+    unpaired: tuple = ()
+    observers: list[Observer] = [ref.observer]
+    repro: ReproCase | None = None
+    kept: list = []
+    dtype_list = tuple(dtypes or spec.dtypes)
+    for dtype in dtype_list:
+        if dtype == "bfloat16":
+            reason = bf16_unavailable()
+            runs += [RunResult(dtype, mode, spec.tolerance, spec.bf16.describe(), status="not_run", reason=reason,
+                               gated=mode == TEACHER_FORCED) for mode in (TEACHER_FORCED, FREE_RUNNING)]
+            warnings.append(f"bfloat16 was NOT run: {reason}")
+            continue
+        judgement = Judgement(spec, rules, dtype, ref.only, keep)
+        observed, pairs, to_ref = _forced(spec, ref, ps, port, wmap, rules, judgement, progress, observe=not fast)
+        runs.append(judgement.run(tolerance_policy(spec), ref.trace.completion_order(),
+                                  ref.trace.start_order()[::-1]))
+        unpaired = tuple(judgement.unpaired)
+        warnings += judgement.warnings
+        if repro is None and (first := (runs[-1].culprits.forward or runs[-1].culprits.backward or (None,))[0]):
+            pair = next(p for p in pairs if p.ref == first)
+            repro = ReproCase.of(spec, ref.config, pair, ref.trace, ref.weights, ps, port,
+                                 judgement.tolerances.for_name(first), wmap)
+        if fast:  # the gate path: what the forced pass saw of the model's outputs and parameters
+            judgement.missing_grads(ref.trace.param_grads)
+            outputs, param_grads = tuple(judgement.outputs), tuple(judgement.param_grads)
+            observers = [ref.observer, Observer("paddle", True, True, (), checked=False)]
+            kept += judgement.kept
+            continue
+        last = release and dtype == dtype_list[-1]  # the record is not needed after this dtype's runs
+        if last:
+            for call in ref.trace.calls.values():
+                call.input_grads = {}  # only forcing judges them: memory for the free-running run
+        progress(f"{dtype}: running the port free, comparing as it goes")
+        free, follower, port_grads = _free_running(spec, ref, ps, port, judgement, pairs, to_ref)
+        runs.append(free)
+        outputs, param_grads = _model_outputs(spec, ref, follower.root_outputs, judgement.tolerances), \
+            _param_grads(spec, ref, port_grads, wmap, judgement.tolerances)
+        kept += judgement.kept
+        if last:
+            for call in ref.trace.calls.values():
+                call.release()
+            ref.trace.param_grads, ref.weights = {}, {}
+        progress(f"{dtype}: checking that hooks change nothing")
+        hooked_run = Trace("paddle", {}, port_grads, {}, follower.root_outputs)
+        observers = [ref.observer, judge_observed(ps.name, observed, hooked_run, alongside=True) if observed
+                     else observer_check(ps, port, _fresh_inputs(spec, ref, ps), backward_seed(ps, spec), hooked_run)]
+        for o in observers:
+            if o.perturbed:
+                msg = (f"observer effect: the {o.framework} model's outputs or gradients differ with hooks "
+                       f"installed ({', '.join(o.differing[:5])})")
+                warnings.append(msg)
+                findings.append(Finding("observer_effect", o.framework, msg, fails=False))
+
+    return Report(
+        model=spec.name, config=ref.config_name, port=spec.port_class, weights_from=weights_from,
+        runs=tuple(runs), outputs=outputs, param_grads=param_grads, weights=wmap, unpaired=unpaired, env=env,
+        command=command or f"align run {spec.name}", created=now(), only=ref.only, path="gate" if fast else "full",
+        checkpoint=ref.checkpoint, findings=tuple(findings), observer=tuple(observers), dtypes=dtypes_seen,
+        warnings=tuple(warnings), repro=repro, kept=tuple(kept),
+    )
+
+
+def _port_with_weights(spec: ModelSpec, ref: ReferenceRun, rules: W.Rules, ps: Any, weights_from: str,
+                       progress: Progress) -> tuple[Any, W.WeightMap, list[Finding]]:
+    """The port with the reference's weights, by align's rules or by its own loader (whose
+    every tensor is then checked against what the rules say it should be)."""
+    if weights_from != "pretrained":
+        progress("building the port")
+        port = build.build_port_from(spec, ref.config)
+        progress("mapping weights")
+        return port, load_weights(rules, ref.weights, port, ps, ref.config), []
+    progress("loading the port with its own from_pretrained")
+    port = build.load_port_pretrained(spec, ref.config, ref.weights)
+    port_state = port.state_dict()
+    wmap = W.verify(plan_for(rules, ref.weights, port, ref.config), ref.weights,
+                    lambda k: ps.record(port_state[k]).data, strict=False)
+    return port, wmap, [Finding("loader_mismatch", e.source, f"{e.source} -> {e.target}: the port's own loader gives a "
+                                f"different tensor than the rules ({e.rule})", fails=True)
+                        for e in wmap.entries if e.exact is False]
+
+
+def _port_key(wmap: W.WeightMap, rules: W.Rules, key: str) -> str | None:
+    """The port tensor a reference tensor becomes (None for one fused with others)."""
+    for e in wmap.entries:
+        if key in e.sources:
+            return e.targets[0] if len(e.targets) == 1 and e.transform != "merge" else None
+    return rules.rename(key)[0]
+
+
+def _fresh_inputs(spec: ModelSpec, ref: ReferenceRun, ps: Any) -> dict[str, Any]:
+    """The model's inputs as the port takes them, in tensors of their own."""
+    return {**{k: ps.tensor(a, False) for k, a in inputs_for_port(ref.inputs, spec).items()}, **call_kwargs(spec, ROOT)}
+
+
+def _forced(spec: ModelSpec, ref: ReferenceRun, ps: Any, port: Any, wmap: W.WeightMap, rules: W.Rules,
+            judgement: Judgement, progress: Progress, observe: bool) -> tuple[Any, list[Pair], dict[str, str]]:
+    """The whole port forced on the reference's record in one pass, recorded in `judgement`;
+    with `observe`, its run without hooks alongside, on a copy (see observer_copy), when
+    there is a core and the memory for it. Returns what that run observed (or None), the
+    pairs and the port-to-reference call names."""
+    calls = ref.trace.calls
+    port_modules = {ROOT} | {n for n, _ in port.named_sublayers()}
+    ref_calls = [(n, c.module) for n, c in calls.items()]
+    pairing = pair_calls(ref_calls, port_modules, rules.rename_module)
+    bad_glob = judgement.tolerances.unmatched([p.ref for p in pairing.pairs] + list(ref.trace.param_grads))
+    if bad_glob is not None:
+        raise ConfigError(spec.source, f"models.{spec.name}.tolerance.overrides",
+                          f"glob {bad_glob!r} matches no module or parameter")
+    to_ref = {p.port: p.ref for p in pairing.pairs}
+    collector, judge = judgement.judge(ref.fp64.truth if spec.noise_floor else None)
+    forcing = partial(force, ps, port, _fresh_inputs(spec, ref, ps), calls, to_ref, judge, ref.trace.param_grads,
+                      lambda key, g: as_reference({key: g}, wmap))
+    copied = observer_copy(ps, port, ref.trace.output_bytes()) if observe else None
+    observed = None
+    what = f"{judgement.dtype}: teacher-forcing all {len(pairing.pairs)} modules in one pass"
+    if copied is None:
+        progress(what)
+        forcer = forcing()
+    else:
+        progress(what + ", the port's run without hooks alongside")
+        observed, forcer = alongside(partial(bare_run, ps, copied, _fresh_inputs(spec, ref, ps),
+                                             backward_seed(ps, spec)), forcing)
+    # Paired again with the calls the port made, to name those no reference call maps to.
+    pairing = pair_calls(ref_calls, port_modules, rules.rename_module, [(n, n.split("#")[0]) for n in forcer.owner])
+    judgement.record(collector, forcer, list(pairing.pairs), calls, pairing.unpaired, model=True)
+    return observed, list(pairing.pairs), to_ref
+
+
+def _free_running(spec: ModelSpec, ref: ReferenceRun, ps: Any, port: Any, judgement: Judgement, pairs: list[Pair],
+                  to_ref: dict[str, str]) -> tuple[RunResult, Follower, dict[str, np.ndarray]]:
+    """The port run on its own values, compared module by module as it goes (informational):
+    its RunResult, the Follower (which kept the model's outputs) and its parameter gradients."""
+    collector, judge = judgement.judge(free_truth(ref.fp64) if spec.noise_floor else None, FREE_RUNNING)
+    follower = Follower(ps, ref.trace.calls, to_ref, judge, rel_l2)
+    ps.clear_grads(port)
+    with hooked(ps, port, follower):
+        ps.backward(backward_seed(ps, spec)(port(**_fresh_inputs(spec, ref, ps))))
+    follower.finish()
+    grads = {k: g for k, prm in ps.parameters(port).items() if (g := ps.grad(prm)) is not None}
+    ps.clear_grads(port)
+    layers = tuple(_free_layers([p for p in pairs if selected(p.ref_module, ref.only)], ref.trace, follower, collector,
+                                judgement.tolerances))
+    fwd, bwd = ref.trace.completion_order(), ref.trace.start_order()[::-1]
+    run = RunResult(judgement.dtype, FREE_RUNNING, spec.tolerance, tolerance_policy(spec), layers,
+                    first_divergence(layers, fwd, bwd), culprits(layers, fwd, bwd), gated=False)
+    return run, follower, grads
+
+
+def _free_layers(pairs: list[Pair], ref_trace: Trace, follower: Follower, fr: Collector,
+                 tolerances: Tolerances) -> list[LayerResult]:
+    layers = []
+    for p in pairs:
+        call = ref_trace.calls[p.ref]
+        tol = tolerances.for_name(p.ref)
+        if p.ref not in follower.called:
+            layers.append(LayerResult(p.ref, p.port, call.type, missing("the port never called this module"), None, tol,
+                                      module=p.ref_module))
+            continue
+        amp = Amplification.of(follower.input_error.get(p.ref, 0.0), follower.output_error.get(p.ref, 0.0))
+        layers.append(LayerResult(p.ref, p.port, call.type, fr.get(p.ref, FORWARD) or missing("the module returned no tensor"),
+                                  fr.get(p.ref, BACKWARD), tol, extra_outputs=tuple(follower.extra.get(p.ref, ())),
+                                  module=p.ref_module, amplification=amp))
+    return layers
+
+
+def _model_outputs(spec: ModelSpec, ref: ReferenceRun, port_outputs: dict[str, Arr],
+                   tolerances: Tolerances) -> tuple[TensorResult, ...]:
+    """The model's own outputs, end to end (free-running), plus the derived ones."""
+    noise = spec.noise_floor
+
+    def judged(name: str, port_arr: np.ndarray, ref_arr: np.ndarray, truth: np.ndarray | None) -> TensorResult:
+        tol = tolerances.for_name(name)
+        m = compare_arrays(port_arr, ref_arr, tol, name)
+        return TensorResult(name, within_noise(m, port_arr, ref_arr, truth, tol, noise.factor) if noise else m, tol)
+
+    truth_out = {k: a.data for k, a in ref.fp64.trace.outputs.items()} if noise else {}
+    outputs = tuple(
+        judged(k, port_outputs[k].data, a.data, truth_out.get(k)) if k in port_outputs
+        else TensorResult(k, missing(f"the port returned no {k!r}", k), tolerances.for_name(k))
+        for k, a in ref.trace.outputs.items()
+    )
+    input_arrays = {k: a.data for k, a in ref.inputs.items()}
+    for name in spec.inputs.derived:
+        fn = DERIVED[name]
+        ref_out = fn({k: a.data for k, a in ref.trace.outputs.items()}, input_arrays)
+        port_out = fn({k: a.data for k, a in port_outputs.items()}, input_arrays)
+        outputs += (judged(f"{name} (derived)", port_out, ref_out, fn(truth_out, input_arrays) if noise else None),)
+    return outputs
+
+
+def _param_grads(spec: ModelSpec, ref: ReferenceRun, port_grads: dict[str, np.ndarray], wmap: W.WeightMap,
+                 tolerances: Tolerances) -> tuple[TensorResult, ...]:
+    """Every parameter gradient of the free-running run, against the reference's."""
+    ref_grads = ref.trace.param_grads
+    port = as_reference(port_grads, wmap)
+    truth = ref.fp64.trace.param_grads if ref.fp64 else {}
+    results = []
+    for key, g in ref_grads.items():
+        tol = tolerances.for_name(key)
+        m = compare_arrays(port[key], g, tol, key) if key in port else missing("the port parameter got no gradient", key)
+        if spec.noise_floor and key in port:
+            m = within_noise(m, port[key], g, truth.get(key), tol, spec.noise_floor.factor)
+        results.append(TensorResult(key, m, tol))
+    results += [TensorResult(key, missing("the reference parameter got no gradient", key), tolerances.for_name(key))
+                for key in port if key not in ref_grads]
+    return tuple(results)

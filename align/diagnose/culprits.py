@@ -1,0 +1,56 @@
+"""Where the bug is: the first divergence in forward and backward order, and the culprits,
+the failing modules all of whose children pass (teacher-forced, a module that fails while
+its children pass holds the bug in its own code)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from align.capture.trace import BACKWARD, FORWARD
+from align.compare.metrics import rel_l2
+from align.compare.results import Amplification, Culprits, Divergence, LayerResult, deepest
+
+
+def amplification(port_in: Mapping[str, np.ndarray], ref_in: Mapping[str, np.ndarray],
+                  port_out: Mapping[str, np.ndarray], ref_out: Mapping[str, np.ndarray]) -> Amplification:
+    """Compare the error at a module's output with the error at its input (shared keys only)."""
+    in_err = max((rel_l2(port_in[k], ref_in[k]) for k in ref_in if k in port_in), default=0.0)
+    out_err = max((rel_l2(port_out[k], ref_out[k]) for k in ref_out if k in port_out), default=0.0)
+    return Amplification.of(in_err, out_err)
+
+
+def first_divergence(layers: tuple[LayerResult, ...], forward_order: list[str], backward_order: list[str]) -> Divergence:
+    """First failing module in forward completion order, and in backward order.
+
+    Children complete their forward before their parents and their backward before their
+    parents, so in both orders the first failure is the smallest module that fails.
+    """
+    by_name = {layer.name: layer for layer in layers}
+    fwd = next((n for n in forward_order if n in by_name and not by_name[n].forward.passed), None)
+    bwd = next((n for n in backward_order if n in by_name and by_name[n].backward is not None
+                and not by_name[n].backward.passed), None)
+    return Divergence(fwd, bwd)
+
+
+def _failed(layer: LayerResult, direction: str) -> bool:
+    m = layer.forward if direction == FORWARD else layer.backward
+    return m is not None and not m.passed
+
+
+def culprits(layers: tuple[LayerResult, ...], forward_order: list[str], backward_order: list[str]) -> Culprits:
+    """Failing modules none of whose submodules fail, in the same direction.
+
+    Under teacher forcing every module sees the reference's inputs, so a module that fails
+    while all of its children pass holds the bug in its own code: a functional attention
+    core, a mask built in forward, a loss. Listed in forward (or backward) order.
+    """
+    found = {}
+    for direction, order in ((FORWARD, forward_order), (BACKWARD, backward_order)):
+        rank = {n: i for i, n in enumerate(order)}
+        names = deepest([layer for layer in layers if _failed(layer, direction)])
+        found[direction] = tuple(sorted(names, key=lambda n: rank.get(n, len(rank))))
+    return Culprits(found[FORWARD], found[BACKWARD])
+
+

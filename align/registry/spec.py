@@ -1,0 +1,188 @@
+"""align.toml -> frozen ModelSpec.
+
+This module never imports torch or paddle: a registry typo must be reported in
+milliseconds, with the file and the dotted key, before any framework loads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from align.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Elementwise allowance |port - ref| <= atol + rtol * |ref|."""
+
+    atol: float
+    rtol: float
+
+    def describe(self) -> str:
+        return f"|port - ref| <= {self.atol:g} + {self.rtol:g} * |ref| elementwise; NaN/Inf never pass"
+
+
+@dataclass(frozen=True)
+class Bf16Policy:
+    """The port's bf16 error vs fp32 ref may not exceed max(factor * ref's own bf16 error, floor)."""
+
+    factor: float
+    floor: float
+
+    def describe(self) -> str:
+        return (
+            f"port bf16 error vs fp32 reference <= max({self.factor:g} x the reference's own "
+            f"bf16 error, {self.floor:g}) elementwise-max; NaN/Inf never pass"
+        )
+
+
+@dataclass(frozen=True)
+class NoiseFloor:
+    """fp32 judged against fp64: a comparison that fails the elementwise rule still passes when
+    the port's error against an fp64 run of the reference is at most `factor` times the fp32
+    reference's own error against it. For real checkpoints, whose fp32 rounding alone can
+    exceed 1e-5 in summed gradients."""
+
+    factor: float
+
+    def describe(self) -> str:
+        return (f"or, failing that, max|port - ref_fp64| <= {self.factor:g} x max|ref_fp32 - ref_fp64| "
+                f"(+ atol): within the reference's own fp32 noise")
+
+
+@dataclass(frozen=True)
+class Override:
+    """A per-module tolerance, addressed by glob over reference module names."""
+
+    glob: str
+    tolerance: Tolerance
+
+
+@dataclass(frozen=True)
+class InitRecipe:
+    seed: int
+    std: float
+
+
+@dataclass(frozen=True)
+class InputsRecipe:
+    seed: int
+    batch: int
+    seq_len: int
+    left_pad: tuple[int, ...]
+    labels: str
+    backward: str = "loss"  # what backward differentiates: the model's loss, or a seeded projection of its outputs
+    sentences: tuple[str, ...] = ()  # real text instead of random ids, tokenized with `tokenizer`
+    tokenizer: str | None = None
+    derived: tuple[str, ...] = ()  # outputs computed from the model's outputs and compared too
+
+
+@dataclass(frozen=True)
+class PortVariant:
+    """Another port of the same reference, generated rather than hand-written
+    ([models.NAME.ports.VARIANT]): `align convert` writes it, `align run --port VARIANT` aligns it."""
+
+    name: str  # "converted"
+    source: str  # the reference's modeling module to convert, e.g. transformers.models.gemma2.modeling_gemma2
+    class_name: str  # the port class inside the generated module
+    config_class: str  # "module:Class"; default: the reference's config class, reused as is
+    weights_file: Path
+    call_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    labels: str = "as_reference"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    description: str
+    ci: bool
+    source: Path  # the align.toml this came from
+    weights_file: Path
+    reference_class: str  # "module:attr"
+    reference_config_class: str
+    attn_implementation: str | None
+    port_class: str
+    port_config_class: str
+    init: InitRecipe
+    inputs: InputsRecipe
+    configs: dict[str, dict[str, Any] | str]  # a table of values, or the path of a config.json
+    dtypes: tuple[str, ...]
+    tolerance: Tolerance
+    bf16: Bf16Policy
+    noise_floor: NoiseFloor | None = None
+    overrides: tuple[Override, ...] = field(default=())
+    default_config: str = "tiny"
+    checkpoints: dict[str, str] = field(default_factory=dict)  # config name -> its checkpoint
+    port_environment: str | None = None  # a virtual environment (dir) the port must run in, apart from torch
+    port_call_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # module glob -> extra keywords
+    port_labels: str = "as_reference"  # or "shifted": the port's loss expects next-token labels already shifted
+    ports: dict[str, PortVariant] = field(default_factory=dict)  # generated ports beside the hand port
+    stream_blocks: str | None = None  # [stream] blocks: the reference's block list, for --stream-layers
+
+    @property
+    def root(self) -> Path:
+        return self.source.parent
+
+    def checkpoint_for(self, config: str) -> Path | None:
+        """The checkpoint [checkpoints] names for `config`, if any (what a run loads when no
+        --checkpoint is given)."""
+        return resolve_path(self.checkpoints[config], self.source) if config in self.checkpoints else None
+
+
+@dataclass(frozen=True)
+class Registry:
+    source: Path
+    models: dict[str, ModelSpec]
+
+    def get(self, name: str) -> ModelSpec:
+        if name not in self.models:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise ConfigError(self.source, f"models.{name}", f"unknown model (known: {known})")
+        return self.models[name]
+
+
+def resolve_path(value: str, base: Path) -> Path:
+    """A path from align.toml: relative to the file, or `pkg:module/inner/path` inside an
+    installed package (found without importing it)."""
+    if value.startswith("pkg:"):
+        import importlib.util
+
+        module, _, inner = value[4:].partition("/")
+        found = importlib.util.find_spec(module)
+        if found is None or not found.submodule_search_locations:
+            raise ConfigError(base, "", f"{value}: no installed package {module!r}")
+        return Path(list(found.submodule_search_locations)[0]) / inner
+    return (base.parent / value).resolve() if not Path(value).is_absolute() else Path(value)
+
+
+def matches(name: str, globs: tuple[str, ...]) -> bool:
+    """Whether a module or parameter name matches any of the globs (fnmatch, case-sensitive)."""
+    import fnmatch
+
+    return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+def unmatched(globs: tuple[str, ...], names: Iterable[str]) -> str | None:
+    """The first glob that matches none of `names`, if any. Every glob a user gives (--only,
+    --keep, a tolerance override) must match something: one that matches nothing is a typo,
+    and left silent it would narrow or loosen nothing while seeming to."""
+    names = list(names)
+    return next((g for g in globs if not any(matches(n, (g,)) for n in names)), None)
+
+
+def require_matching(spec: ModelSpec, flag: str, globs: tuple[str, ...], modules: Iterable[str]) -> None:
+    """Refuse a `flag` (--only, --keep) glob that matches no module of the reference."""
+    bad = unmatched(globs, modules)
+    if bad is not None:
+        raise ConfigError(spec.source, f"models.{spec.name}", f"{flag} {bad} matches no module of the reference")
+
+
+def port_variant_of(port_class: str) -> str | None:
+    """The variant a report's `port` ("align_converted.gemma2:Gemma2ForCausalLM") names; None
+    for a hand port."""
+    module = port_class.partition(":")[0]
+    head, dot, _ = module.partition(".")
+    return head[len("align_"):] if dot and head.startswith("align_") else None

@@ -1,0 +1,106 @@
+"""The Report: everything report.json holds, with its schema version and its verdict.
+Renderers read the JSON, never this object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from align.compare.keep import KeptTensor
+from align.compare.pair import Unpaired
+from align.compare.results import RunResult, TensorResult
+from align.diagnose.findings import Finding
+from align.diagnose.observer import Observer
+from align.diagnose.repro import ReproCase
+from align.weights.plan import WeightMap
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything report.json holds; renderers read the JSON, never this object."""
+
+    model: str
+    config: str
+    port: str  # the port class ("module:Class")
+    runs: tuple[RunResult, ...]
+    outputs: tuple[TensorResult, ...]
+    param_grads: tuple[TensorResult, ...]
+    weights: WeightMap
+    unpaired: tuple[Unpaired, ...]
+    env: dict[str, Any]
+    command: str
+    created: str
+    checkpoint: str | None = None
+    findings: tuple[Finding, ...] = ()
+    observer: tuple[Observer, ...] = ()
+    dtypes: dict[str, dict] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+    repro: ReproCase | None = None  # tensors for the first culprit; written by the CLI, not JSON
+    kept: tuple[KeptTensor, ...] = ()  # what --keep asked for; written by the CLI, not JSON
+    weights_from: str = "rules"  # or "pretrained": the port's own loader, checked against the rules
+    only: tuple[str, ...] = ()  # the report limited to these module globs (a partial check)
+    path: str = "full"  # or "gate": teacher forcing only, no free-running run and no observer runs
+    # False for a streamed --only run that chose no module outside the blocks: the shell was not
+    # run, so there are no model outputs and only the chosen blocks' parameter gradients.
+    shell_judged: bool = True
+
+    @property
+    def verdict(self) -> str:
+        ran = [r for r in self.runs if r.status == "ran"]
+        if not ran:
+            return "error"
+        gated = [r for r in ran if r.gated]
+        ok = (
+            all(r.passed for r in gated)
+            and (bool(self.outputs) or not self.shell_judged) and all(o.passed for o in self.outputs)
+            and (bool(self.param_grads) or not self.shell_judged) and all(p.passed for p in self.param_grads)
+            and not any(not u.allowed for u in self.unpaired)
+            and not any(f.fails for f in self.findings)
+            and self.weights.all_exact
+        )
+        return "pass" if ok else "fail"
+
+    def _first_gated(self, attr: str, nothing: Any) -> dict:
+        """`attr` (first_divergence or culprits) of the first gated run that has any."""
+        for r in self.runs:
+            found = getattr(r, attr)
+            if r.gated and r.status == "ran" and (found.forward or found.backward):
+                return {"dtype": r.dtype, "mode": r.mode, **found.to_dict()}
+        return {"dtype": None, "mode": None, "forward": nothing, "backward": nothing}
+
+    def first_divergence(self) -> dict:
+        return self._first_gated("first_divergence", None)
+
+    def culprits(self) -> dict:
+        return self._first_gated("culprits", [])
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "verdict": self.verdict,
+            "model": self.model,
+            "config": self.config,
+            "port": self.port,
+            "weights_from": self.weights_from,
+            "only": list(self.only),
+            "path": self.path,
+            "shell_judged": self.shell_judged,
+            "created": self.created,
+            "command": self.command,
+            "checkpoint": self.checkpoint,
+            "first_divergence": self.first_divergence(),
+            "culprits": self.culprits(),
+            "runs": [r.to_dict() for r in self.runs],
+            "outputs": [o.to_dict() for o in self.outputs],
+            "param_grads": [p.to_dict() for p in self.param_grads],
+            "weights": [e.to_dict() for e in self.weights.entries],
+            "unpaired": [u.to_dict() for u in self.unpaired],
+            "findings": [f.to_dict() for f in self.findings],
+            "observer": [o.to_dict() for o in self.observer],
+            "warnings": list(self.warnings),
+            "repro": None,
+            "kept": None,
+            "env": {**self.env, "dtypes": self.dtypes},
+        }
