@@ -74,9 +74,9 @@ def child(code: str, *args: str) -> dict:
 
 def baseline_rss() -> float:
     """What `align` costs before converting anything: imports, the registry, the lazy port."""
-    code = ("import json; from align import build; from align.registry import load_registry;"
-            "s = load_registry('align.toml').get('gemma2'); c = build.reference_config(s, 'full');"
-            "build.port_slots(s, c); build.reference_shapes(s, c);"
+    code = ("import json; from align import builders; from align.registry import load_registry;"
+            "s = load_registry('align.toml').get('gemma2'); c = builders.reference_config(s, 'full');"
+            "builders.port_slots(s, c); builders.reference_shapes(s, c);"
             "print(json.dumps({'peak_rss_mb': " + HWM_EXPR + "}))")
     return child(code)["peak_rss_mb"]
 

@@ -53,9 +53,9 @@ class _Nothing:
 
 
 def measure(key: str, rounds: int) -> dict:
-    from align import build
+    from align import builders
     from align import weights as W
-    from align.build.backward import backward_seed
+    from align.builders.backward import backward_seed
     from align.capture.force import Forcer, force
     from align.capture.hooks import hooked, run_and_record
     from align.capture.paddle_side import PaddleSide
@@ -67,11 +67,11 @@ def measure(key: str, rounds: int) -> dict:
 
     spec, config = bench_spec(key)
     ts, ps = TorchSide(), PaddleSide()
-    cfg = build.reference_config(spec, config)
-    ref, port = build.build_reference(spec, cfg), build.build_port(spec, cfg)
+    cfg = builders.reference_config(spec, config)
+    ref, port = builders.build_reference(spec, cfg), builders.build_port(spec, cfg)
     wmap = load_weights(W.load_rules(spec.weights_file), {k: ts.record(v).data for k, v in ref.state_dict().items()},
                          port, ps, cfg.to_dict())
-    inputs = build.make_inputs(spec, cfg)
+    inputs = builders.make_inputs(spec, cfg)
 
     def fresh(fw):
         return {k: fw.tensor(a, False) for k, a in inputs.items()}

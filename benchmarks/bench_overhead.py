@@ -42,8 +42,8 @@ CHILD = r"""
 import json, sys, time
 import torch, paddle
 HWM = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
-from align import build, weights as W
-from align.build.backward import backward_seed
+from align import builders, weights as W
+from align.builders.backward import backward_seed
 from align.core.port import align_model
 from align.weights.loader import load_weights
 from align.capture.paddle_side import PaddleSide
@@ -71,11 +71,11 @@ if phase in ("gate", "full"):
                       "warm_align_s": warm_total - warm_build}))
 else:
     ts, ps = TorchSide(), PaddleSide()
-    cfg = build.reference_config(spec, config)
-    ref, port = build.build_reference(spec, cfg), build.build_port(spec, cfg)
+    cfg = builders.reference_config(spec, config)
+    ref, port = builders.build_reference(spec, cfg), builders.build_port(spec, cfg)
     load_weights(W.load_rules(spec.weights_file), {k: ts.record(v).data for k, v in ref.state_dict().items()},
                   port, ps, cfg.to_dict())
-    inputs = build.make_inputs(spec, cfg)
+    inputs = builders.make_inputs(spec, cfg)
     def both():
         t = time.perf_counter()
         for fw, model in ((ts, ref), (ps, port)):

@@ -57,11 +57,11 @@ def update_readme(section: str, table: str) -> None:
 
 def gemma2_full_shapes() -> dict[str, tuple[int, ...]]:
     """Every tensor google/gemma-2-2b stores (the tied head is not stored)."""
-    from align import build
+    from align import builders
     from align.registry.load import load_registry
 
     spec = load_registry(ROOT / "align.toml").get("gemma2")
-    shapes = build.reference_shapes(spec, build.reference_config(spec, "full"))
+    shapes = builders.reference_shapes(spec, builders.reference_config(spec, "full"))
     shapes.pop("lm_head.weight")
     return shapes
 

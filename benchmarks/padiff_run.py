@@ -11,7 +11,7 @@ Runs in its own environment (PaDiff is never a dependency of align):
 
 Modes: API mode off or on (PADIFF_API_CHECK), each with or without options["single_step"]
 (PaDiff's teacher forcing). Each (config, mode) runs in a fresh process, which:
-- builds the gemma2 reference (transformers) and the hand port (ports.gemma2) exactly as
+- builds the gemma2 reference (transformers) and the hand port (ports.text.gemma2) exactly as
   bench_overhead.py's bare phase does: align's seeded init, align's weight rules (loaded and
   verified bit-exact), align's seeded inputs; configs tiny (align.toml) and mid
   (common.MID, 256 tokens, weights drawn with std 0.02); default threads, as bench_overhead.py;
@@ -114,9 +114,9 @@ def child(config: str, mode: str, raw: bool, scratch: Path, bug: bool = False, t
     """One (config, mode) in this process; returns the JSON record."""
     import torch
 
-    from align import build
+    from align import builders
     from align import weights as W
-    from align.build.backward import backward_seed
+    from align.builders.backward import backward_seed
     from align.capture.paddle_side import PaddleSide, paddle
     from align.capture.torch_side import TorchSide
     from align.weights.loader import load_weights
@@ -131,12 +131,12 @@ def child(config: str, mode: str, raw: bool, scratch: Path, bug: bool = False, t
 
     # The pair, exactly as bench_overhead.py's bare phase builds it.
     ts, ps = TorchSide(), PaddleSide()
-    cfg = build.reference_config(spec, config_arg)
-    ref, port = build.build_reference(spec, cfg), build.build_port(spec, cfg)
+    cfg = builders.reference_config(spec, config_arg)
+    ref, port = builders.build_reference(spec, cfg), builders.build_port(spec, cfg)
     wmap = load_weights(W.load_rules(spec.weights_file), {k: ts.record(v).data for k, v in ref.state_dict().items()},
                          port, ps, cfg.to_dict())
     assert wmap.all_exact, "align's weight load is not bit-exact"
-    inputs = build.make_inputs(spec, cfg)
+    inputs = builders.make_inputs(spec, cfg)
 
     def once(fw, model):
         fw.clear_grads(model)

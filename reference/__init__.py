@@ -1,4 +1,5 @@
-"""Builders and input recipes for references that are not a plain transformers class.
+"""The references' builders and input recipes, one file per family (text.py, audio.py, ...).
 
-The reference model code itself always comes from the installed package, never from here.
+The reference's model code always comes from its installed package (transformers, auraloss,
+dac, ...); these files only say how to build it for an alignment and how to feed it.
 """

@@ -7,14 +7,14 @@ import torch
 from conftest import REGISTRY, ROOT
 from safetensors.torch import save_file
 
-from align import build
+from align import builders
 from align.registry.load import load_registry
 
 
 @pytest.fixture(scope="module")
 def state():
     spec = load_registry(REGISTRY).get("gemma2")
-    ref = build.build_reference(spec, build.reference_config(spec, "tiny"))
+    ref = builders.build_reference(spec, builders.reference_config(spec, "tiny"))
     # Different from the seeded init, so a pass shows the checkpoint was used.
     sd = {k: (v + 0.01 * torch.randn_like(v)).contiguous() for k, v in ref.state_dict().items() if k != "lm_head.weight"}
     return sd

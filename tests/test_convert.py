@@ -331,7 +331,7 @@ def test_hand_and_converted_side_by_side_against_one_reference(converted_copy, c
     hand = json.loads((out / "gemma2" / "report.json").read_text())
     conv = json.loads((out / "gemma2-converted" / "report.json").read_text())
     assert hand["verdict"] == "pass" and conv["verdict"] == "fail"
-    assert hand["port"] == "ports.gemma2:Gemma2ForCausalLM" and conv["port"].startswith("align_converted.gemma2:")
+    assert hand["port"] == "ports.text.gemma2:Gemma2ForCausalLM" and conv["port"].startswith("align_converted.gemma2:")
     assert "model.layers.0.input_layernorm" in conv["culprits"]["forward"]
     # The failure message reruns the right port.
     assert (f"Rerun: align --registry {registry / 'align.toml'} run gemma2 --port converted --dtype float32 "

@@ -247,7 +247,7 @@ def test_a_port_that_cannot_be_copied_is_observed_after_the_runs(monkeypatch):
     def cannot(self, memo):
         raise TypeError("cannot pickle 'SomeHandle' object")
 
-    from ports.gemma2 import Gemma2ForCausalLM
+    from ports.text.gemma2 import Gemma2ForCausalLM
 
     monkeypatch.setattr(diagnose, "room_alongside", lambda nbytes: True)
     monkeypatch.setattr(Gemma2ForCausalLM, "__deepcopy__", cannot, raising=False)
@@ -287,16 +287,16 @@ def buggy_port_registry(tmp_path, monkeypatch):
     so that a separate process (the repro script) sees the same bug."""
     pkg = tmp_path / "buggy_gemma2"
     pkg.mkdir()
-    source = (PROJECT / "ports" / "gemma2" / "modeling.py").read_text()
+    source = (PROJECT / "ports" / "text" / "gemma2.py").read_text()
     broken = source.replace('h = h * (1.0 + self.weight.astype("float32"))', 'h = h * self.weight.astype("float32")')
     assert broken != source
     (pkg / "__init__.py").write_text("")
     (pkg / "modeling.py").write_text(broken)
     shutil.copytree(PROJECT / "weights", tmp_path / "weights")
     registry = tmp_path / "align.toml"
-    registry.write_text(REGISTRY.read_text().replace('class = "ports.gemma2:Gemma2ForCausalLM"',
+    registry.write_text(REGISTRY.read_text().replace('class = "ports.text.gemma2:Gemma2ForCausalLM"',
                                                      'class = "buggy_gemma2.modeling:Gemma2ForCausalLM"')
-                        .replace('config_class = "ports.gemma2:Gemma2Config"',
+                        .replace('config_class = "ports.text.gemma2:Gemma2Config"',
                                  'config_class = "buggy_gemma2.modeling:Gemma2Config"'))
     monkeypatch.syspath_prepend(str(tmp_path))
     return registry
@@ -329,7 +329,7 @@ def test_repro_of_a_fixed_module_matches(buggy_port_registry, tmp_path):
     out = tmp_path / "report"
     main(["--registry", str(buggy_port_registry), "run", "gemma2", "--dtype", "fp32", "--out", str(out), "--quiet"])
     modeling = tmp_path / "buggy_gemma2" / "modeling.py"
-    modeling.write_text((PROJECT / "ports" / "gemma2" / "modeling.py").read_text())
+    modeling.write_text((PROJECT / "ports" / "text" / "gemma2.py").read_text())
     proc = subprocess.run([sys.executable, "repro.py"], cwd=out / "repro", capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "MATCHES the reference" in proc.stdout

@@ -94,5 +94,5 @@ def test_command_line_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "align", "--registry", str(REGISTRY), "run", "gemma2",
                            "--dtype", "fp32", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "gemma2 (tiny config, ports.gemma2:Gemma2ForCausalLM): PASS" in proc.stderr
+    assert "gemma2 (tiny config, ports.text.gemma2:Gemma2ForCausalLM): PASS" in proc.stderr
     assert (tmp_path / "report.json").is_file() and (tmp_path / "report.html").is_file()

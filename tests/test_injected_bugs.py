@@ -11,7 +11,7 @@ import pytest
 from conftest import after_init
 
 from align import weights as W
-from ports.gemma2 import modeling as M
+from ports.text import gemma2 as M
 
 
 def rmsnorm_forward(one_plus: bool = True, eps: float | None = None):

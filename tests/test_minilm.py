@@ -8,7 +8,7 @@ from conftest import after_init
 
 from align.compare.metrics import compare_arrays, within_noise
 from align.registry.spec import Tolerance
-from ports.bert import modeling as B
+from ports.text import bert as B
 
 TOL = Tolerance(1e-5, 1e-5)
 

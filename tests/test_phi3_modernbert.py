@@ -7,8 +7,8 @@ import paddle.nn.functional as F
 import pytest
 from conftest import after_init
 
-from ports.modernbert import modeling as MB
-from ports.phi3 import modeling as P3
+from ports.text import modernbert as MB
+from ports.text import phi3 as P3
 
 
 @pytest.mark.parametrize("model", ["phi3", "modernbert"])

@@ -46,7 +46,7 @@ def test_shipped_registry_loads():
         ("seq_len = 16", "seq_len = 16\nsequ_len = 3", "models.gemma2.inputs.sequ_len", "unknown key"),
         ("ci = true", 'ci = "yes"', "models.gemma2.ci", "expected a boolean"),
         ("atol = 1e-5", "atol = -1.0", "defaults.tolerance.float32.atol", "must be >= 0"),
-        ('class = "ports.gemma2:Gemma2ForCausalLM"', 'class = "ports.gemma2"', "models.gemma2.port.class",
+        ('class = "ports.text.gemma2:Gemma2ForCausalLM"', 'class = "ports.text.gemma2"', "models.gemma2.port.class",
          "expected 'module:Class'"),
         ('weights = "weights/gemma2.toml"', 'weights = "weights/nope.toml"', "models.gemma2.weights", "no such file"),
         ("left_pad = [0, 3]", "left_pad = [0, 3, 1]", "models.gemma2.inputs.left_pad", "one per sample"),

@@ -15,11 +15,11 @@ def tiny_checkpoint(model: str, directory) -> str:
     (as save_pretrained does)."""
     from safetensors.numpy import save_file
 
-    from align import build
+    from align import builders
     from align.registry.load import load_registry
 
     spec = load_registry(REGISTRY).get(model)
-    ref = build.build_reference(spec, build.reference_config(spec, "tiny"))
+    ref = builders.build_reference(spec, builders.reference_config(spec, "tiny"))
     seen, tensors = set(), {}
     for k, v in ref.state_dict().items():
         if v.data_ptr() not in seen:
@@ -182,7 +182,7 @@ def test_streaming_needs_a_checkpoint_and_a_block_list(checkpoint, run_cli, tmp_
 def side_channel(monkeypatch):
     """Each MLP's input reaches its decoder layer's output by an attribute, no boundary
     between: the layer adds zeros made from it."""
-    import ports.gemma2.modeling as M
+    import ports.text.gemma2 as M
 
     mlp_forward, layer_forward = M.Gemma2MLP.forward, M.Gemma2DecoderLayer.forward
 
@@ -233,11 +233,11 @@ def test_a_block_forced_again_still_catches_and_localizes(bug, checkpoint, monke
 
 
 def _ref_param_names() -> set[str]:
-    from align import build
+    from align import builders
     from align.registry.load import load_registry
 
     spec = load_registry(REGISTRY).get("gemma2")
-    return {k for k, _ in build.build_reference(spec, build.reference_config(spec, "tiny")).named_parameters()}
+    return {k for k, _ in builders.build_reference(spec, builders.reference_config(spec, "tiny")).named_parameters()}
 
 
 def _count_loads(monkeypatch) -> tuple[list[str], list[str]]:
@@ -365,7 +365,7 @@ def test_the_shell_gradients_wait_on_disk_and_judge_as_in_memory(checkpoint, mon
 
     import paddle.nn.functional as F
 
-    import ports.gemma2.modeling as M
+    import ports.text.gemma2 as M
 
     def lookup_detached(self, input_ids):
         return F.embedding(input_ids, self.weight.detach()) * self.embed_scale.astype(self.weight.dtype)

@@ -8,7 +8,7 @@ import torch
 from conftest import REGISTRY
 from safetensors.torch import save_file
 
-from align import build
+from align import builders
 from align.cli import main
 from align.registry.load import load_registry
 from align.registry.spec import resolve_path
@@ -24,7 +24,7 @@ def weights(*args):
 @pytest.fixture(scope="module")
 def gemma2_state():
     spec = load_registry(REGISTRY).get("gemma2")
-    ref = build.build_reference(spec, build.reference_config(spec, "tiny"))
+    ref = builders.build_reference(spec, builders.reference_config(spec, "tiny"))
     # What save_pretrained writes: the tied lm_head is not stored.
     return {k: v.contiguous() for k, v in ref.state_dict().items() if k != "lm_head.weight"}
 
@@ -200,11 +200,11 @@ def _gemma2_plan(src):
     from align.weights.rules import load_rules
 
     spec = load_registry(REGISTRY).get("gemma2")
-    cfg = build.reference_config(spec, "tiny")
+    cfg = builders.reference_config(spec, "tiny")
     from align.weights.checkpoint import Checkpoint
 
     with Checkpoint(src) as ckpt:
-        return plan(load_rules(spec.weights_file), ckpt.shapes(), build.port_slots(spec, cfg), cfg.to_dict())
+        return plan(load_rules(spec.weights_file), ckpt.shapes(), builders.port_slots(spec, cfg), cfg.to_dict())
 
 
 def test_destination_directories_are_created(tmp_path, gemma2_state):

@@ -162,7 +162,7 @@ def load_port(spec: ModelSpec, variant: PortVariant) -> ModelSpec:
     # on purpose) since the last one; a cached module would align stale code.
     found = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(found)
-    sys.modules[name] = module  # build.import_object finds the port class by this name
+    sys.modules[name] = module  # builders.import_object finds the port class by this name
     try:
         found.loader.exec_module(module)
     except Exception as e:  # the generated code is not ours to trust: say where it broke

@@ -12,15 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from align import build
+from align import builders
 from align import weights as W
-from align.build.backward import backward_seed
-from align.build.inputs import call_kwargs, inputs_for_port
+from align.builders.backward import backward_seed
+from align.builders.inputs import call_kwargs, inputs_for_port
 from align.capture.follow import Follower
 from align.capture.force import force
 from align.capture.hooks import hooked
 from align.capture.trace import BACKWARD, FORWARD, ROOT, Arr, Trace
-from align.compare.derived import DERIVED
 from align.compare.judges import Collector
 from align.compare.metrics import compare_arrays, missing, rel_l2, within_noise
 from align.compare.pair import Pair, pair_calls
@@ -157,11 +156,11 @@ def _port_with_weights(spec: ModelSpec, ref: ReferenceRun, rules: W.Rules, ps: A
     every tensor is then checked against what the rules say it should be)."""
     if weights_from != "pretrained":
         progress("building the port")
-        port = build.build_port_from(spec, ref.config)
+        port = builders.build_port_from(spec, ref.config)
         progress("mapping weights")
         return port, load_weights(rules, ref.weights, port, ps, ref.config), []
     progress("loading the port with its own from_pretrained")
-    port = build.load_port_pretrained(spec, ref.config, ref.weights)
+    port = builders.load_port_pretrained(spec, ref.config, ref.weights)
     port_state = port.state_dict()
     wmap = W.verify(plan_for(rules, ref.weights, port, ref.config), ref.weights,
                     lambda k: ps.record(port_state[k]).data, strict=False)
@@ -271,8 +270,9 @@ def _model_outputs(spec: ModelSpec, ref: ReferenceRun, port_outputs: dict[str, A
         for k, a in ref.trace.outputs.items()
     )
     input_arrays = {k: a.data for k, a in ref.inputs.items()}
-    for name in spec.inputs.derived:
-        fn = DERIVED[name]
+    for target in spec.inputs.derived:
+        fn = builders.import_object(target, spec.source, f"models.{spec.name}.inputs.derived")
+        name = target.partition(":")[2]
         ref_out = fn({k: a.data for k, a in ref.trace.outputs.items()}, input_arrays)
         port_out = fn({k: a.data for k, a in port_outputs.items()}, input_arrays)
         outputs += (judged(f"{name} (derived)", port_out, ref_out, fn(truth_out, input_arrays) if noise else None),)

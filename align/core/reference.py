@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from align import weights as W
-from align.build.backward import backward_seed
+from align.builders.backward import backward_seed
 from align.capture.force import force_call
 from align.capture.hooks import run_and_record
 from align.capture.trace import Arr, Call, Trace
@@ -49,7 +49,7 @@ def fingerprint(spec: ModelSpec, config: str) -> str:
     import hashlib
     import json
 
-    from align.build.models import config_values
+    from align.builders.models import config_values
 
     values, _, _ = config_values(spec, config)
     blob = json.dumps({"model": spec.name, "config": values, "rules": spec.weights_file.read_text(),
@@ -68,7 +68,7 @@ def run_reference(spec: ModelSpec, config: str | None = None, checkpoint: Path |
     With `observe`, the model also runs once without hooks (first), to prove they change nothing.
     With a `sink` (a trace_io.TraceWriter), each call is written out and its tensors dropped.
     """
-    from align import build
+    from align import builders
     from align.capture.torch_side import TorchSide
     from align.diagnose.environment import reference_environment
 
@@ -77,9 +77,9 @@ def run_reference(spec: ModelSpec, config: str | None = None, checkpoint: Path |
     progress("building the reference")
     ts = TorchSide()
     rules = W.load_rules(spec.weights_file)
-    cfg = build.reference_config(spec, config)
-    ref = build.build_reference(spec, cfg, checkpoint, ignore=rules.ignored)
-    inputs = build.make_inputs(spec, cfg)
+    cfg = builders.reference_config(spec, config)
+    ref = builders.build_reference(spec, cfg, checkpoint, ignore=rules.ignored)
+    inputs = builders.make_inputs(spec, cfg)
     ref_inputs = {k: ts.tensor(a, False) for k, a in inputs.items()}
     progress("running the reference with hooks")
     # The run without hooks goes first: once it is done its activations are freed for the

@@ -40,10 +40,10 @@ from typing import Any
 
 import numpy as np
 
-from align import build
+from align import builders
 from align import weights as W
-from align.build.backward import backward_seed
-from align.build.inputs import call_kwargs, inputs_for_port
+from align.builders.backward import backward_seed
+from align.builders.inputs import call_kwargs, inputs_for_port
 from align.capture.force import Forcer, Judge, ToReference, force_call
 from align.capture.hooks import Recorder, hooked
 from align.capture.structure import flatten, map_inputs, map_tensors, snapshot
@@ -262,13 +262,13 @@ class _Stream:
         self.blocks = spec.stream_blocks
         self.ts, self.ps = TorchSide(), PaddleSide()
         self.rules = W.load_rules(spec.weights_file)
-        self.cfg = build.reference_config(spec, config)
+        self.cfg = builders.reference_config(spec, config)
         progress("building both models as skeletons (no weights)")
-        self.ref = build.reference_skeleton(spec, self.cfg)
+        self.ref = builders.reference_skeleton(spec, self.cfg)
         self.ref_modules = [n or ROOT for n, _ in self.ref.named_modules()]
         for flag, globs in (("--only", only), ("--keep", keep)):
             require_matching(spec, flag, globs, self.ref_modules)
-        self.port = build.port_skeleton(spec, self.cfg.to_dict())
+        self.port = builders.port_skeleton(spec, self.cfg.to_dict())
         self.port_modules = {ROOT} | {n for n, _ in self.port.named_sublayers()}
         self.judgement = Judgement(spec, self.rules, "float32", only, keep)
         self.graded: set[str] = set()  # every reference parameter that got a gradient, in a part judged
@@ -283,7 +283,7 @@ class _Stream:
         slots = W.describe_slots(self.port.state_dict(), dict(self.port.named_sublayers(include_self=True)))
         wmap = W.plan(self.rules, ckpt.shapes(), slots, self.cfg.to_dict())
         self.loader = Loader(ckpt, wmap, self.ref, self.port, self.rename)
-        self.inputs = build.make_inputs(self.spec, self.cfg)
+        self.inputs = builders.make_inputs(self.spec, self.cfg)
 
     def reference_pass(self, spill: Spill) -> None:
         """The reference whole, its shell with gradients and each block without (see

@@ -33,7 +33,6 @@ LABEL_RECIPES = ("causal_lm", "masked_lm", "none")
 BACKWARD_SEEDS = ("loss", "projection")
 
 
-DERIVED_OUTPUTS = ("mean_pooled",)
 
 
 class _Table:
@@ -197,8 +196,9 @@ def _model(file: Path, name: str, t: _Table, defaults: dict[str, Any]) -> ModelS
         raise ConfigError(file, inputs.key("sentences"), f"expected {batch} sentences (batch), got {len(sentences)}")
     derived = inputs.get("derived", list, [])
     for d in derived:
-        if d not in DERIVED_OUTPUTS:
-            raise ConfigError(file, inputs.key("derived"), f"unknown output {d!r} (known: {', '.join(DERIVED_OUTPUTS)})")
+        if not isinstance(d, str) or d.count(":") != 1 or not all(d.split(":")):
+            raise ConfigError(file, inputs.key("derived"), f"expected 'module:function' (e.g. "
+                              f"'reference.text:mean_pooled'), got {d!r}")
     spec_inputs = InputsRecipe(seed=inputs.get("seed", int), batch=batch, seq_len=seq_len, left_pad=tuple(left_pad),
                                labels=labels, backward=backward, sentences=tuple(sentences), tokenizer=tokenizer,
                                derived=tuple(derived))

@@ -77,7 +77,7 @@ class InputsRecipe:
     backward: str = "loss"  # what backward differentiates: the model's loss, or a seeded projection of its outputs
     sentences: tuple[str, ...] = ()  # real text instead of random ids, tokenized with `tokenizer`
     tokenizer: str | None = None
-    derived: tuple[str, ...] = ()  # outputs computed from the model's outputs and compared too
+    derived: tuple[str, ...] = ()  # 'module:function's of the model's outputs, compared too
 
 
 @dataclass(frozen=True)

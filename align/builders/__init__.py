@@ -1,11 +1,12 @@
 """Step 2, build: the reference (torch), the port (paddle) and the seeded inputs, from a ModelSpec.
+(Named builders, not build: a directory named build is, by convention, generated output.)
 
 models.py builds modules (seeded, or as skeletons with no weights); inputs.py makes the
 framework-free inputs from the model's recipe; backward.py says what backward starts from.
 """
 
-from align.build.inputs import make_inputs
-from align.build.models import (
+from align.builders.inputs import make_inputs
+from align.builders.models import (
                                 build_port,
                                 build_port_from,
                                 build_reference,

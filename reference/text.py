@@ -1,5 +1,9 @@
-"""Outputs computed from a model's outputs and compared too: what users of the reference
-actually consume (a sentence embedding pooled from hidden states)."""
+"""The text family: references are transformers' text models, named in align.toml by the
+`class` and `config_class` shorthand and fed the token-id recipe, so what lives here is what
+they need beyond that: outputs their users compute from the model's outputs, named in a
+model's `inputs.derived` ("reference.text:mean_pooled") and compared like the model's own.
+
+A derived output is a pure numpy function (outputs, inputs) -> array."""
 
 from __future__ import annotations
 
@@ -15,5 +19,3 @@ def mean_pooled(outputs: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarr
     mask = inputs["attention_mask"].astype(np.float64)[..., None]  # (B, T, 1)
     return (h * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
 
-
-DERIVED = {"mean_pooled": mean_pooled}

@@ -21,9 +21,8 @@ import types
 from typing import Any
 
 from paddleformers.transformers import LlamaConfig as _LlamaConfig
-from paddleformers.transformers import LlamaForCausalLM
+from paddleformers.transformers import LlamaForCausalLM, Phi3ForCausalLM
 from paddleformers.transformers import Phi3Config as _Phi3Config
-from paddleformers.transformers import Phi3ForCausalLM
 from paddleformers.utils.import_utils import is_paddlefleet_available
 
 

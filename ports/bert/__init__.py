@@ -1,3 +1,0 @@
-from ports.bert.modeling import BertConfig, BertModel
-
-__all__ = ["BertConfig", "BertModel"]
