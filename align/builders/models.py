@@ -1,4 +1,5 @@
-"""Build the reference (torch), the port (paddle) and the seeded inputs from a ModelSpec."""
+"""The reference (torch) and the port (paddle) from a ModelSpec: with seeded random weights or a
+checkpoint's, or as skeletons whose parameters take no memory (for streaming and shapes)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Compare paired tensors into results: per layer, per model output, per parameter gradient.
+"""The results of comparing: per layer, per model output, per parameter gradient, per run.
 
 Pure numpy. Everything here is a frozen dataclass with to_dict(); nothing prints.
 """

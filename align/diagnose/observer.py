@@ -1,13 +1,9 @@
-"""Self-checks around a run: the observer effect, the environment, and dtype contracts.
+"""The observer effect: instrumentation must not change what it measures.
 
-- Observer effect: instrumentation must not change what it measures. Each model is run
-  once with no hooks; its outputs and parameter gradients must be bitwise identical to the
-  instrumented run's. The port's run without hooks goes on a copy of it, alongside the
-  forced pass, where there is a core and memory to spare for it.
-- Environment: what makes numbers differ between runs or machines (versions, threads,
-  deterministic flags, TF32, seeds), recorded so two reports can be told apart.
-- Dtypes: every parameter and buffer on both sides. A paired tensor whose dtype differs (a
-  bf16 RoPE table where the reference keeps fp32) is a finding of its own.
+Each model is run once with no hooks; its outputs and parameter gradients must be bitwise
+identical to the instrumented run's (gradients within a few ulps of summation order). The
+port's run without hooks goes on a copy of it, alongside the forced pass, where there is a
+core and memory to spare for it.
 """
 
 from __future__ import annotations
