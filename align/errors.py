@@ -16,3 +16,9 @@ class ConfigError(Exception):
 
 class WeightError(Exception):
     """A weight that cannot be mapped, loaded or verified; names the tensor and the rule."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message, its first line, for a one-line account."""
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"

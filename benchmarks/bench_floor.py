@@ -70,8 +70,8 @@ def measure(key: str, rounds: int) -> dict:
     cfg = builders.reference_config(spec, config)
     ref, port = builders.build_reference(spec, cfg), builders.build_port(spec, cfg)
     wmap = load_weights(W.load_rules(spec.weights_file), {k: ts.record(v).data for k, v in ref.state_dict().items()},
-                         port, ps, cfg.to_dict())
-    inputs = builders.make_inputs(spec, cfg)
+                         port, ps, builders.values_of(cfg))
+    inputs = builders.make_inputs(spec, builders.values_of(cfg))
 
     def fresh(fw):
         return {k: fw.tensor(a, False) for k, a in inputs.items()}

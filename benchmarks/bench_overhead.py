@@ -74,8 +74,8 @@ else:
     cfg = builders.reference_config(spec, config)
     ref, port = builders.build_reference(spec, cfg), builders.build_port(spec, cfg)
     load_weights(W.load_rules(spec.weights_file), {k: ts.record(v).data for k, v in ref.state_dict().items()},
-                  port, ps, cfg.to_dict())
-    inputs = builders.make_inputs(spec, cfg)
+                  port, ps, builders.values_of(cfg))
+    inputs = builders.make_inputs(spec, builders.values_of(cfg))
     def both():
         t = time.perf_counter()
         for fw, model in ((ts, ref), (ps, port)):

@@ -40,7 +40,7 @@ def bench_spec(key: str):
         MID_JSON.parent.mkdir(parents=True, exist_ok=True)
         MID_JSON.write_text(json.dumps(MID))
     spec = load_registry(ROOT / "align.toml").get("gemma2")
-    spec = dataclasses.replace(spec, inputs=dataclasses.replace(spec.inputs, seq_len=seq_len))
+    spec = dataclasses.replace(spec, inputs=spec.inputs.with_params("input_ids", seq_len=seq_len))
     if std is not None:
         spec = dataclasses.replace(spec, init=dataclasses.replace(spec.init, std=std))
     return spec, config

@@ -134,9 +134,9 @@ def child(config: str, mode: str, raw: bool, scratch: Path, bug: bool = False, t
     cfg = builders.reference_config(spec, config_arg)
     ref, port = builders.build_reference(spec, cfg), builders.build_port(spec, cfg)
     wmap = load_weights(W.load_rules(spec.weights_file), {k: ts.record(v).data for k, v in ref.state_dict().items()},
-                         port, ps, cfg.to_dict())
+                         port, ps, builders.values_of(cfg))
     assert wmap.all_exact, "align's weight load is not bit-exact"
-    inputs = builders.make_inputs(spec, cfg)
+    inputs = builders.make_inputs(spec, builders.values_of(cfg))
 
     def once(fw, model):
         fw.clear_grads(model)

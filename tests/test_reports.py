@@ -59,7 +59,7 @@ def test_page_shows_what_a_reviewer_needs(passing):
     assert "Model outputs and parameter gradients (free-running)" in page
     assert "bfloat16 was NOT run" in page and "Observer check" in page
     assert len(page.encode()) < 2 * 1024 * 1024
-    assert report["schema_version"] == 1
+    assert report["schema_version"] == 2
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing from the network
 
 

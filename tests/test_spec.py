@@ -32,7 +32,7 @@ def test_shipped_registry_loads():
     spec = reg.get("gemma2")
     assert spec.ci and spec.tolerance.atol == 1e-5 and spec.tolerance.rtol == 1e-5
     tiny = spec.configs["tiny"]
-    assert tiny["sliding_window"] < spec.inputs.seq_len
+    assert tiny["sliding_window"] < next(t for t in spec.inputs.tensors if t.name == "input_ids").params["seq_len"]
     assert tiny["num_key_value_heads"] < tiny["num_attention_heads"]
     assert tiny["attn_logit_softcapping"] and tiny["final_logit_softcapping"] and tiny["tie_word_embeddings"]
     assert set(tiny["layer_types"]) == {"sliding_attention", "full_attention"}
@@ -41,15 +41,19 @@ def test_shipped_registry_loads():
 @pytest.mark.parametrize(
     "old,new,key,says",
     [
-        ("seq_len = 16", "", "models.gemma2.inputs.seq_len", "missing key"),
-        ("seq_len = 16", 'seq_len = "16"', "models.gemma2.inputs.seq_len", "expected an integer, got a string"),
-        ("seq_len = 16", "seq_len = 16\nsequ_len = 3", "models.gemma2.inputs.sequ_len", "unknown key"),
+        ("seq_len = 16", "", "models.gemma2.inputs.input_ids.seq_len", "missing key"),
+        ("seq_len = 16", "seq_len = 1.5", "models.gemma2.inputs.input_ids.seq_len", "expected an integer or a string"),
+        ("seq_len = 16", 'seq_len = "16"', "models.gemma2.inputs.input_ids.seq_len", "or a config key naming one"),
+        ("seq_len = 16", "seq_len = 16\nsequ_len = 3", "models.gemma2.inputs.input_ids.sequ_len", "unknown key"),
+        ('kind = "tokens"', 'kind = "tokenz"', "models.gemma2.inputs.input_ids.kind", "unknown kind 'tokenz'"),
+        ('of = "input_ids"', 'of = "input_idz"', "models.gemma2.inputs.attention_mask.of", "names no input"),
+        ('backward = "loss"', 'backward = "los"', "models.gemma2.inputs.backward", "unknown value 'los'"),
         ("ci = true", 'ci = "yes"', "models.gemma2.ci", "expected a boolean"),
         ("atol = 1e-5", "atol = -1.0", "defaults.tolerance.float32.atol", "must be >= 0"),
         ('class = "ports.text.gemma2:Gemma2ForCausalLM"', 'class = "ports.text.gemma2"', "models.gemma2.port.class",
          "expected 'module:Class'"),
         ('weights = "weights/gemma2.toml"', 'weights = "weights/nope.toml"', "models.gemma2.weights", "no such file"),
-        ("left_pad = [0, 3]", "left_pad = [0, 3, 1]", "models.gemma2.inputs.left_pad", "one per sample"),
+        ("left_pad = [0, 3]", "left_pad = [0, 3, 1]", "models.gemma2.inputs.input_ids.left_pad", "one per sample"),
         ('dtypes = ["float32", "bfloat16"]', 'dtypes = ["float8"]', "defaults.dtypes", "unknown dtype"),
     ],
 )
@@ -95,12 +99,13 @@ def test_unknown_config_name(capsys):
 
 def test_cli_error_is_one_line_without_traceback(registry_copy):
     """As a user sees it: a subprocess, exit code 2, a single stderr line."""
-    edit(registry_copy, "seq_len = 16", 'seq_len = "16"')
+    edit(registry_copy, "seq_len = 16", 'seq_len = 1.5')
     proc = subprocess.run([sys.executable, "-m", "align", "--registry", str(registry_copy), "run", "gemma2"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert lines == [f"align: error: {registry_copy}: models.gemma2.inputs.seq_len: expected an integer, got a string '16'"]
+    assert lines == [f"align: error: {registry_copy}: models.gemma2.inputs.input_ids.seq_len: expected an integer or "
+                     "a string, got a number 1.5"]
 
 
 def test_list(capsys):

@@ -204,7 +204,7 @@ def _gemma2_plan(src):
     from align.weights.checkpoint import Checkpoint
 
     with Checkpoint(src) as ckpt:
-        return plan(load_rules(spec.weights_file), ckpt.shapes(), builders.port_slots(spec, cfg), cfg.to_dict())
+        return plan(load_rules(spec.weights_file), ckpt.shapes(), builders.port_slots(spec, cfg), builders.values_of(cfg))
 
 
 def test_destination_directories_are_created(tmp_path, gemma2_state):

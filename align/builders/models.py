@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from align.errors import ConfigError
+from align.errors import ConfigError, one_line
 from align.registry.spec import ModelSpec, resolve_path
 
 
@@ -31,21 +31,28 @@ def import_object(target: str, file: Path, key: str) -> Any:
 def config_values(spec: ModelSpec, config: str) -> tuple[dict[str, Any], Path, str]:
     """The config's values, the file they came from, and the key prefix inside that file.
 
-    `config` names a table under [models.NAME.configs] or is the path of a config.json.
+    `config` names a table under [models.NAME.configs] or is the path of a JSON file: for a
+    class with a config class, a whole config.json (transformers'); for a class or builder
+    called with the values, a JSON object whose keys override the default config's.
     """
     if config in spec.configs and isinstance(spec.configs[config], dict):
         return dict(spec.configs[config]), spec.source, f"models.{spec.name}.configs.{config}."
     path = resolve_path(spec.configs[config], spec.source) if config in spec.configs else Path(config)
-    if path.suffix == ".json":
-        try:
-            return json.loads(path.read_text()), path, ""
-        except FileNotFoundError:
-            raise ConfigError(path, "", "no such config file") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(path, "", f"not valid JSON: {e}") from None
-    known = ", ".join(sorted(spec.configs))
-    raise ConfigError(spec.source, f"models.{spec.name}.configs.{config}",
-                      f"unknown config (known: {known}; or pass a config.json path)")
+    if path.suffix != ".json":
+        known = ", ".join(sorted(spec.configs))
+        raise ConfigError(spec.source, f"models.{spec.name}.configs.{config}",
+                          f"unknown config (known: {known}; or pass a config.json path)")
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(path, "", "no such config file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(path, "", f"not valid JSON: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(path, "", f"expected a JSON object of config values, got {type(values).__name__}")
+    if spec.reference_config_class is None and isinstance(spec.configs.get(spec.default_config), dict):
+        return {**spec.configs[spec.default_config], **values}, path, ""
+    return values, path, ""
 
 
 # Bookkeeping keys a saved config.json carries that are not model fields.
@@ -53,13 +60,16 @@ _CONFIG_JSON_EXTRAS = ("architectures", "model_type", "transformers_version", "t
 
 
 def reference_config(spec: ModelSpec, config: str) -> Any:
-    """The transformers config object.
+    """The reference's config: a transformers config object for a class with a config class,
+    else the values themselves (a dict, what the class or builder is called with).
 
     In an align.toml table, keys the config class does not define are refused: transformers
     would keep a typo silently as an attribute that nothing reads. A checkpoint's own
     config.json is taken as transformers takes it, legacy keys included.
     """
     values, file, prefix = config_values(spec, config)
+    if spec.reference_config_class is None:
+        return values
     cls = import_object(spec.reference_config_class, spec.source, f"models.{spec.name}.reference.config_class")
     defaults = cls()
     for key in values if file == spec.source else ():
@@ -71,15 +81,46 @@ def reference_config(spec: ModelSpec, config: str) -> Any:
     return cls(**kwargs)
 
 
+def values_of(cfg: Any) -> dict[str, Any]:
+    """A config's values as a plain dict (what the port is built from, what a trace keeps)."""
+    return dict(cfg) if isinstance(cfg, dict) else cfg.to_dict()
+
+
+def _construct(spec: ModelSpec, side: str, cfg: Any, module_type: Any) -> Any:
+    """The reference's or the port's module from its config: cls(config) for a class with a
+    config class (the port's built with config_class.from_dict(values)), else the class or
+    builder called with the config's values as keywords. What it raises, or a result that
+    is not a module of its framework, is the user's to fix: a ConfigError naming the key."""
+    target = spec.reference_class if side == "reference" else spec.port_class
+    config_class = spec.reference_config_class if side == "reference" else spec.port_config_class
+    key = f"models.{spec.name}.{side}.{'class' if config_class else 'class (or builder)'}"
+    obj = import_object(target, spec.source, key)
+    try:
+        if config_class is None:
+            model = obj(**values_of(cfg))
+        elif side == "port":
+            cfg_cls = import_object(config_class, spec.source, f"models.{spec.name}.port.config_class")
+            model = obj(cfg_cls.from_dict(values_of(cfg)))
+        else:
+            model = obj(cfg)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's code: say where it broke, in one line
+        raise ConfigError(spec.source, key, f"{target} raised {type(e).__name__}: {one_line(e)}") from None
+    if not isinstance(model, module_type):
+        raise ConfigError(spec.source, key, f"{target} returned a {type(model).__name__}, not a "
+                                            f"{module_type.__module__}.{module_type.__qualname__}")
+    return model
+
+
 def build_reference(spec: ModelSpec, cfg: Any, checkpoint: Path | None = None,
                     ignore: Callable[[str], Any] = lambda k: None) -> Any:
     """The torch reference in eval mode, with seeded random weights or a checkpoint's
     (whose tensors the weight rules ignore are skipped)."""
     import torch
 
-    cls = import_object(spec.reference_class, spec.source, f"models.{spec.name}.reference.class")
     torch.manual_seed(spec.init.seed)
-    model = cls(cfg).eval()
+    model = _construct(spec, "reference", cfg, torch.nn.Module).eval()
     if checkpoint is not None:
         from align.weights.checkpoint import load_safetensors
 
@@ -88,13 +129,15 @@ def build_reference(spec: ModelSpec, cfg: Any, checkpoint: Path | None = None,
         tied = set(getattr(model, "_tied_weights_keys", None) or {})
         missing = [k for k in missing if k not in tied]
         if missing or unexpected:
-            raise ConfigError(checkpoint, "", f"does not fit {cls.__name__}: missing {sorted(missing)[:5]}, "
+            raise ConfigError(checkpoint, "", f"does not fit {type(model).__name__}: missing {sorted(missing)[:5]}, "
                                               f"unexpected {sorted(unexpected)[:5]}")
         return model
     # The model's own initialisation plus N(0, std) noise on every parameter, in name order.
     # Norm weights stay around their own scale (1 for LayerNorm, 0 for Gemma's 1 + w) but
     # differ per channel, biases stop being zero: every weight matters to the output, and the
     # same seed gives the same weights on every machine.
+    if not spec.init.std:
+        return model
     gen = torch.Generator().manual_seed(spec.init.seed)
     with torch.no_grad():
         for _, p in sorted(model.named_parameters()):
@@ -104,17 +147,15 @@ def build_reference(spec: ModelSpec, cfg: Any, checkpoint: Path | None = None,
 
 def build_port(spec: ModelSpec, cfg: Any) -> Any:
     """The Paddle port in eval mode, built from the same config values as the reference."""
-    return build_port_from(spec, cfg.to_dict())
+    return build_port_from(spec, values_of(cfg))
 
 
 def build_port_from(spec: ModelSpec, values: dict[str, Any]) -> Any:
     """The Paddle port in eval mode, from the reference config's values (no transformers needed)."""
     from align.capture.paddle_side import paddle
 
-    cls = import_object(spec.port_class, spec.source, f"models.{spec.name}.port.class")
-    cfg_cls = import_object(spec.port_config_class, spec.source, f"models.{spec.name}.port.config_class")
     paddle.seed(spec.init.seed)
-    model = cls(cfg_cls.from_dict(values))
+    model = _construct(spec, "port", values, paddle.nn.Layer)
     model.eval()
     return model
 
@@ -128,9 +169,10 @@ def load_port_pretrained(spec: ModelSpec, values: dict[str, Any], weights: dict[
     from safetensors.numpy import save_file
 
     cls = import_object(spec.port_class, spec.source, f"models.{spec.name}.port.class")
+    if spec.port_config_class is None or not hasattr(cls, "from_pretrained"):
+        raise ConfigError(spec.source, f"models.{spec.name}.port.class",
+                          f"{spec.port_class} has no from_pretrained loader (--weights-from pretrained)")
     cfg_cls = import_object(spec.port_config_class, spec.source, f"models.{spec.name}.port.config_class")
-    if not hasattr(cls, "from_pretrained"):
-        raise ConfigError(spec.source, f"models.{spec.name}.port.class", f"{cls.__name__} has no from_pretrained loader")
     with tempfile.TemporaryDirectory(prefix="align-hf-") as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(values, default=str))
         save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(Path(tmp) / "model.safetensors"),
@@ -145,10 +187,8 @@ def port_skeleton(spec: ModelSpec, values: dict[str, Any]) -> Any:
     `set_value` gives one its data, `_clear_data` takes it away again."""
     from align.capture.paddle_side import paddle
 
-    cls = import_object(spec.port_class, spec.source, f"models.{spec.name}.port.class")
-    cfg_cls = import_object(spec.port_config_class, spec.source, f"models.{spec.name}.port.config_class")
     with paddle.LazyGuard():
-        model = cls(cfg_cls.from_dict(values))
+        model = _construct(spec, "port", values, paddle.nn.Layer)
     model.eval()
     return model
 
@@ -157,7 +197,7 @@ def port_slots(spec: ModelSpec, cfg: Any) -> dict:
     """The port's tensors (shapes, owning layer types, ties) without allocating its weights."""
     from align.weights.plan import describe_slots
 
-    model = port_skeleton(spec, cfg.to_dict())
+    model = port_skeleton(spec, values_of(cfg))
     return describe_slots(model.state_dict(), dict(model.named_sublayers(include_self=True)))
 
 
@@ -165,9 +205,8 @@ def reference_shapes(spec: ModelSpec, cfg: Any) -> dict[str, tuple[int, ...]]:
     """The reference's state-dict shapes, built on torch's meta device (no memory)."""
     import torch
 
-    cls = import_object(spec.reference_class, spec.source, f"models.{spec.name}.reference.class")
     with torch.device("meta"):
-        model = cls(cfg)
+        model = _construct(spec, "reference", cfg, torch.nn.Module)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -177,15 +216,15 @@ def reference_skeleton(spec: ModelSpec, cfg: Any) -> Any:
     `_init_weights` (transformers computes RoPE tables there)."""
     import torch
 
-    cls = import_object(spec.reference_class, spec.source, f"models.{spec.name}.reference.class")
     with torch.device("meta"):
-        model = cls(cfg)
+        model = _construct(spec, "reference", cfg, torch.nn.Module)
     for module in model.modules():
         metas = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
         if metas:
+            if not hasattr(model, "_init_weights"):
+                raise ConfigError(spec.source, f"models.{spec.name}.stream", f"{type(model).__name__} has buffers but "
+                                  "no _init_weights to compute them on a skeleton: it cannot be streamed")
             for n in metas:
                 module._buffers[n] = torch.empty_like(module._buffers[n], device="cpu")
             model._init_weights(module)
     return model.eval()
-
-

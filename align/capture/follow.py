@@ -10,7 +10,7 @@ import numpy as np
 
 from align.capture.force import Judge, _arg_names, _produced
 from align.capture.structure import flatten, map_tensors, named_inputs
-from align.capture.trace import BACKWARD, FORWARD, Arr, Call, Framework
+from align.capture.trace import BACKWARD, FORWARD, Arr, Call, Framework, differentiable
 
 
 class Follower:
@@ -38,7 +38,7 @@ class Follower:
         ref_call = self.ref_calls[ref_name]
         names = _arg_names(call, ref_call, len(args))
         ref_in = {p: a for p, a in named_inputs(ref_call.args, ref_call.kwargs, ref_call.arg_names)
-                  if a.dtype.startswith(("float", "bfloat"))}
+                  if differentiable(a.dtype)}
         errors = [self.error(self.fw.view(t), ref_in[p].data)
                   for p, t in named_inputs(args, kwargs, names, self.fw) if p in ref_in]
         self.input_error[ref_name] = max(errors, default=0.0)
@@ -63,7 +63,11 @@ class Follower:
             if a is None:
                 return t
             port = fw.view(t)
-            self.judge.compare(ref_name, FORWARD, f"output {path}", port, a.data)
+            if fw.dtype_name(t) != a.dtype:
+                self.judge.fail(ref_name, FORWARD, f"output {path}", f"dtype mismatch: port {fw.dtype_name(t)}"
+                                f"{list(t.shape)} vs reference {a.dtype}{list(a.data.shape)}")
+            else:
+                self.judge.compare(ref_name, FORWARD, f"output {path}", port, a.data)
             errors.append(self.error(port, a.data))
             if path not in ref_call.grads:
                 return t

@@ -30,15 +30,18 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from align.capture.hooks import hooked
+from align.capture.hooks import ModelRaised, hooked
 from align.capture.structure import (
+    Feed,
+    as_feed,
     flatten,
     map_inputs,
     map_tensors,
     module_path,
     named_inputs,
 )
-from align.capture.trace import BACKWARD, FORWARD, ROOT, Arr, Call, Framework
+from align.capture.trace import BACKWARD, FORWARD, ROOT, Arr, Call, Framework, differentiable
+from align.errors import ConfigError
 
 ToReference = Callable[[str, np.ndarray], dict[str, np.ndarray]]
 
@@ -70,7 +73,7 @@ def _compatible(fw: Framework, t: Any, a: Arr) -> bool:
     """Whether the reference's tensor can stand in for the port's: both floating or both not,
     and the reference's shape equal to the port's or broadcasting to it (a (1, T) position
     table where the port built (B, T)), as a replay on the reference's inputs would pass it."""
-    if fw.is_float(t) != a.dtype.startswith(("float", "bfloat")):
+    if fw.is_float(t) != differentiable(a.dtype):
         return False
     port, ref = tuple(t.shape), tuple(a.data.shape)
     return port == ref or (len(port) == len(ref) and all(r in (1, p) for p, r in zip(port, ref)))
@@ -131,7 +134,7 @@ class Forcer:
         gradient that comes back to it is judged (as `owner`'s, unless None) as it arrives,
         and dropped soon after: kept to the end, they would double the backward's memory.
         Both frameworks refuse in-place writes to such a leaf, so it may share the record."""
-        if grad is None or not a.dtype.startswith(("float", "bfloat")):
+        if grad is None or not differentiable(a.dtype):
             return self.fw.tensor(a, requires_grad=False)
         leaf = self.fw.tensor(a, requires_grad=True)
         key = id(leaf)
@@ -211,17 +214,29 @@ class Forcer:
             a = ref_call.outputs.get(path)
             if a is None:
                 return t
-            self.judge.compare(ref_name, FORWARD, f"output {path}", fw.view(t), a.data)
+            port_shape, ref_shape = tuple(t.shape), tuple(a.data.shape)
+            if fw.dtype_name(t) != a.dtype:
+                self.judge.fail(ref_name, FORWARD, f"output {path}",
+                                f"dtype mismatch: port {fw.dtype_name(t)}{list(port_shape)} vs reference "
+                                f"{a.dtype}{list(ref_shape)}")
+            else:
+                self.judge.compare(ref_name, FORWARD, f"output {path}", fw.view(t), a.data)
             grad = ref_call.grads.get(path)
             if grad is not None:
-                if fw.needs_grad(t):
+                if port_shape != ref_shape:
+                    self.judge.fail(ref_name, BACKWARD, f"grad of output {path}",
+                                    f"shape mismatch: port {port_shape} vs reference {ref_shape}: the reference's "
+                                    "gradient cannot seed the port's output")
+                elif fw.needs_grad(t):
                     self.stretches.setdefault(ref_name, []).append((t, grad))
                 else:
                     self.judge.fail(ref_name, BACKWARD, f"grad of output {path}",
                                     f"no gradient flows from the port's output {path} (detached or "
                                     f"non-differentiable), while the reference's does")
-            if caller is None or not _compatible(fw, t, a):
+            if caller is None or fw.is_float(t) != differentiable(a.dtype):
                 return t  # the model's own outputs go back to the caller as they are
+            # The reference's value goes on, whatever the port made (of another shape even): the
+            # rest of the network is judged on reference values, so a wrong output is its own.
             return self._leaf(a, grad, parent, f"grad of {ref_name} output {path}")
 
         output = map_tensors(output, fw, swap)
@@ -321,6 +336,14 @@ def force_call(fw: Framework, model: Any, run: Callable[[], Any], ref_calls: dic
             with hooked(fw, model, forcer, prefix=prefix):
                 run()
             forcer.backward(model, ref_param_grads, to_reference)
+        except ConfigError:
+            raise
+        except Exception as e:
+            # The port's own code raised: say where (outside any module call, as in the
+            # final backward, it is the model's), with what the pass judged until then.
+            raised = e if isinstance(e, ModelRaised) else ModelRaised(prefix or ROOT, e)
+            raised.forcer = forcer
+            raise raised from e.__cause__ if isinstance(e, ModelRaised) else e
         finally:
             forcer.leaves = {}  # their hooks hold the Forcer: a cycle through the framework
         return forcer
@@ -328,10 +351,29 @@ def force_call(fw: Framework, model: Any, run: Callable[[], Any], ref_calls: dic
     return eager_or_once(judge, attempt)
 
 
-def force(fw: Framework, model: Any, inputs: dict[str, Any], ref_calls: dict[str, Call], to_ref: dict[str, str],
-          judge: Judge, ref_param_grads: dict[str, np.ndarray], to_reference: ToReference) -> Forcer:
-    """One forced forward and backward of the whole `model` on `inputs` (see force_call)."""
-    forcer = force_call(fw, model, lambda: model(**inputs), ref_calls, to_ref, judge, ref_param_grads, to_reference)
+def force(fw: Framework, model: Any, inputs: Any, ref_calls: dict[str, Call], to_ref: dict[str, str],
+          judge: Judge, ref_param_grads: dict[str, np.ndarray], to_reference: ToReference, owner: str = ROOT,
+          prefix: str = "") -> Forcer:
+    """One forced forward and backward of `model` (the submodule `prefix` of the whole, if
+    given; see force_call) on `inputs`: a Feed, a dict of keyword arguments, or a function
+    making a Feed afresh for each attempt. The gradients that reach the Feed's leaves are
+    judged as `owner`'s (the reference call of `model` itself) "grad of input PATH"."""
+    made: list[Feed] = []
+
+    def run() -> None:
+        made[:] = [as_feed(inputs() if callable(inputs) else inputs)]  # this attempt's
+        made[0](model)
+
+    forcer = force_call(fw, model, run, ref_calls, to_ref, judge, ref_param_grads, to_reference, prefix=prefix)
+    ref_grads = ref_calls[owner].input_grads
+    for path, leaf in made[0].leaves.items():
+        g, ref_g = fw.grad(leaf), ref_grads.get(path)
+        if ref_g is None:
+            if g is not None and np.any(g):
+                judge.fail(owner, BACKWARD, f"grad of input {path}",
+                           "a gradient reaches the port's input, while none reaches the reference's")
+            continue
+        judge.compare(owner, BACKWARD, f"grad of input {path}", np.zeros_like(ref_g) if g is None else g, ref_g)
     fw.clear_grads(model)
     return forcer
 

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any, Protocol
 
 from align.capture.structure import (
+    as_feed,
     flatten,
     map_inputs,
     map_tensors,
@@ -27,6 +28,7 @@ from align.capture.structure import (
     snapshot,
 )
 from align.capture.trace import ROOT, Arr, Call, Framework, Trace
+from align.errors import ConfigError, one_line
 
 
 class Sink(Protocol):
@@ -40,15 +42,39 @@ class Sink(Protocol):
     def exit(self, call: Call, module: Any, args: tuple, output: Any, caller: Call | None) -> Any: ...
 
 
+class ModelRaised(Exception):
+    """The model's own code raised while it ran under hooks: in `module` (the innermost call
+    still open), `error`."""
+
+    def __init__(self, module: str, error: BaseException):
+        self.module, self.error = module, error
+        self.forcer: Any = None  # a forced pass that raised: what it judged until then
+        super().__init__(f"{module}: {type(error).__name__}: {one_line(error)}")
+
+
+class Calls(dict):
+    """The calls of a hooked run by name, in order of completion; `open` holds those that have
+    started and not yet returned (after an exception: the modules it went through)."""
+
+    def __init__(self):
+        super().__init__()
+        self.open: list[Call] = []
+
+    def innermost(self) -> str | None:
+        """The module the run was in when it stopped (None if it completed)."""
+        return self.open[-1].module if self.open else None
+
+
 @contextmanager
-def hooked(fw: Framework, model: Any, sink: Sink, prefix: str = "") -> Iterator[dict[str, Call]]:
+def hooked(fw: Framework, model: Any, sink: Sink, prefix: str = "") -> Iterator[Calls]:
     """Hook every module of `model` for `sink`; yields the calls as they complete.
 
     A module's n-th call (n > 1) is named "path#n"; `caller` is the innermost call still
     open, the module whose forward made this call. With a `prefix`, `model` is that
-    submodule of a larger model and paths are the larger model's ("model.layers.3.mlp")."""
-    calls: dict[str, Call] = {}
-    stack: list[Call] = []
+    submodule of a larger model and paths are the larger model's ("model.layers.3.mlp").
+    If the model raises, the calls still open (Calls.open) say where: the last is innermost."""
+    calls = Calls()
+    stack = calls.open
     counts: dict[str, int] = {}
     handles = []
     clock = {"start": 0, "end": 0}
@@ -79,6 +105,14 @@ def hooked(fw: Framework, model: Any, sink: Sink, prefix: str = "") -> Iterator[
             handles.append(fw.pre_hook(module, pre(path, type(module).__name__)))
             handles.append(fw.post_hook(module, post))
         yield calls
+    except ModelRaised:
+        raise  # from a hooked run inside this one: already placed
+    except ConfigError:
+        raise
+    except Exception as e:
+        if not calls.open:
+            raise
+        raise ModelRaised(calls.open[-1].module, e) from e
     finally:
         for h in handles:
             h.remove()
@@ -169,8 +203,9 @@ class Recorder:
         return map_tensors(output, fw, wrap)
 
 
-def run_and_record(fw: Framework, model: Any, inputs: dict[str, Any], seed_fn: Any, keep_inputs: bool) -> Trace:
-    """Run forward and backward once under hooks; return the Trace.
+def run_and_record(fw: Framework, model: Any, inputs: Any, seed_fn: Any, keep_inputs: bool) -> Trace:
+    """Run forward and backward once under hooks on `inputs` (a Feed, or a dict of keyword
+    arguments); return the Trace.
 
     `seed_fn(outputs) -> scalar` picks what to differentiate (the loss, when there is one).
     The records share the model's tensors (and its gradients) unless something wrote to one
@@ -180,7 +215,7 @@ def run_and_record(fw: Framework, model: Any, inputs: dict[str, Any], seed_fn: A
         fw.clear_grads(model)
         recorder = Recorder(fw, keep_inputs, share)
         with hooked(fw, model, recorder) as calls:
-            output = model(**inputs)
+            output = as_feed(inputs)(model)
             fw.backward(seed_fn(output))
         recorder.forget()
         params = fw.parameters(model)

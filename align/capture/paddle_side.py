@@ -18,10 +18,13 @@ from align.capture.structure import accepted_kwargs
 from align.capture.trace import ROOT, Arr
 
 _DTYPES = {paddle.float32: "float32", paddle.bfloat16: "bfloat16", paddle.float16: "float16",
-           paddle.float64: "float64", paddle.int64: "int64", paddle.int32: "int32", paddle.bool: "bool"}
+           paddle.float64: "float64", paddle.int64: "int64", paddle.int32: "int32", paddle.int16: "int16",
+           paddle.int8: "int8", paddle.uint8: "uint8", paddle.bool: "bool", paddle.complex64: "complex64",
+           paddle.complex128: "complex128"}
 
 
-_FLOATS = frozenset({paddle.float32, paddle.bfloat16, paddle.float16, paddle.float64})
+_FLOATS = frozenset({paddle.float32, paddle.bfloat16, paddle.float16, paddle.float64, paddle.complex64,
+                     paddle.complex128})  # the kinds a gradient flows through
 
 
 def _numpy(t: paddle.Tensor) -> np.ndarray:
@@ -35,7 +38,8 @@ def _numpy(t: paddle.Tensor) -> np.ndarray:
 # Paddle's DLPack export costs about 2.5 us whatever the size; numpy() copies 16384 float32
 # in about 1.3 us.
 _COPY_BELOW = 1 << 14
-_NUMPY = {name: np.dtype(name) for name in ("float32", "float64", "float16", "int64", "int32", "bool")}
+_NUMPY = {name: np.dtype(name) for name in ("float32", "float64", "float16", "int64", "int32", "int16", "int8",
+                                            "uint8", "bool", "complex64", "complex128")}
 
 
 def _to_paddle(data: np.ndarray, dtype: str, share: bool) -> paddle.Tensor:
@@ -135,6 +139,9 @@ class PaddleSide:
         t = _to_paddle(arr.data, arr.dtype, share=requires_grad)
         t.stop_gradient = not requires_grad
         return t
+
+    def complex_parts(self, t: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+        return paddle.real(t), paddle.imag(t)
 
     def is_float(self, t: paddle.Tensor) -> bool:
         return t.dtype in _FLOATS  # what t.is_floating_point() says, without its Python overhead

@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from align.capture.trace import ROOT, Arr, Framework, Opaque
@@ -134,3 +135,22 @@ def accepted_kwargs(forward: Any) -> set[str] | None:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
     return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+@dataclass
+class Feed:
+    """A model's inputs as it is called: positional and keyword arguments, and the inputs whose
+    gradients are judged (`leaves`, by the reference's name for each: its keyword, or for a
+    positional one its forward's parameter name)."""
+
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    leaves: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, model: Any) -> Any:
+        return model(*self.args, **self.kwargs)
+
+
+def as_feed(inputs: Any) -> Feed:
+    """A Feed, from a Feed or from a dict of keyword arguments."""
+    return inputs if isinstance(inputs, Feed) else Feed(kwargs=dict(inputs))

@@ -12,7 +12,9 @@ from align.capture.structure import accepted_kwargs
 from align.capture.trace import ROOT, Arr
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
-           torch.float64: "float64", torch.int64: "int64", torch.int32: "int32", torch.bool: "bool"}
+           torch.float64: "float64", torch.int64: "int64", torch.int32: "int32", torch.int16: "int16",
+           torch.int8: "int8", torch.uint8: "uint8", torch.bool: "bool", torch.complex64: "complex64",
+           torch.complex128: "complex128"}
 _BY_NAME = {v: k for k, v in _DTYPES.items()}
 
 
@@ -31,6 +33,8 @@ class TorchSide:
         t = t.detach()
         if t.dtype in (torch.bfloat16, torch.float16):
             t = t.float()  # numpy has no bf16; fp32 holds every bf16 value exactly
+        elif t.is_complex():
+            t = t.resolve_conj()  # a lazily conjugated view has no numpy form
         return t.cpu().numpy()
 
     def borrow(self, t: torch.Tensor) -> tuple[Arr, Any] | None:
@@ -98,7 +102,11 @@ class TorchSide:
         return t.requires_grad_(True) if requires_grad else t
 
     def is_float(self, t: torch.Tensor) -> bool:
-        return t.is_floating_point()
+        """Floating or complex: the kinds a gradient flows through."""
+        return t.is_floating_point() or t.is_complex()
+
+    def complex_parts(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return t.real, t.imag
 
     def accepted_kwargs(self, module: torch.nn.Module) -> set[str] | None:
         return accepted_kwargs(module.forward)

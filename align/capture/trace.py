@@ -13,6 +13,11 @@ ROOT = "<root>"
 FORWARD, BACKWARD = "forward", "backward"  # the two directions every comparison is made in
 
 
+def differentiable(dtype: str) -> bool:
+    """Whether a recorded dtype is one a gradient flows through: floating or complex."""
+    return dtype.startswith(("float", "bfloat", "complex"))
+
+
 class Opaque:
     """A non-tensor, non-plain input (a cache object, a config): recorded by type only."""
 

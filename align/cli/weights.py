@@ -53,7 +53,7 @@ def weights(args: argparse.Namespace, console: Console) -> ExitCode:
         source_shapes = src.shapes() if args.to == "paddle" else builders.reference_shapes(spec, cfg)
         same = (lambda a, b: same_bytes(src.get(a), src.get(b))) if args.to == "paddle" else None
         strict = args.weights_command == "convert"
-        wmap = plan(rules, source_shapes, slots, cfg.to_dict(), same=same, strict=strict)
+        wmap = plan(rules, source_shapes, slots, builders.values_of(cfg), same=same, strict=strict)
         if args.weights_command == "convert":
             with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                           TimeRemainingColumn(), console=console, disable=args.quiet) as bar:

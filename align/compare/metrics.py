@@ -35,8 +35,9 @@ class Metrics:
 
 
 def abs_diff(actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    wide = np.complex128 if np.iscomplexobj(actual) or np.iscomplexobj(expected) else np.float64
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is NaN, by design
-        return np.abs(actual.astype(np.float64) - expected.astype(np.float64))
+        return np.abs(actual.astype(wide) - expected.astype(wide))
 
 
 def rel_diff(actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
@@ -88,6 +89,11 @@ def compare_arrays(actual: np.ndarray, expected: np.ndarray, tol: Tolerance, lab
     if expected.ndim == 0:  # a loss: ufuncs would hand back scalars, which cannot be written into
         m = compare_arrays(actual.reshape(1), expected.reshape(1), tol, label)
         return Metrics(**{**m.to_dict(), "worst": f"{label}[]" if label else "[]"})
+    kinds = actual.dtype.kind + expected.dtype.kind
+    if any(k in "iub" for k in kinds) or any(k == "c" for k in kinds):
+        if len({k in "iub" for k in kinds}) > 1 or len({k == "c" for k in kinds}) > 1:
+            return _failed(f"dtype mismatch: port {actual.dtype} vs reference {expected.dtype}", label)
+        return _compare_exact(actual, expected, label) if kinds[0] in "iub" else _compare_complex(actual, expected, tol, label)
     if actual.dtype == expected.dtype and _equal(actual, expected) \
             and np.isfinite(expected).all():
         return _identical(expected, label)  # common under teacher forcing, and cheap to see
@@ -232,6 +238,49 @@ def _compare_chunked(actual: np.ndarray, expected: np.ndarray, tol: Tolerance, l
     )
 
 
+def _at(label: str, index: tuple) -> str:
+    return f"{label}{list(map(int, index))}" if label else str(list(map(int, index)))
+
+
+def _compare_exact(actual: np.ndarray, expected: np.ndarray, label: str) -> Metrics:
+    """Integers and booleans (codes, indices, masks) must be equal: no tolerance applies."""
+    a, e = actual.astype(np.int64), expected.astype(np.int64)
+    wrong = a != e
+    diff = np.abs(a - e).astype(np.float64)
+    worst = np.unravel_index(int(np.argmax(diff)), diff.shape)
+    mismatched = int(np.count_nonzero(wrong))
+    ref = np.abs(e).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(ref > 0, diff / np.where(ref > 0, ref, 1.0), np.where(diff > 0, np.inf, 0.0))
+    return Metrics(
+        max_abs=float(diff.max()), mean_abs=float(diff.mean()), max_rel=float(rel.max()),
+        cosine=cosine(a.astype(np.float64), e.astype(np.float64)), passed=mismatched == 0, numel=int(e.size),
+        mismatched=mismatched, needed_atol=0.0 if mismatched == 0 else float("inf"), worst=_at(label, worst),
+        note="" if mismatched == 0 else f"integers compare exactly: {mismatched} of {e.size} differ",
+    )
+
+
+def _compare_complex(actual: np.ndarray, expected: np.ndarray, tol: Tolerance, label: str) -> Metrics:
+    """Complex tensors as complex: |a - e| <= atol + rtol * |e|, with |.| the modulus."""
+    a, e = actual.astype(np.complex128), expected.astype(np.complex128)
+    if not (np.isfinite(a).all() and np.isfinite(e).all()):
+        bad = int((~np.isfinite(a)).sum() + (~np.isfinite(e)).sum())
+        inf = float("inf")
+        return Metrics(inf, inf, inf, 0.0, False, int(e.size), int(e.size), inf, label,
+                       f"{bad} element(s) are NaN or Inf (complex)")
+    diff, ref = np.abs(a - e), np.abs(e)
+    slack = diff - tol.rtol * ref
+    worst = np.unravel_index(int(np.argmax(diff)), diff.shape)
+    mismatched = int(np.count_nonzero(slack > tol.atol))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(ref > 0, diff / np.where(ref > 0, ref, 1.0), np.where(diff > 0, np.inf, 0.0))
+    na, ne = float(np.linalg.norm(a)), float(np.linalg.norm(e))
+    cos = 1.0 if na == ne == 0 else 0.0 if na == 0 or ne == 0 else float(np.clip(np.vdot(e, a).real / (na * ne), -1, 1))
+    return Metrics(max_abs=float(diff.max()), mean_abs=float(diff.mean()), max_rel=float(rel.max()), cosine=cos,
+                   passed=mismatched == 0, numel=int(e.size), mismatched=mismatched,
+                   needed_atol=max(float(slack.max()), 0.0), worst=_at(label, worst))
+
+
 def _identical(expected: np.ndarray, label: str) -> Metrics:
     first = [0] * expected.ndim
     return Metrics(max_abs=0.0, mean_abs=0.0, max_rel=0.0, cosine=1.0, passed=True, numel=int(expected.size),
@@ -324,7 +373,8 @@ def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
             num, den = sum_squares(d), sum_squares(expected)
         if np.isfinite(num) and np.isfinite(den) and den > 1e-30:
             return float(np.sqrt(num / den))
-    a, e = actual.astype(np.float64), expected.astype(np.float64)
+    wide = np.complex128 if np.iscomplexobj(actual) or np.iscomplexobj(expected) else np.float64
+    a, e = actual.astype(wide), expected.astype(wide)
     if not (np.isfinite(a).all() and np.isfinite(e).all()):
         return float("inf")
     num, den = float(np.linalg.norm(a - e)), float(np.linalg.norm(e))

@@ -57,6 +57,7 @@ class LayerResult:
     extra_outputs: tuple[str, ...] = ()  # outputs the port returns beyond the reference's (not compared)
     module: str = ""  # module path (the call name without a "#n" repeat suffix)
     amplification: Amplification | None = None  # free-running only
+    reached: bool = True  # False: never run, because the port raised before it (never a culprit)
 
     @property
     def passed(self) -> bool:
@@ -74,6 +75,7 @@ class LayerResult:
             "ignored_inputs": list(self.ignored_inputs),
             "extra_outputs": list(self.extra_outputs),
             "amplification": None if self.amplification is None else self.amplification.to_dict(),
+            "reached": self.reached,
         }
 
 

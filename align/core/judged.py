@@ -13,6 +13,7 @@ import numpy as np
 
 from align import weights as W
 from align.capture.force import Forcer, Judge
+from align.capture.hooks import ModelRaised
 from align.capture.trace import BACKWARD, FORWARD, ROOT, Call
 from align.compare.judges import Collector
 from align.compare.keep import KeptTensor, TensorKeeper, keeping
@@ -20,6 +21,7 @@ from align.compare.metrics import missing
 from align.compare.pair import Pair, Unpaired
 from align.compare.results import TEACHER_FORCED, LayerResult, RunResult, TensorResult, Tolerances
 from align.diagnose.culprits import culprits, first_divergence
+from align.errors import one_line
 from align.registry.spec import ModelSpec, matches
 
 Progress = Callable[[str], None]
@@ -65,16 +67,24 @@ def _notes(notes: Any) -> tuple[str, ...]:
 
 
 def forced_layers(pairs: list[Pair], ref_calls: dict[str, Call], forced: Forcer, judged: Collector,
-                  tolerances: Tolerances) -> list[LayerResult]:
-    """One LayerResult per pair, from what a forced pass showed `judged`."""
+                  tolerances: Tolerances, raised: ModelRaised | None = None) -> list[LayerResult]:
+    """One LayerResult per pair, from what a forced pass showed `judged`. If the port raised
+    (`raised`), the call it raised in fails with the exception, and the modules the pass
+    never reached are marked so (no culprit: they only come after it)."""
     layers = []
+    where = _raised_in(pairs, forced, raised)
     for p in pairs:
         call = ref_calls[p.ref]
         tol = tolerances.for_name(p.ref)
         notes = forced.notes.get(p.ref)
+        if p.ref == where:
+            error = f"the port raised {type(raised.error).__name__}: {one_line(raised.error)}"
+            layers.append(LayerResult(p.ref, p.port, call.type, missing(error), None, tol, module=p.ref_module))
+            continue
         if notes is None:
-            layers.append(LayerResult(p.ref, p.port, call.type, missing("the port never called this module"), None, tol,
-                                      module=p.ref_module))
+            why = f"not reached: the port raised in {raised.module} first" if raised else "the port never called this module"
+            layers.append(LayerResult(p.ref, p.port, call.type, missing(why), None, tol, module=p.ref_module,
+                                      reached=raised is None))
             continue
         layers.append(LayerResult(p.ref, p.port, call.type,
                                   judged.get(p.ref, FORWARD) or missing("the module returned no tensor"),
@@ -83,20 +93,31 @@ def forced_layers(pairs: list[Pair], ref_calls: dict[str, Call], forced: Forcer,
     return layers
 
 
+def _raised_in(pairs: list[Pair], forced: Forcer, raised: ModelRaised | None) -> str | None:
+    """The reference name of the call the port raised in: the last one entered of its module."""
+    if raised is None:
+        return None
+    entered = [p.ref for p in pairs if p.port_module == raised.module and p.ref in forced.notes]
+    return entered[-1] if entered else None
+
+
 class Judgement:
     """The teacher-forced judgement of one port in one dtype, made in one forced pass or in
     several (each a part of the model), and gathered: the modules judged, the parameter
     gradients and model outputs the passes saw, the unpaired modules, the kept tensors."""
 
     def __init__(self, spec: ModelSpec, rules: W.Rules, dtype: str, only: tuple[str, ...] = (),
-                 keep: tuple[str, ...] = ()):
+                 keep: tuple[str, ...] = (), input_names: dict[str, str] | None = None):
         self.spec, self.rules, self.dtype, self.only, self.keep = spec, rules, dtype, only, keep
+        self.input_names = input_names or {}  # the reference's name of an input -> the recipe's
         self.tolerances = Tolerances(spec.tolerance, spec.overrides)
         self.factor = spec.noise_floor.factor if spec.noise_floor else None
         self.layers: list[LayerResult] = []
         self.outputs: list[TensorResult] = []
         self.param_grads: list[TensorResult] = []
+        self.input_grads: list[TensorResult] = []  # input:NAME, the gradients the model sends its inputs
         self.unpaired: list[Unpaired] = []
+        self.raised: ModelRaised | None = None  # the port raised in a pass
         self.twice = False  # some pass was made again with one backward (see force.eager_or_once)
         self._keepers: list[TensorKeeper] = []
 
@@ -109,18 +130,26 @@ class Judgement:
         return collector, judge
 
     def record(self, judged: Collector, forcer: Forcer, pairs: list[Pair], calls: dict[str, Call],
-               unpaired: Iterable[Unpaired] = (), model: bool = False) -> None:
+               unpaired: Iterable[Unpaired] = (), model: bool = False, raised: ModelRaised | None = None) -> None:
         """What one forced pass judged: its modules (those --only chose), the parameter
-        gradients it saw and, for a pass that ran the model itself, the model's outputs."""
+        gradients it saw and, for a pass that ran the model itself, the model's outputs and
+        the gradients it sent back to its inputs. `raised`: the port raised in that pass."""
         tol = self.tolerances.for_name
         self.twice = self.twice or not forcer.eager
+        self.raised = self.raised or raised
         self.layers += forced_layers([p for p in pairs if selected(p.ref_module, self.only)], calls, forcer, judged,
-                                     self.tolerances)
+                                     self.tolerances, raised)
         self.param_grads += [TensorResult(k, m, tol(k)) for owner in forcer.first_calls.values()
                              for k, m in judged.labelled(owner, BACKWARD, "grad of parameter ")]
         if model:
             self.outputs += [TensorResult(k, m, tol(k)) for k, m in judged.labelled(ROOT, FORWARD, "output ")]
+            self.input_grads += [TensorResult(self.input_name(path), m, tol(self.input_name(path)))
+                                 for path, m in judged.labelled(ROOT, BACKWARD, "grad of input ")]
         self.unpaired += allowed(unpaired, self.rules)
+
+    def input_name(self, path: str) -> str:
+        """How the report names the gradient sent back to an input: input:NAME, NAME the recipe's."""
+        return f"input:{self.input_names.get(path, path)}"
 
     def missing_grads(self, graded: Iterable[str]) -> None:
         """Every reference parameter that got a gradient and the passes never saw: a failure."""

@@ -15,10 +15,11 @@ import numpy as np
 from align import builders
 from align import weights as W
 from align.builders.backward import backward_seed
-from align.builders.inputs import call_kwargs, inputs_for_port
+from align.builders.inputs import call_kwargs, feed, inputs_for_port, reference_names
 from align.capture.follow import Follower
 from align.capture.force import force
-from align.capture.hooks import hooked
+from align.capture.hooks import ModelRaised, hooked
+from align.capture.structure import Feed
 from align.capture.trace import BACKWARD, FORWARD, ROOT, Arr, Trace
 from align.compare.judges import Collector
 from align.compare.metrics import compare_arrays, missing, rel_l2, within_noise
@@ -88,6 +89,7 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
     runs: list[RunResult] = []
     outputs: tuple[TensorResult, ...] = ()
     param_grads: tuple[TensorResult, ...] = ()
+    input_grads: tuple[TensorResult, ...] = ()
     unpaired: tuple = ()
     observers: list[Observer] = [ref.observer]
     repro: ReproCase | None = None
@@ -100,7 +102,8 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
                                gated=mode == TEACHER_FORCED) for mode in (TEACHER_FORCED, FREE_RUNNING)]
             warnings.append(f"bfloat16 was NOT run: {reason}")
             continue
-        judgement = Judgement(spec, rules, dtype, ref.only, keep)
+        names = {path: name for name, path in reference_names(spec, ref.trace.calls[ROOT].arg_names).items()}
+        judgement = Judgement(spec, rules, dtype, ref.only, keep, names)
         observed, pairs, to_ref = _forced(spec, ref, ps, port, wmap, rules, judgement, progress, observe=not fast)
         runs.append(judgement.run(tolerance_policy(spec), ref.trace.completion_order(),
                                   ref.trace.start_order()[::-1]))
@@ -110,18 +113,30 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
             pair = next(p for p in pairs if p.ref == first)
             repro = ReproCase.of(spec, ref.config, pair, ref.trace, ref.weights, ps, port,
                                  judgement.tolerances.for_name(first), wmap)
-        if fast:  # the gate path: what the forced pass saw of the model's outputs and parameters
+        last = release and dtype == dtype_list[-1]  # the record is not needed after this dtype's runs
+        free = None
+        if not (fast or judgement.raised):
+            if last:
+                for name, call in ref.trace.calls.items():
+                    if name != ROOT:  # the model's own input gradients are judged free-running too
+                        call.input_grads = {}  # only forcing judges them: memory for the free-running run
+            progress(f"{dtype}: running the port free, comparing as it goes")
+            try:
+                free, follower, port_grads, input_grads = _free_running(spec, ref, ps, port, judgement, pairs, to_ref)
+            except ModelRaised as e:
+                judgement.raised = e
+        if free is None:
+            # The gate path, or a port that raised (it cannot run free either): what the forced
+            # pass saw of the model's outputs, parameters and inputs.
             judgement.missing_grads(ref.trace.param_grads)
             outputs, param_grads = tuple(judgement.outputs), tuple(judgement.param_grads)
+            input_grads = tuple(judgement.input_grads)
             observers = [ref.observer, Observer("paddle", True, True, (), checked=False)]
             kept += judgement.kept
+            if judgement.raised and not fast:
+                runs.append(RunResult(dtype, FREE_RUNNING, spec.tolerance, tolerance_policy(spec), status="not_run",
+                                      reason=f"the port raised in {judgement.raised.module}", gated=False))
             continue
-        last = release and dtype == dtype_list[-1]  # the record is not needed after this dtype's runs
-        if last:
-            for call in ref.trace.calls.values():
-                call.input_grads = {}  # only forcing judges them: memory for the free-running run
-        progress(f"{dtype}: running the port free, comparing as it goes")
-        free, follower, port_grads = _free_running(spec, ref, ps, port, judgement, pairs, to_ref)
         runs.append(free)
         outputs, param_grads = _model_outputs(spec, ref, follower.root_outputs, judgement.tolerances), \
             _param_grads(spec, ref, port_grads, wmap, judgement.tolerances)
@@ -143,7 +158,8 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
 
     return Report(
         model=spec.name, config=ref.config_name, port=spec.port_class, weights_from=weights_from,
-        runs=tuple(runs), outputs=outputs, param_grads=param_grads, weights=wmap, unpaired=unpaired, env=env,
+        runs=tuple(runs), outputs=outputs, param_grads=param_grads, input_grads=input_grads, weights=wmap,
+        unpaired=unpaired, env=env,
         command=command or f"align run {spec.name}", created=now(), only=ref.only, path="gate" if fast else "full",
         checkpoint=ref.checkpoint, findings=tuple(findings), observer=tuple(observers), dtypes=dtypes_seen,
         warnings=tuple(warnings), repro=repro, kept=tuple(kept),
@@ -177,9 +193,9 @@ def _port_key(wmap: W.WeightMap, rules: W.Rules, key: str) -> str | None:
     return rules.rename(key)[0]
 
 
-def _fresh_inputs(spec: ModelSpec, ref: ReferenceRun, ps: Any) -> dict[str, Any]:
+def _fresh_inputs(spec: ModelSpec, ref: ReferenceRun, ps: Any) -> Feed:
     """The model's inputs as the port takes them, in tensors of their own."""
-    return {**{k: ps.tensor(a, False) for k, a in inputs_for_port(ref.inputs, spec).items()}, **call_kwargs(spec, ROOT)}
+    return feed(ps, spec, inputs_for_port(ref.inputs, spec), call_kwargs(spec, ROOT), ref.trace.calls[ROOT].arg_names)
 
 
 def _forced(spec: ModelSpec, ref: ReferenceRun, ps: Any, port: Any, wmap: W.WeightMap, rules: W.Rules,
@@ -198,42 +214,56 @@ def _forced(spec: ModelSpec, ref: ReferenceRun, ps: Any, port: Any, wmap: W.Weig
                           f"glob {bad_glob!r} matches no module or parameter")
     to_ref = {p.port: p.ref for p in pairing.pairs}
     collector, judge = judgement.judge(ref.fp64.truth if spec.noise_floor else None)
-    forcing = partial(force, ps, port, _fresh_inputs(spec, ref, ps), calls, to_ref, judge, ref.trace.param_grads,
-                      lambda key, g: as_reference({key: g}, wmap))
+    forcing = partial(force, ps, port, lambda: _fresh_inputs(spec, ref, ps), calls, to_ref, judge,
+                      ref.trace.param_grads, lambda key, g: as_reference({key: g}, wmap))
     copied = observer_copy(ps, port, ref.trace.output_bytes()) if observe else None
-    observed = None
+    observed, raised = None, None
     what = f"{judgement.dtype}: teacher-forcing all {len(pairing.pairs)} modules in one pass"
-    if copied is None:
-        progress(what)
-        forcer = forcing()
-    else:
-        progress(what + ", the port's run without hooks alongside")
-        observed, forcer = alongside(partial(bare_run, ps, copied, _fresh_inputs(spec, ref, ps),
-                                             backward_seed(ps, spec)), forcing)
+    try:
+        if copied is None:
+            progress(what)
+            forcer = forcing()
+        else:
+            progress(what + ", the port's run without hooks alongside")
+            observed, forcer = alongside(partial(bare_run, ps, copied, _fresh_inputs(spec, ref, ps),
+                                                 backward_seed(ps, spec)), forcing)
+    except ModelRaised as e:  # a failure of the port's, named where it happened
+        raised, forcer, observed = e, e.forcer, None
     # Paired again with the calls the port made, to name those no reference call maps to.
     pairing = pair_calls(ref_calls, port_modules, rules.rename_module, [(n, n.split("#")[0]) for n in forcer.owner])
-    judgement.record(collector, forcer, list(pairing.pairs), calls, pairing.unpaired, model=True)
+    judgement.record(collector, forcer, list(pairing.pairs), calls, pairing.unpaired, model=True, raised=raised)
     return observed, list(pairing.pairs), to_ref
 
 
 def _free_running(spec: ModelSpec, ref: ReferenceRun, ps: Any, port: Any, judgement: Judgement, pairs: list[Pair],
-                  to_ref: dict[str, str]) -> tuple[RunResult, Follower, dict[str, np.ndarray]]:
+                  to_ref: dict[str, str]) -> tuple[RunResult, Follower, dict[str, np.ndarray], tuple[TensorResult, ...]]:
     """The port run on its own values, compared module by module as it goes (informational):
-    its RunResult, the Follower (which kept the model's outputs) and its parameter gradients."""
-    collector, judge = judgement.judge(free_truth(ref.fp64) if spec.noise_floor else None, FREE_RUNNING)
+    its RunResult, the Follower (which kept the model's outputs), its parameter gradients,
+    and the gradients it sent back to its inputs, judged (input:NAME)."""
+    truth = free_truth(ref.fp64) if spec.noise_floor else None
+    collector, judge = judgement.judge(truth, FREE_RUNNING)
     follower = Follower(ps, ref.trace.calls, to_ref, judge, rel_l2)
     ps.clear_grads(port)
+    fed = _fresh_inputs(spec, ref, ps)
     with hooked(ps, port, follower):
-        ps.backward(backward_seed(ps, spec)(port(**_fresh_inputs(spec, ref, ps))))
+        ps.backward(backward_seed(ps, spec)(fed(port)))
     follower.finish()
     grads = {k: g for k, prm in ps.parameters(port).items() if (g := ps.grad(prm)) is not None}
+    inputs = Collector(judgement.tolerances, truth, judgement.factor)
+    ref_grads = ref.trace.calls[ROOT].input_grads
+    for path, leaf in fed.leaves.items():
+        g, ref_g = ps.grad(leaf), ref_grads.get(path)
+        if ref_g is not None:
+            inputs.compare(ROOT, BACKWARD, f"grad of input {path}", np.zeros_like(ref_g) if g is None else g, ref_g)
+    input_grads = tuple(TensorResult(judgement.input_name(path), m, judgement.tolerances.for_name(judgement.input_name(path)))
+                        for path, m in inputs.labelled(ROOT, BACKWARD, "grad of input "))
     ps.clear_grads(port)
     layers = tuple(_free_layers([p for p in pairs if selected(p.ref_module, ref.only)], ref.trace, follower, collector,
                                 judgement.tolerances))
     fwd, bwd = ref.trace.completion_order(), ref.trace.start_order()[::-1]
     run = RunResult(judgement.dtype, FREE_RUNNING, spec.tolerance, tolerance_policy(spec), layers,
                     first_divergence(layers, fwd, bwd), culprits(layers, fwd, bwd), gated=False)
-    return run, follower, grads
+    return run, follower, grads, input_grads
 
 
 def _free_layers(pairs: list[Pair], ref_trace: Trace, follower: Follower, fr: Collector,

@@ -4,6 +4,8 @@ teacher forcing needs (ReferenceRun), plus, with a noise floor, the same run in 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,12 +15,14 @@ import numpy as np
 
 from align import weights as W
 from align.builders.backward import backward_seed
-from align.capture.force import force_call
-from align.capture.hooks import run_and_record
-from align.capture.trace import Arr, Call, Trace
+from align.builders.inputs import feed
+from align.capture.force import force
+from align.capture.hooks import ModelRaised, run_and_record
+from align.capture.trace import ROOT, Arr, Call, Trace
 from align.compare.judges import Keeper, truth_key
 from align.core.judged import Progress
 from align.diagnose.observer import Observer, bare_run, judge_observed
+from align.errors import ConfigError, one_line
 from align.registry.spec import ModelSpec, require_matching
 
 
@@ -52,7 +56,7 @@ def fingerprint(spec: ModelSpec, config: str) -> str:
     from align.builders.models import config_values
 
     values, _, _ = config_values(spec, config)
-    blob = json.dumps({"model": spec.name, "config": values, "rules": spec.weights_file.read_text(),
+    blob = json.dumps({"model": spec.name, "config": values, "rules": spec.weights_file.read_text() if spec.weights_file else "",
                        "inputs": repr(spec.inputs), "init": repr(spec.init)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -79,14 +83,19 @@ def run_reference(spec: ModelSpec, config: str | None = None, checkpoint: Path |
     rules = W.load_rules(spec.weights_file)
     cfg = builders.reference_config(spec, config)
     ref = builders.build_reference(spec, cfg, checkpoint, ignore=rules.ignored)
-    inputs = builders.make_inputs(spec, cfg)
-    ref_inputs = {k: ts.tensor(a, False) for k, a in inputs.items()}
+    inputs = builders.make_inputs(spec, builders.values_of(cfg))
     progress("running the reference with hooks")
     # The run without hooks goes first: once it is done its activations are freed for the
     # hooked run to reuse, where after it they would be fresh memory (the record holds the
     # hooked run's), whose first touch cost about 3.5 s per GB on the VM this was measured on.
-    observed = bare_run(ts, ref, ref_inputs, backward_seed(ts, spec)) if observe else None
-    trace = run_and_record(ts, ref, ref_inputs, backward_seed(ts, spec), keep_inputs=True)
+    with reference_raises(spec):
+        try:
+            observed = bare_run(ts, ref, feed(ts, spec, inputs), backward_seed(ts, spec)) if observe else None
+        except ConfigError:
+            raise
+        except Exception:  # noqa: BLE001 - run it again under hooks, which say in which module it raises
+            observed = None
+        trace = run_and_record(ts, ref, feed(ts, spec, inputs), backward_seed(ts, spec), keep_inputs=True)
     observer = (judge_observed(ts.name, observed, trace) if observed is not None
                 else Observer("torch", True, True, (), checked=False))
     require_matching(spec, "--only", only, (c.module for c in trace.calls.values()))
@@ -96,7 +105,7 @@ def run_reference(spec: ModelSpec, config: str | None = None, checkpoint: Path |
             sink.add(name, call)
             call.release()
     return ReferenceRun(
-        model=spec.name, config_name=config, config=cfg.to_dict(), fingerprint=fingerprint(spec, config),
+        model=spec.name, config_name=config, config=builders.values_of(cfg), fingerprint=fingerprint(spec, config),
         inputs=inputs, trace=trace, fp64=fp64, only=tuple(only),
         weights={k: ts.view(v) for k, v in ref.state_dict().items()},  # nothing writes to them: shared
         dtypes={k: ts.dtype_name(t) for k, t in {**ts.parameters(ref), **ts.buffers(ref)}.items()},
@@ -106,10 +115,25 @@ def run_reference(spec: ModelSpec, config: str | None = None, checkpoint: Path |
     )
 
 
+@contextmanager
+def reference_raises(spec: ModelSpec) -> Iterator[None]:
+    """The reference's code (or the recipe feeding it) raising is the user's to fix: one line
+    naming the model, the module it raised in and the exception."""
+    try:
+        yield
+    except ModelRaised as e:
+        raise ConfigError(spec.source, f"models.{spec.name}.reference",
+                          f"the reference raised in module {e.module} on the recipe's inputs (models.{spec.name}."
+                          f"inputs): {type(e.error).__name__}: {one_line(e.error)}") from None
+
+
 def as_fp64(obj: Any) -> Any:
     """A recorded structure with its fp32 tensors widened to fp64 (others unchanged)."""
     if isinstance(obj, Arr):
-        return Arr(obj.data.astype(np.float64), "float64", obj.requires_grad) if obj.dtype == "float32" else obj
+        if obj.dtype in ("float32", "complex64"):
+            wide = "float64" if obj.dtype == "float32" else "complex128"
+            return Arr(obj.data.astype(wide), wide, obj.requires_grad)
+        return obj
     if isinstance(obj, dict):
         return {k: as_fp64(v) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):
@@ -122,9 +146,13 @@ def widened_calls(calls: dict[str, Call]) -> dict[str, Call]:
     """Recorded calls with every fp32 tensor widened to fp64: what a float64 copy of the
     reference is forced on, to give each stretch's exact value on the port's inputs."""
     return {n: dataclasses.replace(c, args=as_fp64(c.args), kwargs=as_fp64(c.kwargs), outputs=as_fp64(c.outputs),
-                                   grads={p: g.astype(np.float64) for p, g in c.grads.items()},
-                                   input_grads={p: g.astype(np.float64) for p, g in c.input_grads.items()})
+                                   grads={p: _widened(g) for p, g in c.grads.items()},
+                                   input_grads={p: _widened(g) for p, g in c.input_grads.items()})
             for n, c in calls.items()}
+
+
+def _widened(g: np.ndarray) -> np.ndarray:
+    return g.astype(np.complex128 if np.iscomplexobj(g) else np.float64)
 
 
 def float64_copy(module: Any) -> Any:
@@ -143,16 +171,16 @@ def float64_copy(module: Any) -> Any:
             p.grad = g
 
 
-def forced_truth(ts: Any, module: Any, calls: dict[str, Call], params: Any, run: Any, prefix: str = "") -> dict:
+def forced_truth(ts: Any, module: Any, calls: dict[str, Call], params: Any, make: Callable[[dict[str, Call]], Any],
+                 owner: str = ROOT, prefix: str = "") -> dict:
     """The noise floor's teacher-forced truth for one part of the reference: `module` (a
-    float64 copy) forced on its record `calls` widened, `run(widened)` calling it: what each
-    stretch of code gives exactly on the inputs the port is fed, kept by a Keeper under the
-    labels the port's forced pass uses. The Keeper reads no reference value, so naming the
-    parameters (`params`) whose gradients to keep is enough."""
+    float64 copy) forced on its record `calls` widened, on the inputs `make(widened)` makes
+    (a Feed): what each stretch of code gives exactly on the inputs the port is fed, kept by a
+    Keeper under the labels the port's forced pass uses. The Keeper reads no reference value,
+    so naming the parameters (`params`) whose gradients to keep is enough."""
     keeper, widened = Keeper(), widened_calls(calls)
-    force_call(ts, module, lambda: run(widened), widened, {n: n for n in widened}, keeper, dict.fromkeys(params),
-               lambda key, g: {key: g}, prefix=prefix)
-    ts.clear_grads(module)
+    force(ts, module, lambda: make(widened), widened, {n: n for n in widened}, keeper, dict.fromkeys(params),
+          lambda key, g: {key: g}, owner=owner, prefix=prefix)
     return keeper.kept
 
 
@@ -162,10 +190,10 @@ def _fp64_run(spec: ModelSpec, ts: Any, ref: Any, inputs: dict[str, Arr], trace:
     forced on the fp32 run's values, widened (the teacher-forced truth, see forced_truth)."""
     progress("running the reference again in float64 (noise floor)")
     ref64 = float64_copy(ref)
-    run64 = run_and_record(ts, ref64, {k: ts.tensor(a, False) for k, a in as_fp64(inputs).items()},
-                           backward_seed(ts, spec), keep_inputs=False)
-    truth = forced_truth(ts, ref64, trace.calls, trace.param_grads,
-                         lambda widened: ref64(**{k: ts.tensor(a, False) for k, a in as_fp64(inputs).items()}))
+    wide = as_fp64(inputs)
+    run64 = run_and_record(ts, ref64, feed(ts, spec, wide), backward_seed(ts, spec), keep_inputs=False)
+    arg_names = trace.calls[ROOT].arg_names
+    truth = forced_truth(ts, ref64, trace.calls, trace.param_grads, lambda widened: feed(ts, spec, wide, None, arg_names))
     return ReferenceRun(model=spec.name, config_name="fp64", config={}, fingerprint="", inputs={}, trace=run64,
                         weights={}, dtypes={}, observer=Observer("torch", True, True, ()),
                         env={}, checkpoint=None, created="", truth=truth)
@@ -177,4 +205,5 @@ def free_truth(fp64: ReferenceRun) -> dict[str, np.ndarray]:
     for name, call in fp64.trace.calls.items():
         truth.update({truth_key(name, f"output {p}"): a.data for p, a in call.outputs.items()})
         truth.update({truth_key(name, f"grad of output {p}"): g for p, g in call.grads.items()})
+    truth.update({truth_key(ROOT, f"grad of input {p}"): g for p, g in fp64.trace.calls[ROOT].input_grads.items()})
     return truth

@@ -43,11 +43,11 @@ import numpy as np
 from align import builders
 from align import weights as W
 from align.builders.backward import backward_seed
-from align.builders.inputs import call_kwargs, inputs_for_port
-from align.capture.force import Forcer, Judge, ToReference, force_call
+from align.builders.inputs import call_kwargs, feed, inputs_for_port
+from align.capture.force import Forcer, Judge, ToReference, force
 from align.capture.hooks import Recorder, hooked
-from align.capture.structure import flatten, map_inputs, map_tensors, snapshot
-from align.capture.trace import BACKWARD, ROOT, Arr, Call
+from align.capture.structure import Feed, flatten, map_inputs, map_tensors, snapshot
+from align.capture.trace import ROOT, Arr, Call, differentiable
 from align.compare.judges import Keeper
 from align.compare.pair import pair_calls
 from align.core.judged import Judgement, Progress, as_reference, now, selected, tolerance_policy
@@ -124,16 +124,18 @@ class _ShellRecorder(Recorder):
 
 
 @contextmanager
-def _answered(fw: Any, port: Any, records: dict[str, Call]) -> Iterator[None]:
+def _answered(fw: Any, port: Any, records: dict[str, Call], widen: bool = False) -> Iterator[None]:
     """The port's blocks answer their calls from the reference's record instead of running
-    (each block's own code is judged on its own). Instance attributes, removed on exit."""
+    (each block's own code is judged on its own), in float64 with `widen`. Instance
+    attributes, removed on exit."""
     patched = []
     for path, record in records.items():
         block = fw.submodule(port, path)
 
         @functools.wraps(block.forward)  # keeps the signature: its inputs are named as the real one's
         def answer(*args: Any, record: Call = record, **kwargs: Any) -> Any:
-            outs = {p: fw.tensor(a, requires_grad=a.dtype.startswith("float")) for p, a in record.outputs.items()}
+            outs = {p: fw.tensor(a, requires_grad=differentiable(a.dtype))
+                    for p, a in (as_fp64(record.outputs) if widen else record.outputs).items()}
             return outs["out"] if list(outs) == ["out"] else tuple(outs[str(i)] for i in range(len(outs)))
 
         block.forward = answer
@@ -145,22 +147,22 @@ def _answered(fw: Any, port: Any, records: dict[str, Call]) -> Iterator[None]:
             del block.forward
 
 
-def _block_inputs(ps: Any, module: Any, call: Call, extra: dict) -> tuple[tuple, dict, list]:
+def _block_inputs(ps: Any, module: Any, call: Call, extra: dict) -> Feed:
     """A recorded call's inputs as the port block takes them; those the reference sent a
-    gradient back to as leaves, whose gradients are then judged."""
+    gradient back to as leaves, whose gradients are then judged as the block's."""
     accepted = ps.accepted_kwargs(module)
-    leaves = []
+    leaves = {}
 
     def make(path: str, a: Arr) -> Any:
         t = ps.tensor(a, requires_grad=path in call.input_grads)
         if path in call.input_grads:
-            leaves.append((path, t))
+            leaves[path] = t
         return t
 
     kwargs = {k: v for k, v in call.kwargs.items() if accepted is None or k in accepted}
     args, kwargs = map_inputs(call.args, kwargs, call.arg_names, None, make)
     kwargs.update({k: v for k, v in extra.items() if accepted is None or k in accepted})
-    return args, kwargs, leaves
+    return Feed(args, kwargs, leaves)
 
 
 def _force_block(ps: Any, block: Any, port_name: str, ref_name: str, calls: dict[str, Call], to_ref: dict[str, str],
@@ -168,19 +170,8 @@ def _force_block(ps: Any, block: Any, port_name: str, ref_name: str, calls: dict
                  extra: dict) -> Forcer:
     """One port block forced on its reference record, inputs and all: the gradients that
     come back to its inputs are judged as its own."""
-    leaves: list[tuple[str, Any]] = []
-
-    def run() -> None:
-        args, kwargs, made = _block_inputs(ps, block, calls[ref_name], extra)
-        leaves[:] = made  # this attempt's
-        block(*args, **kwargs)
-
-    forcer = force_call(ps, block, run, calls, to_ref, judge, ref_param_grads, to_reference, prefix=port_name)
-    for path, leaf in leaves:
-        g = ps.grad(leaf)
-        ref_g = calls[ref_name].input_grads[path]
-        judge.compare(ref_name, BACKWARD, f"grad of input {path}", np.zeros_like(ref_g) if g is None else g, ref_g)
-    return forcer
+    return force(ps, block, lambda: _block_inputs(ps, block, calls[ref_name], extra), calls, to_ref, judge,
+                 ref_param_grads, to_reference, owner=ref_name, prefix=port_name)
 
 
 def _block_truth(ts: Any, block: Any, name: str, calls: dict[str, Call], grads: dict[str, np.ndarray]) -> dict:
@@ -193,17 +184,14 @@ def _block_truth(ts: Any, block: Any, name: str, calls: dict[str, Call], grads: 
     return keeper.kept
 
 
-def _shell_truth(ts: Any, ref: Any, calls: dict[str, Call], block_records: set[str], inputs: dict[str, Arr],
-                 params: set[str]) -> dict:
+def _shell_truth(ts: Any, spec: ModelSpec, ref: Any, calls: dict[str, Call], block_records: set[str],
+                 inputs: dict[str, Arr], params: set[str]) -> dict:
     """The noise floor's truth for the shell: a float64 copy of the reference (its blocks are
     empty skeletons by now), forced on the record widened, each block answered from it."""
     ref64 = float64_copy(ref)
-
-    def run(widened: dict[str, Call]) -> None:
-        with _answered(ts, ref64, {n: widened[n] for n in block_records}):
-            ref64(**{k: ts.tensor(a, False) for k, a in as_fp64(inputs).items()})
-
-    return forced_truth(ts, ref64, calls, params, run)
+    wide, arg_names = as_fp64(inputs), calls[ROOT].arg_names
+    with _answered(ts, ref64, {n: calls[n] for n in block_records}, widen=True):
+        return forced_truth(ts, ref64, calls, params, lambda widened: feed(ts, spec, wide, None, arg_names))
 
 
 def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Progress = lambda s: None,
@@ -242,7 +230,8 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
                 sorted(order, key=lambda n: order[n][0])[::-1])
     return Report(
         model=spec.name, config=config, port=spec.port_class, runs=(run,), outputs=tuple(j.outputs),
-        param_grads=tuple(j.param_grads), weights=stream.loader.weight_map(), unpaired=tuple(j.unpaired),
+        param_grads=tuple(j.param_grads), input_grads=tuple(j.input_grads), weights=stream.loader.weight_map(),
+        unpaired=tuple(j.unpaired),
         env=env, command=command or f"align run {spec.name} --stream-layers", path="stream", created=now(),
         checkpoint=str(checkpoint),
         observer=(Observer("torch", True, True, (), checked=False), Observer("paddle", True, True, (), checked=False)),
@@ -268,7 +257,7 @@ class _Stream:
         self.ref_modules = [n or ROOT for n, _ in self.ref.named_modules()]
         for flag, globs in (("--only", only), ("--keep", keep)):
             require_matching(spec, flag, globs, self.ref_modules)
-        self.port = builders.port_skeleton(spec, self.cfg.to_dict())
+        self.port = builders.port_skeleton(spec, builders.values_of(self.cfg))
         self.port_modules = {ROOT} | {n for n, _ in self.port.named_sublayers()}
         self.judgement = Judgement(spec, self.rules, "float32", only, keep)
         self.graded: set[str] = set()  # every reference parameter that got a gradient, in a part judged
@@ -281,9 +270,9 @@ class _Stream:
 
     def plan(self, ckpt: Any) -> None:
         slots = W.describe_slots(self.port.state_dict(), dict(self.port.named_sublayers(include_self=True)))
-        wmap = W.plan(self.rules, ckpt.shapes(), slots, self.cfg.to_dict())
+        wmap = W.plan(self.rules, ckpt.shapes(), slots, builders.values_of(self.cfg))
         self.loader = Loader(ckpt, wmap, self.ref, self.port, self.rename)
-        self.inputs = builders.make_inputs(self.spec, self.cfg)
+        self.inputs = builders.make_inputs(self.spec, builders.values_of(self.cfg))
 
     def reference_pass(self, spill: Spill) -> None:
         """The reference whole, its shell with gradients and each block without (see
@@ -293,7 +282,7 @@ class _Stream:
         self.loader.load_ref("", exclude=self.blocks)
         recorder = self.recorder = _ShellRecorder(ts, self.blocks, self.loader)
         with hooked(ts, ref, recorder) as calls:
-            ts.backward(backward_seed(ts, self.spec)(ref(**{k: ts.tensor(a, False) for k, a in self.inputs.items()})))
+            ts.backward(backward_seed(ts, self.spec)(feed(ts, self.spec, self.inputs)(ref)))
         # Its snapshot cache holds the shell's outputs, whose graphs hold the shell's weights.
         recorder.forget()
         self.order = {n: (c.start, c.end) for n, c in calls.items()}  # every call, blocks' insides too
@@ -366,7 +355,7 @@ class _Stream:
         truth = None
         if self.shell_judged and spec.noise_floor:
             self.progress("reference: the shell again in float64 (noise floor)")
-            truth = _shell_truth(ts, self.ref, ref_calls, block_records, self.inputs, set(self.shell_params))
+            truth = _shell_truth(ts, spec, self.ref, ref_calls, block_records, self.inputs, set(self.shell_params))
         late = {k: p.grad for k, p in self.shell_params.items()} if self.shell_judged else {}
         self.loader.free_ref("", exclude=blocks)
         del self.ref, self.recorder, self.shell_params
@@ -385,14 +374,14 @@ class _Stream:
         pairing = pair_calls([(n, c.module) for n, c in ref_calls.items()], self.port_modules, self.rules.rename_module)
         port = self.port
 
-        def run() -> None:
-            with _answered(ps, port, {self.rename(n): ref_calls[n] for n in block_records}):
-                port(**{k: ps.tensor(a, False) for k, a in inputs_for_port(self.inputs, spec).items()},
-                     **call_kwargs(spec, ROOT))
+        def make() -> Feed:
+            return feed(ps, spec, inputs_for_port(self.inputs, spec), call_kwargs(spec, ROOT),
+                        ref_calls[ROOT].arg_names)
 
         judged, judge = self.judgement.judge(truth)
-        forcer = force_call(ps, port, run, ref_calls, {p.port: p.ref for p in pairing.pairs}, judge, shell_grads,
-                            self.to_reference)
+        with _answered(ps, port, {self.rename(n): ref_calls[n] for n in block_records}):
+            forcer = force(ps, port, make, ref_calls, {p.port: p.ref for p in pairing.pairs}, judge, shell_grads,
+                           self.to_reference)
         del shell_grads, truth  # and so its memory maps, before their directory goes
         self.judgement.record(judged, forcer, [p for p in pairing.pairs if p.ref not in block_records], ref_calls,
                               [u for u in pairing.unpaired if not within(u.name.split("#")[0], blocks)], model=True)

@@ -29,7 +29,7 @@ import numpy as np
 from align.capture.trace import Arr, Call, Opaque, Trace
 from align.diagnose.observer import Observer
 from align.errors import ConfigError
-from align.weights.safetensors_io import contiguous
+from align.weights.safetensors_io import contiguous, load_arrays, save_arrays
 
 TRACE_VERSION = 2
 
@@ -47,9 +47,7 @@ class _Tensors:
         return key
 
     def save(self, path: Path) -> None:
-        from safetensors.numpy import save_file
-
-        save_file(self.arrays, str(path))
+        save_arrays(self.arrays, path)
 
 
 def _encode(obj: Any, t: _Tensors) -> Any:
@@ -109,8 +107,6 @@ class TraceWriter:
 
     def finish(self, run: Any) -> Path:
         """Write the run-level tensors and the manifest, and move the trace into place."""
-        from safetensors.numpy import save_file
-
         inputs, grads = _Tensors("i"), _Tensors("g")
         manifest = {
             "trace_version": TRACE_VERSION,
@@ -127,8 +123,8 @@ class TraceWriter:
         }
         inputs.save(self.tmp / "inputs.safetensors")
         grads.save(self.tmp / "param_grads.safetensors")
-        save_file({k: contiguous(v) for k, v in run.weights.items()}, str(self.tmp / "weights.safetensors"))
-        save_file({k: contiguous(v) for k, v in run.truth.items()}, str(self.tmp / "truth.safetensors"))
+        save_arrays({k: contiguous(v) for k, v in run.weights.items()}, self.tmp / "weights.safetensors")
+        save_arrays({k: contiguous(v) for k, v in run.truth.items()}, self.tmp / "truth.safetensors")
         if run.fp64 is not None:
             write_trace(run.fp64, self.tmp / "fp64")
         (self.tmp / "manifest.json").write_text(json.dumps(manifest, default=str) + "\n")
@@ -155,8 +151,6 @@ def write_trace(run: Any, dst: Path, force: bool = False) -> Path:
 
 def read_trace(path: Path) -> Any:
     """Read a trace directory back into a ReferenceRun."""
-    from safetensors.numpy import load_file
-
     from align.core.reference import ReferenceRun
 
     path = Path(path)
@@ -173,21 +167,21 @@ def read_trace(path: Path) -> Any:
     try:
         calls = {}
         for c in manifest["calls"]:
-            arrays = load_file(str(path / c["file"]))
+            arrays = load_arrays(path / c["file"])
             call = Call(c["name"], c["module"], c["type"], c["start"], c["end"],
                         args=_decode(c["args"], arrays), kwargs=_decode(c["kwargs"], arrays),
                         arg_names=tuple(c["arg_names"]), outputs=_decode(c["outputs"], arrays),
                         grads={p: arrays[k] for p, k in c["grads"].items()},
                         input_grads={p: arrays[k] for p, k in c["input_grads"].items()})
             calls[c["name"]] = call
-        inputs = load_file(str(path / "inputs.safetensors"))
-        grads = load_file(str(path / "param_grads.safetensors"))
+        inputs = load_arrays(path / "inputs.safetensors")
+        grads = load_arrays(path / "param_grads.safetensors")
         trace = Trace("torch", calls, {k: grads[v] for k, v in manifest["param_grads"].items()},
                       manifest["params_dtype"], _decode(manifest["outputs"], inputs))
         return ReferenceRun(
             model=manifest["model"], config_name=manifest["config_name"], config=manifest["config"],
             fingerprint=manifest["fingerprint"], inputs=_decode(manifest["inputs"], inputs), trace=trace,
-            truth=load_file(str(path / "truth.safetensors")), weights=load_file(str(path / "weights.safetensors")), dtypes=manifest["dtypes"],
+            truth=load_arrays(path / "truth.safetensors"), weights=load_arrays(path / "weights.safetensors"), dtypes=manifest["dtypes"],
             observer=Observer(**{**{k: v for k, v in manifest["observer"].items() if k in Observer.__dataclass_fields__},
                                  "differing": tuple(manifest["observer"]["differing"])}),
             env=manifest["env"], checkpoint=manifest["checkpoint"], created=manifest["created"],

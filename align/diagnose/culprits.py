@@ -25,9 +25,10 @@ def first_divergence(layers: tuple[LayerResult, ...], forward_order: list[str], 
     """First failing module in forward completion order, and in backward order.
 
     Children complete their forward before their parents and their backward before their
-    parents, so in both orders the first failure is the smallest module that fails.
+    parents, so in both orders the first failure is the smallest module that fails. Modules
+    never reached (the port raised before them) are no divergence of their own.
     """
-    by_name = {layer.name: layer for layer in layers}
+    by_name = {layer.name: layer for layer in layers if layer.reached}
     fwd = next((n for n in forward_order if n in by_name and not by_name[n].forward.passed), None)
     bwd = next((n for n in backward_order if n in by_name and by_name[n].backward is not None
                 and not by_name[n].backward.passed), None)
@@ -36,7 +37,7 @@ def first_divergence(layers: tuple[LayerResult, ...], forward_order: list[str], 
 
 def _failed(layer: LayerResult, direction: str) -> bool:
     m = layer.forward if direction == FORWARD else layer.backward
-    return m is not None and not m.passed
+    return layer.reached and m is not None and not m.passed
 
 
 def culprits(layers: tuple[LayerResult, ...], forward_order: list[str], backward_order: list[str]) -> Culprits:

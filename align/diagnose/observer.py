@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from align.capture.structure import flatten
+from align.capture.structure import as_feed, flatten
 from align.capture.trace import Trace
 
 
@@ -74,10 +74,11 @@ class Observed:
     grads: dict[str, np.ndarray | None]
 
 
-def bare_run(fw: Any, model: Any, inputs: dict[str, Any], seed_fn: Callable) -> Observed:
-    """Forward and backward with no hooks: the model's outputs and its parameters' gradients."""
+def bare_run(fw: Any, model: Any, inputs: Any, seed_fn: Callable) -> Observed:
+    """Forward and backward with no hooks on `inputs` (a Feed, or a dict of keyword arguments):
+    the model's outputs and its parameters' gradients."""
     fw.clear_grads(model)
-    output = model(**inputs)
+    output = as_feed(inputs)(model)
     fw.backward(seed_fn(output))
     outputs = {p: fw.view(t) for p, t in flatten(output, fw) if fw.is_tensor(t)}
     grads = {k: fw.grad(p) for k, p in fw.parameters(model).items()}

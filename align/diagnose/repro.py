@@ -18,7 +18,7 @@ import numpy as np
 
 from align.capture.trace import ROOT, Arr, Call, Opaque, Trace
 from align.registry.spec import ModelSpec, Tolerance
-from align.weights.safetensors_io import contiguous
+from align.weights.safetensors_io import contiguous, save_arrays
 
 
 @dataclass
@@ -123,14 +123,12 @@ class ReproCase:
 
     def write(self, out_dir: Path) -> Path:
         """Write the repro folder (whole or not at all) and return its path."""
-        from safetensors.numpy import save_file
-
         from align.atomic import write_folder
 
         def fill(tmp: Path) -> None:
-            save_file(self.tensors, str(tmp / "tensors.safetensors"))
-            save_file(self.ref_weights, str(tmp / "weights_ref.safetensors"))
-            save_file(self.port_weights, str(tmp / "weights_port.safetensors"))
+            save_arrays(self.tensors, tmp / "tensors.safetensors")
+            save_arrays(self.ref_weights, tmp / "weights_ref.safetensors")
+            save_arrays(self.port_weights, tmp / "weights_port.safetensors")
             (tmp / "manifest.json").write_text(json.dumps(self.manifest, indent=1) + "\n")
             (tmp / "repro.py").write_text(SCRIPT)
 
@@ -153,9 +151,21 @@ from pathlib import Path
 
 import numpy as np
 import paddle
-from safetensors.numpy import load_file
+from safetensors import safe_open
 
 HERE = Path(__file__).resolve().parent
+
+
+def load_file(path):
+    """The tensors of a safetensors file; those stored as (..., 2) real pairs made complex again."""
+    with safe_open(path, framework="numpy") as f:
+        pairs = set(json.loads((f.metadata() or {}).get("align.complex", "[]")))
+        out = {}
+        for k in f.keys():
+            a = f.get_tensor(k)
+            out[k] = np.ascontiguousarray(a).view(np.complex64 if a.dtype == np.float32 else np.complex128)[..., 0] \
+                if k in pairs else a
+        return out
 
 
 def flatten(obj, prefix=""):
@@ -187,8 +197,13 @@ def build(spec, tensors, leaves):
     return spec
 
 
+def as_numpy(t):
+    return t.numpy() if t.dtype in (paddle.complex64, paddle.complex128) else t.astype("float32").numpy()
+
+
 def check(what, got, want, atol, rtol):
-    got, want = got.astype(np.float64), want.astype(np.float64)
+    wide = np.complex128 if np.iscomplexobj(got) or np.iscomplexobj(want) else np.float64
+    got, want = got.astype(wide), want.astype(wide)
     if got.shape != want.shape:
         print(f"{what}: shape {got.shape}, reference {want.shape}")
         return False
@@ -231,7 +246,7 @@ def main():
             print(f"output {path}: the port module did not return it")
             ok = False
             continue
-        ok &= check(f"forward output {path}", outputs[path].astype("float32").numpy(), tensors[key], **tol)
+        ok &= check(f"forward output {path}", as_numpy(outputs[path]), tensors[key], **tol)
 
     seeds = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("output_grad/")}
     seeded = [(outputs[p], g) for p, g in seeds.items() if p in outputs and not outputs[p].stop_gradient]
@@ -248,7 +263,7 @@ def main():
                 print(f"{name.split('/', 1)[1]}: no gradient reaches it in the port")
                 ok = False
                 continue
-            ok &= check(f"gradient {name.split('/', 1)[1]}", g.astype("float32").numpy(), tensors[name], **tol)
+            ok &= check(f"gradient {name.split('/', 1)[1]}", as_numpy(g), tensors[name], **tol)
     print("MATCHES the reference" if ok else "MISMATCH reproduced")
     return 0 if ok else 1
 

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import ConfigError
+from align.registry.inputs import parse_inputs
 from align.registry.spec import (
     Bf16Policy,
     InitRecipe,
-    InputsRecipe,
     ModelSpec,
     NoiseFloor,
     Override,
@@ -25,14 +25,6 @@ from align.registry.spec import (
 )
 
 DTYPES = ("float32", "bfloat16")
-
-
-LABEL_RECIPES = ("causal_lm", "masked_lm", "none")
-
-
-BACKWARD_SEEDS = ("loss", "projection")
-
-
 
 
 class _Table:
@@ -116,6 +108,17 @@ def _class_ref(t: _Table, name: str) -> str:
     return value
 
 
+def _constructor(t: _Table) -> tuple[str, str | None]:
+    """(target, config class) of a [reference] or [port] table: `class` with `config_class`
+    (built from a config object), `class` alone, or `builder` (called with the config's values
+    as keyword arguments, returning the module)."""
+    if "builder" in t.data:
+        if "class" in t.data or "config_class" in t.data:
+            raise ConfigError(t.file, t.key("builder"), "give either a builder or a class (with its config_class)")
+        return _class_ref(t, "builder"), None
+    return _class_ref(t, "class"), (_class_ref(t, "config_class") if "config_class" in t.data else None)
+
+
 def _dtypes(t: _Table, default: tuple[str, ...]) -> tuple[str, ...]:
     values = t.get("dtypes", list, list(default))
     for v in values:
@@ -146,7 +149,7 @@ def _call_kwargs(port: _Table) -> dict[str, dict[str, Any]]:
 PORT_VARIANT_NAMES = ("converted",)
 
 
-def _ports(file: Path, t: _Table, reference_config_class: str) -> dict[str, PortVariant]:
+def _ports(file: Path, t: _Table, reference_config_class: str | None) -> dict[str, PortVariant]:
     """[models.NAME.ports.VARIANT] tables; "hand" is the [port] table itself."""
     ports_t = t.table("ports", {})
     variants = {}
@@ -178,30 +181,11 @@ def _model(file: Path, name: str, t: _Table, defaults: dict[str, Any]) -> ModelS
     ref = t.table("reference")
     # A model may have only generated ports ([ports.converted]) and no hand port yet.
     port = t.table("port", {} if "ports" in t.data else ...)
-    init, inputs = t.table("init"), t.table("inputs")
-    spec_init = InitRecipe(seed=init.get("seed", int), std=init.get("std", float))
-    left_pad = inputs.get("left_pad", list, [])
-    batch = inputs.get("batch", int)
-    seq_len = inputs.get("seq_len", int)
-    if left_pad and (len(left_pad) != batch or not all(isinstance(p, int) and 0 <= p < seq_len for p in left_pad)):
-        raise ConfigError(file, inputs.key("left_pad"),
-                          f"expected {batch} integers in [0, {seq_len}) (one per sample), got {left_pad!r}")
-    labels = _choice(inputs, "labels", LABEL_RECIPES, "none")
-    backward = _choice(inputs, "backward", BACKWARD_SEEDS, "loss")
-    sentences = inputs.get("sentences", list, [])
-    tokenizer = inputs.get("tokenizer", str, None)
-    if bool(sentences) != bool(tokenizer) or not all(isinstance(x, str) for x in sentences):
-        raise ConfigError(file, inputs.key("sentences"), "sentences (strings) and tokenizer go together")
-    if sentences and len(sentences) != batch:
-        raise ConfigError(file, inputs.key("sentences"), f"expected {batch} sentences (batch), got {len(sentences)}")
-    derived = inputs.get("derived", list, [])
-    for d in derived:
-        if not isinstance(d, str) or d.count(":") != 1 or not all(d.split(":")):
-            raise ConfigError(file, inputs.key("derived"), f"expected 'module:function' (e.g. "
-                              f"'reference.text:mean_pooled'), got {d!r}")
-    spec_inputs = InputsRecipe(seed=inputs.get("seed", int), batch=batch, seq_len=seq_len, left_pad=tuple(left_pad),
-                               labels=labels, backward=backward, sentences=tuple(sentences), tokenizer=tokenizer,
-                               derived=tuple(derived))
+    init = t.table("init", {})
+    spec_init = InitRecipe(seed=init.get("seed", int, 0), std=init.get("std", float, 0.0))
+    if not spec_init.std >= 0:
+        raise ConfigError(file, init.key("std"), f"must be >= 0, got {spec_init.std!r}")
+    spec_inputs = parse_inputs(t.table("inputs"))
     configs_t = t.table("configs")
     configs: dict[str, dict[str, Any] | str] = {}
     for cname, value in configs_t.data.items():
@@ -243,11 +227,17 @@ def _model(file: Path, name: str, t: _Table, defaults: dict[str, Any]) -> ModelS
     stream_t.done()
 
     hand_port = "port" in t.data or "ports" not in t.data
-    ports = _ports(file, t, _class_ref(ref, "config_class"))
-    weights = t.get("weights", str, ... if hand_port else None)
+    ref_class, ref_config = _constructor(ref)
+    port_class, port_config = _constructor(port) if hand_port else ("", None)
+    attn = ref.get("attn_implementation", str, None)
+    if attn is not None and ref_config is None:
+        raise ConfigError(file, ref.key("attn_implementation"), "applies to a class built from a config_class only")
+    ports = _ports(file, t, ref_config)
+    weights = t.get("weights", str, None)
     # Without a hand port, the model-level rules are the first generated port's own.
-    weights_file = (file.parent / weights).resolve() if weights else next(iter(ports.values())).weights_file
-    if not weights_file.is_file():
+    weights_file = ((file.parent / weights).resolve() if weights
+                    else next(iter(ports.values())).weights_file if ports and not hand_port else None)
+    if weights_file is not None and not weights_file.is_file():
         raise ConfigError(file, t.key("weights"), f"no such file: {weights}")
 
     spec = ModelSpec(
@@ -256,11 +246,11 @@ def _model(file: Path, name: str, t: _Table, defaults: dict[str, Any]) -> ModelS
         ci=t.get("ci", bool, False),
         source=file,
         weights_file=weights_file,
-        reference_class=_class_ref(ref, "class"),
-        reference_config_class=_class_ref(ref, "config_class"),
-        attn_implementation=ref.get("attn_implementation", str, None),
-        port_class=_class_ref(port, "class") if hand_port else "",
-        port_config_class=_class_ref(port, "config_class") if hand_port else "",
+        reference_class=ref_class,
+        reference_config_class=ref_config,
+        attn_implementation=attn,
+        port_class=port_class,
+        port_config_class=port_config,
         init=spec_init,
         inputs=spec_inputs,
         configs=configs,
@@ -277,7 +267,7 @@ def _model(file: Path, name: str, t: _Table, defaults: dict[str, Any]) -> ModelS
         ports=ports,
         stream_blocks=stream_blocks,
     )
-    for sub in (ref, port, init, inputs):
+    for sub in (ref, port, init):
         sub.done()
     t.done()
     return spec

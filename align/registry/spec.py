@@ -63,21 +63,55 @@ class Override:
 
 @dataclass(frozen=True)
 class InitRecipe:
-    seed: int
-    std: float
+    """Seeded random weights: the model's own initialisation, then N(0, std) added to every
+    parameter (std 0: the model's own initialisation alone)."""
+
+    seed: int = 0
+    std: float = 0.0
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One named input of the model ([models.NAME.inputs.INPUT]): its kind, the kind's
+    parameters (validated by registry.inputs), and how it is handed to the model."""
+
+    name: str
+    kind: str  # see registry.inputs.KINDS
+    params: dict[str, Any]
+    requires_grad: bool = False  # its gradient is judged, as `input:NAME`
+    position: int | None = None  # passed positionally at this index; by keyword (its name) otherwise
 
 
 @dataclass(frozen=True)
 class InputsRecipe:
+    """What the model is fed and what its backward starts from ([models.NAME.inputs])."""
+
     seed: int
-    batch: int
-    seq_len: int
-    left_pad: tuple[int, ...]
-    labels: str
-    backward: str = "loss"  # what backward differentiates: the model's loss, or a seeded projection of its outputs
-    sentences: tuple[str, ...] = ()  # real text instead of random ids, tokenized with `tokenizer`
-    tokenizer: str | None = None
+    tensors: tuple[InputSpec, ...]  # made in this order from one generator seeded by `seed`
+    # "projection" (a seeded random projection of every floating output), "loss" (the output
+    # named loss), or "output:PATH" (one output, named as the report names it: "logits", "out", "0")
+    backward: str = "projection"
     derived: tuple[str, ...] = ()  # 'module:function's of the model's outputs, compared too
+
+    def split(self, values: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        """The inputs as (positional, keyword) arguments, as the model's forward takes them.
+        Values not made by this recipe (extra keywords) go by keyword."""
+        placed = sorted((t.position, t.name) for t in self.tensors if t.position is not None and t.name in values)
+        args = tuple(values[name] for _, name in placed)
+        taken = {name for _, name in placed}
+        return args, {k: v for k, v in values.items() if k not in taken}
+
+    def with_params(self, name: str, **params: Any) -> InputsRecipe:
+        """This recipe with some parameters of input `name` changed (benchmarks and tests
+        resize an input this way)."""
+        import dataclasses
+
+        return dataclasses.replace(self, tensors=tuple(
+            dataclasses.replace(t, params={**t.params, **params}) if t.name == name else t for t in self.tensors))
+
+    def graded(self) -> tuple[str, ...]:
+        """The inputs whose gradients are judged."""
+        return tuple(t.name for t in self.tensors if t.requires_grad)
 
 
 @dataclass(frozen=True)
@@ -88,7 +122,7 @@ class PortVariant:
     name: str  # "converted"
     source: str  # the reference's modeling module to convert, e.g. transformers.models.gemma2.modeling_gemma2
     class_name: str  # the port class inside the generated module
-    config_class: str  # "module:Class"; default: the reference's config class, reused as is
+    config_class: str | None  # "module:Class"; default: the reference's config class, reused as is
     weights_file: Path
     call_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     labels: str = "as_reference"
@@ -100,12 +134,14 @@ class ModelSpec:
     description: str
     ci: bool
     source: Path  # the align.toml this came from
-    weights_file: Path
-    reference_class: str  # "module:attr"
-    reference_config_class: str
+    weights_file: Path | None  # the weight rules (None: no rules file, for a module without weights)
+    # "module:attr". With a config class, the class is built from a config object; without one
+    # (None), it is a builder: a callable given the config's values that returns the module.
+    reference_class: str
+    reference_config_class: str | None
     attn_implementation: str | None
     port_class: str
-    port_config_class: str
+    port_config_class: str | None
     init: InitRecipe
     inputs: InputsRecipe
     configs: dict[str, dict[str, Any] | str]  # a table of values, or the path of a config.json

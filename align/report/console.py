@@ -53,7 +53,8 @@ def render_console(report: dict, console: Console, paths: tuple[Path, ...] = ())
     elif report.get("path") == "stream":
         console.print("layer-streamed: one block at a time from the checkpoint, teacher-forced only (fp32); "
                       "outputs and parameter gradients as the forced passes saw them")
-    for kind, items in (("outputs", report["outputs"]), ("param grads", report["param_grads"])):
+    for kind, items in (("outputs", report["outputs"]), ("param grads", report["param_grads"]),
+                        ("input grads", report.get("input_grads", []))):
         if items:
             worst = max(items, key=lambda i: i["max_abs"])
             bad = sum(not i["passed"] for i in items)
@@ -94,6 +95,9 @@ def render_console(report: dict, console: Console, paths: tuple[Path, ...] = ())
         console.print(f"{tag} {u['side']} module {u['name']}: {u['reason']}")
     for w in report["warnings"]:
         console.print(f"[yellow]warning[/] {w}")
+    if report["verdict"] != "pass":
+        for problem in report.get("problems", []):
+            console.print(f"[red]not aligned[/]: {problem}", markup=True, highlight=False)
     for msg in failure_messages(report):
         console.print(msg, markup=False, highlight=False)
     for p in paths:

@@ -17,7 +17,7 @@ import numpy as np
 
 from align.atomic import write_atomic
 from align.compare.keep import KeptTensor
-from align.weights.safetensors_io import contiguous
+from align.weights.safetensors_io import contiguous, save_arrays
 
 
 def report_dir(root: Path, model: str, port: str) -> Path:
@@ -152,8 +152,6 @@ def load_report(path: Path) -> dict[str, Any]:
 def write_kept(kept: tuple[KeptTensor, ...], globs: tuple[str, ...], out_dir: Path) -> Path:
     """Write `out_dir` (replacing it) with tensors.safetensors and index.json; whole or not
     at all. Each pair is stored as `<key>|port` and `<key>|reference` (see KeptTensor.key)."""
-    from safetensors.numpy import save_file
-
     from align.atomic import write_folder
 
     tensors: dict[str, np.ndarray] = {}
@@ -169,7 +167,7 @@ def write_kept(kept: tuple[KeptTensor, ...], globs: tuple[str, ...], out_dir: Pa
                       "port": f"{key}|port", "reference": f"{key}|reference"})
 
     def fill(tmp: Path) -> None:
-        save_file(tensors, str(tmp / "tensors.safetensors"))
+        save_arrays(tensors, tmp / "tensors.safetensors")
         (tmp / "index.json").write_text(json.dumps({"globs": list(globs), "tensors": index}, indent=1) + "\n")
 
     return write_folder(out_dir, fill)

@@ -210,6 +210,11 @@ def _table(headers: list[str], rows: list[tuple[str, list[str]]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _problems(report: dict) -> str:
+    items = "".join(f"<li>{esc(p)}</li>" for p in report.get("problems", []))
+    return f'<ul id="problems">{items}</ul>' if items else ""
+
+
 def render_html(report: dict) -> str:
     """One model's report page, from the report dict alone."""
     verdict = report["verdict"]
@@ -242,7 +247,8 @@ def render_html(report: dict) -> str:
                     [f"<td>{kind}</td>", f"<td>{esc(t['name'])}</td>", f"<td class=num>{_f(t['max_abs'])}</td>",
                      f"<td class=num>{_f(t['max_rel'])}</td>", f"<td class=num>{float(t['cosine']):.6f}</td>",
                      f"<td class=num>{_f(t['needed_atol'])}</td>", f"<td>{'pass' if t['passed'] else 'FAIL'}</td>"])
-                   for kind, items in (("output", report["outputs"]), ("param grad", report["param_grads"]))
+                   for kind, items in (("output", report["outputs"]), ("param grad", report["param_grads"]),
+                                       ("input grad", report.get("input_grads", [])))
                    for t in items]
     weight_rows = [("ok" if w["exact"] else ("na" if w["exact"] is None else "bad"),
                     [f"<td>{esc(w['source'])}</td>", f"<td>{esc(str(w['target']))}</td>",
@@ -297,8 +303,10 @@ torch {esc(str(env.get('torch')))} · paddle {esc(str(env.get('paddle')))} · tr
 <main>
 {_table(['dtype', 'mode', 'gate', 'result', 'first divergence / reason'], runs_rows)}
 <p><b>Tolerance.</b> {'<br>'.join(esc(p) for p in policies)}</p>
-<p><b>Gate.</b> Aligned when every teacher-forced module passes forward and backward, the model outputs and every
-parameter gradient pass, every module is paired, no finding fails and every weight loaded bit-exact.</p>
+<p><b>Gate.</b> Aligned when every teacher-forced module passes forward and backward, the model outputs, every
+parameter gradient and every input gradient pass, every module is paired, no finding fails and every weight loaded
+bit-exact.</p>
+{_problems(report)}
 {repro}{messages}
 {''.join(sections)}
 <h2 id="outputs">Model outputs and parameter gradients ({esc(seen_by)})</h2>

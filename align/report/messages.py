@@ -85,7 +85,8 @@ def failure_messages(report: dict) -> list[str]:
             name = run["first_divergence"][direction]
             if name is not None:
                 messages.append(_layer_message(report, run, name, direction))
-    for kind, items in (("model output", report["outputs"]), ("parameter gradient", report["param_grads"])):
+    for kind, items in (("model output", report["outputs"]), ("parameter gradient", report["param_grads"]),
+                        ("input gradient", report.get("input_grads", []))):
         bad = [i for i in items if not i["passed"]]
         for item in bad[:3]:
             m = Metrics(**{k: v for k, v in item.items() if k not in ("name", "tolerance")})

@@ -14,7 +14,7 @@ from align.diagnose.observer import Observer
 from align.diagnose.repro import ReproCase
 from align.weights.plan import WeightMap
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -45,22 +45,41 @@ class Report:
     # False for a streamed --only run that chose no module outside the blocks: the shell was not
     # run, so there are no model outputs and only the chosen blocks' parameter gradients.
     shell_judged: bool = True
+    input_grads: tuple[TensorResult, ...] = ()  # input:NAME, the gradients the model sends back to its inputs
 
     @property
     def verdict(self) -> str:
-        ran = [r for r in self.runs if r.status == "ran"]
-        if not ran:
+        if not any(r.status == "ran" for r in self.runs):
             return "error"
-        gated = [r for r in ran if r.gated]
-        ok = (
-            all(r.passed for r in gated)
-            and (bool(self.outputs) or not self.shell_judged) and all(o.passed for o in self.outputs)
-            and (bool(self.param_grads) or not self.shell_judged) and all(p.passed for p in self.param_grads)
-            and not any(not u.allowed for u in self.unpaired)
-            and not any(f.fails for f in self.findings)
-            and self.weights.all_exact
-        )
-        return "pass" if ok else "fail"
+        return "fail" if self.problems() else "pass"
+
+    def problems(self) -> list[str]:
+        """Why the port is not aligned, one line each (none: aligned). Empty is failure: a run
+        that compared nothing, or a model whose outputs were never compared, fails with that."""
+        out = []
+        for r in self.runs:
+            if r.status == "ran" and r.gated and not r.layers:
+                out.append(f"{r.dtype} {r.mode.replace('_', '-')}: no module was compared")
+            elif r.status == "ran" and r.gated and not r.passed:
+                bad = [layer.name for layer in r.layers if not layer.passed]
+                out.append(f"{r.dtype} {r.mode.replace('_', '-')}: {len(bad)} of {len(r.layers)} modules not "
+                           f"close, first {bad[0]}")
+        if self.shell_judged and not self.outputs:
+            out.append("no model output was compared")
+        for kind, items in (("model output", self.outputs), ("parameter gradient", self.param_grads),
+                            ("input gradient", self.input_grads)):
+            bad = [t.name for t in items if not t.passed]
+            if bad:
+                out.append(f"{len(bad)} {kind}(s) not close, first {bad[0]}")
+        if self.shell_judged and not (self.param_grads or self.input_grads) and self.weights.written():
+            out.append("no gradient was compared: the backward reached no parameter and no input")
+        out += [f"unpaired {u.side} module {u.name}: {u.reason}" for u in self.unpaired if not u.allowed]
+        out += [f.message for f in self.findings if f.fails]
+        if not self.weights.all_exact:
+            out.append("the port's weights are not the reference's: " + (
+                ", ".join(f"{e.source} -> {e.target}" for e in self.weights.entries if e.exact is False)
+                or "none was loaded"))
+        return out
 
     def _first_gated(self, attr: str, nothing: Any) -> dict:
         """`attr` (first_divergence or culprits) of the first gated run that has any."""
@@ -80,6 +99,7 @@ class Report:
         return {
             "schema_version": SCHEMA_VERSION,
             "verdict": self.verdict,
+            "problems": self.problems(),
             "model": self.model,
             "config": self.config,
             "port": self.port,
@@ -95,6 +115,7 @@ class Report:
             "runs": [r.to_dict() for r in self.runs],
             "outputs": [o.to_dict() for o in self.outputs],
             "param_grads": [p.to_dict() for p in self.param_grads],
+            "input_grads": [g.to_dict() for g in self.input_grads],
             "weights": [e.to_dict() for e in self.weights.entries],
             "unpaired": [u.to_dict() for u in self.unpaired],
             "findings": [f.to_dict() for f in self.findings],

@@ -74,8 +74,10 @@ class WeightMap:
 
     @property
     def all_exact(self) -> bool:
+        """Every tensor loaded is bit-exact, and something was loaded if anything was to be
+        (a module without weights has nothing to load)."""
         loaded = [e for e in self.entries if e.exact is not None]
-        return bool(loaded) and all(e.exact for e in loaded)
+        return all(e.exact for e in loaded) and (bool(loaded) or not self.written())
 
 
 @dataclass(frozen=True)

@@ -142,8 +142,11 @@ def _fuse(path: Path, kind: str, i: int, t: Any) -> Fuse:
     return Fuse(kind, sources, targets, axis, groups)
 
 
-def load_rules(path: Path) -> Rules:
-    """Parse weights/<model>.toml; errors name the file and key."""
+def load_rules(path: Path | None) -> Rules:
+    """Parse weights/<model>.toml; errors name the file and key. None (a model whose registry
+    entry names no rules file): no rules, every tensor keeps its name."""
+    if path is None:
+        return Rules(Path("(no weights file)"), (), {}, ())
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:

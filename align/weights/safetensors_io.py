@@ -207,3 +207,34 @@ def bf16_from_f32(words: np.ndarray) -> np.ndarray:
 def f32_from_bf16(words: np.ndarray) -> np.ndarray:
     """bf16 words -> fp32 (exact)."""
     return (words.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+# safetensors has no complex dtype: a complex array is stored as its float view with a
+# trailing axis of 2 (real, imaginary), and the file's metadata names those tensors.
+_COMPLEX_KEYS = "align.complex"
+
+
+def save_arrays(arrays: dict[str, np.ndarray], path: Path | str) -> None:
+    """save_file, with complex arrays stored as (..., 2) float pairs (see load_arrays)."""
+    from safetensors.numpy import save_file
+
+    complex_keys = sorted(k for k, v in arrays.items() if np.iscomplexobj(v))
+    stored = {k: contiguous(np.ascontiguousarray(v).view(v.real.dtype).reshape(*v.shape, 2))
+              if k in complex_keys else contiguous(v) for k, v in arrays.items()}
+    save_file(stored, str(path), metadata={_COMPLEX_KEYS: json.dumps(complex_keys)} if complex_keys else None)
+
+
+def load_arrays(path: Path | str) -> dict[str, np.ndarray]:
+    """load_file, with the complex arrays save_arrays stored made complex again."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        complex_keys = set(json.loads((f.metadata() or {}).get(_COMPLEX_KEYS, "[]")))
+        out = {}
+        for k in f.keys():
+            arr = f.get_tensor(k)
+            if k in complex_keys:
+                wide = np.complex64 if arr.dtype == np.float32 else np.complex128
+                arr = np.ascontiguousarray(arr).view(wide).reshape(arr.shape[:-1])
+            out[k] = arr
+    return out
