@@ -1,7 +1,8 @@
 """Step 8, the gate: the models CI aligns, and one exit code for what they gave.
 
 Exit codes, as pytest's ExitCode: 0 aligned, 1 not aligned, 2 the user's mistake (a usage or
-config error, reported in one line that names the file and key).
+config error, reported in one line that names the file and key), 3 align itself failed (one
+line naming the step, the traceback in a log).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ class ExitCode(IntEnum):
     ALIGNED = 0
     NOT_ALIGNED = 1
     USAGE_ERROR = 2
+    INTERNAL_ERROR = 3
 
 
 def gated(registry: Registry) -> list[ModelSpec]:

@@ -3,8 +3,9 @@
 parser.py declares the commands and options; commands.py runs them (run, check, trace, gate,
 report, convert); weights.py the `align weights` ones; shell.py what they share (the
 registry, the progress line). Exit codes (align.gate.ExitCode): 0 aligned, 1 not aligned (or
-could not run what was asked), 2 usage or config error. A user mistake gets one line on
-stderr naming the file and key, never a traceback.
+could not run what was asked), 2 usage or config error, 3 align itself failed. A user mistake gets one line on
+stderr naming the file and key, never a traceback; a failure of align itself is exit 3, one
+line saying in which step, and the traceback in a log file whose path the line gives.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from rich.console import Console
 
 from align.cli.commands import check, convert, gate, render, run, trace
 from align.cli.parser import build_parser
-from align.cli.shell import registry_of
+from align.cli.shell import crash_log, failed_step, registry_of
 from align.cli.weights import weights
-from align.errors import ConfigError, WeightError
+from align.errors import ConfigError, WeightError, one_line
 from align.gate import ExitCode
 
 
@@ -51,3 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("align: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - align itself failed: one line, the traceback in a log
+        log = crash_log(e, argv)
+        print(f"align: internal error in {failed_step(e)}: {type(e).__name__}: {one_line(e)} "
+              f"(the traceback is in {log}; please report it)", file=sys.stderr)
+        return ExitCode.INTERNAL_ERROR

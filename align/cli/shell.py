@@ -1,9 +1,15 @@
-"""What the commands share: the registry they read and the progress line they show."""
+"""What the commands share: the registry they read, the progress line they show, and the
+account of a failure of align itself (the step it failed in, a log with its traceback)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
+import traceback
 from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
 
 from rich.console import Console
 
@@ -24,3 +30,33 @@ def progress_of(console: Console, name: str, quiet: bool):
             yield (lambda step: None) if quiet else (lambda step: status.update(f"{name}: {step}"))
 
     return show()
+
+
+def failed_step(e: BaseException) -> str:
+    """The pipeline step align failed in: the package of the innermost frame of align's own
+    code in the traceback ("capture (force.py)")."""
+    package = Path(__file__).resolve().parents[1]
+    step = "the command line"
+    tb = e.__traceback__
+    while tb is not None:
+        path = Path(tb.tb_frame.f_code.co_filename).resolve()
+        if package in path.parents:
+            inner = path.relative_to(package).parts
+            step = f"{inner[0]} ({inner[1]})" if len(inner) > 1 else inner[0]
+        tb = tb.tb_next
+    return step
+
+
+def crash_log(e: BaseException, argv: list[str]) -> Path:
+    """Write the traceback of a failure of align itself to a log file in the temporary
+    directory, whole or not at all; returns its path."""
+    from align.atomic import write_atomic
+
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(tempfile.gettempdir()) / f"align-crash-{stamp}-{os.getpid()}.log"
+    text = f"align {' '.join(argv)}\n\n" + "".join(traceback.format_exception(e))
+    try:
+        write_atomic(path, text)
+    except OSError:
+        return Path("(could not be written)")
+    return path

@@ -14,6 +14,8 @@ temporary name beside the destination and renamed into place only when complete.
 from __future__ import annotations
 
 import json
+import pickle
+import re
 import os
 import shutil
 import tempfile
@@ -86,7 +88,13 @@ def _load_pickle(path: Path) -> dict[str, tuple[np.ndarray, str]]:
         return {k: (np.ascontiguousarray(v), SAFETENSORS_DTYPE[v.dtype]) for k, v in state.items()}
     import torch
 
-    state = torch.load(str(path), map_location="cpu", weights_only=True)  # never arbitrary objects
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)  # never arbitrary objects
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"the object {found.group(1)}" if found else "an object that is no tensor or plain data"
+        raise ConfigError(path, "", f"refused: the pickle asks for {what}; only tensors and plain data are "
+                                    "loaded, never code") from None
     out = {}
     for k, t in state.items():
         if t.dtype == torch.bfloat16:
@@ -184,7 +192,9 @@ def outputs_of(wmap: WeightMap, to: str) -> list[Outputs]:
     outs = []
     for e in wmap.written():
         flip = (lambda s: tuple(s[::-1])) if e.transposed else tuple
-        if to == "paddle":
+        if to == "paddle" and (e.permute or e.reshape):
+            outs.append(Outputs(e, e.targets, (tuple(e.target_shape),), e.sources))
+        elif to == "paddle":
             shapes = (tuple(e.part_shapes) if e.transform == "split" else (tuple(e.source_shape),))
             outs.append(Outputs(e, e.targets, tuple(flip(s) for s in shapes), e.sources))
         else:
