@@ -9,6 +9,7 @@ a square matrix fits either way.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -28,7 +29,8 @@ class WeightEntry:
     target: str | None  # display: the port key, or "x + y + z" for a split
     source_shape: tuple[int, ...]
     target_shape: tuple[int, ...] | None
-    transform: str  # "copy", "transpose", "merge", "split", "tied" (shares a port tensor), "ignored"
+    # "copy", "transpose", "reshape", "permute", "merge", "split", "tied" (shares a port tensor), "ignored"
+    transform: str
     rule: str  # the rule that decided it, in words
     transposed: bool = False  # the port stores it transposed (decided by the port layer's type)
     exact: bool | None = None  # bit-exact after loading; None where nothing was loaded
@@ -37,6 +39,8 @@ class WeightEntry:
     axis: int = 0
     groups: int = 1
     part_shapes: tuple[tuple[int, ...], ...] = ()  # each source's (merge) or target's (split) shape, reference layout
+    permute: tuple[int, ...] = ()  # the port holds the reference tensor with these axes (transpose(axes))
+    reshape: bool = False  # ... in the port tensor's shape (after the permute)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -46,7 +50,25 @@ class WeightEntry:
 
     @property
     def writes(self) -> bool:
-        return self.transform in ("copy", "transpose", "merge", "split")
+        return self.transform not in ("tied", "ignored")
+
+    def to_port(self, arr: np.ndarray) -> np.ndarray:
+        """One reference tensor in the port's layout (permuted, reshaped, transposed)."""
+        if self.permute:
+            arr = arr.transpose(self.permute)
+        if self.reshape:
+            arr = arr.reshape(self.target_shape[::-1] if self.transposed else self.target_shape)
+        return np.ascontiguousarray(arr.T) if self.transposed else arr
+
+    def to_reference(self, arr: np.ndarray) -> np.ndarray:
+        """A port tensor (its gradient, say) back in the reference's layout: to_port undone."""
+        arr = arr.T if self.transposed else arr
+        if self.reshape:
+            shape = self.source_shape
+            arr = arr.reshape(tuple(shape[a] for a in self.permute) if self.permute else shape)
+        if self.permute:
+            arr = arr.transpose(np.argsort(self.permute))
+        return arr
 
 
 @dataclass(frozen=True)
@@ -64,12 +86,12 @@ class WeightMap:
         A fused port tensor comes back as its parts."""
         for e in self.entries:
             if target in e.targets:
-                back = array.T if e.transposed else array
                 if e.transform == "merge":
+                    back = array.T if e.transposed else array
                     return list(zip(e.sources, split_parts(back, e.part_shapes, e.axis, e.groups)))
                 if e.transform == "split":
                     raise KeyError(f"{target} is one part of {e.source}; compare the merged gradient instead")
-                return [(e.sources[0], back)]
+                return [(e.sources[0], e.to_reference(array))]
         raise KeyError(target)
 
     @property
@@ -110,6 +132,23 @@ def split_parts(whole: np.ndarray, shapes: tuple[tuple[int, ...], ...], axis: in
 
 def _transposed(slot: PortSlot) -> bool:
     return slot.param_name in TRANSPOSED_BY_TYPE.get(slot.owner_type, frozenset())
+
+
+_CONVS = ("Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose")
+# Port layer type -> parameter names held in the port tensor's own shape (a reshape): Paddle's
+# weight norm keeps a convolution's `weight_g` as a vector, torch as (C, 1, ..., 1).
+RESHAPED_BY_TYPE: dict[tuple[str, str], frozenset[str]] = {
+    ("paddle.nn.layer.conv", name): frozenset({"weight_g"}) for name in _CONVS}
+# torch's newer weight norm (torch.nn.utils.parametrizations) names Paddle's weight_g/weight_v so.
+WEIGHT_NORM_NAMES = {".parametrizations.weight.original0": ".weight_g", ".parametrizations.weight.original1": ".weight_v"}
+
+
+def _weight_norm_alias(target: str, port: Mapping[str, PortSlot]) -> str | None:
+    """Paddle's name for a tensor torch's parametrized weight norm holds, if the port has it."""
+    for torch_suffix, paddle_suffix in WEIGHT_NORM_NAMES.items():
+        if target.endswith(torch_suffix) and (alias := target[: -len(torch_suffix)] + paddle_suffix) in port:
+            return alias
+    return None
 
 
 def _groups(f: Fuse, config: Mapping[str, Any], rules: Rules) -> int:
@@ -153,13 +192,37 @@ def plan(rules: Rules, source: Mapping[str, tuple[int, ...]], port: Mapping[str,
             raise WeightError(f"{target}: written twice, from {written[target]!r} and {key!r} ({rule})")
         written[target] = key
 
-    def check_shape(key: str, target: str, shape: tuple[int, ...], slot: PortSlot, transposed: bool, rule: str) -> None:
+    def check_shape(key: str, target: str, shape: tuple[int, ...], slot: PortSlot, transposed: bool, rule: str,
+                    permute: tuple[int, ...] = (), reshape: bool = False) -> None:
+        what = "transpose" if transposed else "copy"
+        if permute:
+            if len(permute) != len(shape):
+                raise WeightError(f"{key} -> {target}: permute {list(permute)} needs a {len(permute)}-D tensor, got "
+                                  f"shape {shape} ({rule})")
+            shape, what = tuple(shape[a] for a in permute), f"permute {list(permute)}"
+        if reshape:
+            if math.prod(shape) != math.prod(slot.shape):
+                raise WeightError(f"{key} -> {target}: cannot reshape {shape} ({math.prod(shape)} elements) to the "
+                                  f"port's {slot.shape} ({math.prod(slot.shape)}) ({rule})")
+            return
         if transposed and len(shape) != 2:
             raise WeightError(f"{key} -> {target}: transpose needs a matrix, got shape {shape} ({rule})")
         out = shape[::-1] if transposed else shape
         if out != slot.shape:
-            raise WeightError(f"{key} -> {target}: shape mismatch ({rule}, {'transpose' if transposed else 'copy'}): "
+            raise WeightError(f"{key} -> {target}: shape mismatch ({rule}, {what}): "
                               f"reference {shape} gives {out}, port expects {slot.shape}")
+
+    def arrange(key: str, slot: PortSlot, rule: str) -> tuple[tuple[int, ...], bool, str]:
+        """The permute and reshape that bring reference tensor `key` into its port slot: from
+        the rules by name, or from the port layer's type."""
+        permute, reshape = (), False
+        if (found := rules.permute_for(key)) is not None:
+            permute, rule = found[1], f"{rule}, permute {found[0]!r} = {list(found[1])}"
+        if (pattern := rules.reshaped(key)) is not None:
+            reshape, rule = True, f"{rule}, reshape {pattern!r}"
+        elif slot.param_name in RESHAPED_BY_TYPE.get(slot.owner_type, frozenset()):
+            reshape, rule = True, f"{rule}, reshaped: {slot.owner_type[1]}.{slot.param_name} is {list(slot.shape)} in Paddle"
+        return permute, reshape, rule
 
     def fused(key: str) -> bool:
         for f in rules.fuses:
@@ -228,6 +291,8 @@ def plan(rules: Rules, source: Mapping[str, tuple[int, ...]], port: Mapping[str,
             continue
         try:
             target, rule = rules.rename(key)
+            if target not in port and (alias := _weight_norm_alias(target, port)) is not None:
+                target, rule = alias, f"{rule}; weight norm: {target} is Paddle's {alias}"
             slot = port.get(target)
             if slot is None and not strict:
                 unmapped.append(key)
@@ -246,10 +311,12 @@ def plan(rules: Rules, source: Mapping[str, tuple[int, ...]], port: Mapping[str,
             elif slot.alias_of is not None:
                 raise WeightError(f"{key} -> {target}: the port shares this tensor with {slot.alias_of!r}, "
                                   f"but {rules.source.name} has no tie for {key!r}")
+            permute, reshape, rule = arrange(key, slot, rule)
             claim(target, key, rule)
-            check_shape(key, target, shape, slot, transposed, rule)
-            entries.append(WeightEntry(key, target, shape, slot.shape, "transpose" if transposed else "copy", rule,
-                                       transposed, sources=(key,), targets=(target,)))
+            check_shape(key, target, shape, slot, transposed, rule, permute, reshape)
+            transform = "reshape" if reshape else "permute" if permute else "transpose" if transposed else "copy"
+            entries.append(WeightEntry(key, target, shape, slot.shape, transform, rule, transposed, sources=(key,),
+                                       targets=(target,), permute=permute, reshape=reshape))
         except WeightError:
             if strict:
                 raise
@@ -288,7 +355,7 @@ def build_targets(e: WeightEntry, get: Callable[[str], np.ndarray]) -> dict[str,
     elif e.transform == "split":
         outs = dict(zip(e.targets, split_parts(get(e.sources[0]), e.part_shapes, e.axis, e.groups)))
     else:
-        outs = {e.targets[0]: get(e.sources[0])}
+        return {e.targets[0]: e.to_port(get(e.sources[0]))}
     return {k: np.ascontiguousarray(v.T) if e.transposed else v for k, v in outs.items()}
 
 
@@ -298,10 +365,10 @@ def build_sources(e: WeightEntry, get: Callable[[str], np.ndarray]) -> dict[str,
         whole = get(e.targets[0])
         whole = whole.T if e.transposed else whole
         return dict(zip(e.sources, split_parts(whole, e.part_shapes, e.axis, e.groups)))
-    parts = [get(t).T if e.transposed else get(t) for t in e.targets]
     if e.transform == "split":
+        parts = [get(t).T if e.transposed else get(t) for t in e.targets]
         return {e.sources[0]: merge_parts(parts, e.axis, e.groups)}
-    return {e.sources[0]: np.ascontiguousarray(parts[0])}
+    return {e.sources[0]: np.ascontiguousarray(e.to_reference(get(e.targets[0])))}
 
 
 def convert(wmap: WeightMap, source: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -322,7 +389,7 @@ def verify(wmap: WeightMap, source: Mapping[str, np.ndarray], read_back: Callabl
             checked.append(e)
             continue
         if e.transform == "tied":
-            expected = {e.targets[0]: source[e.sources[0]].T if e.transposed else source[e.sources[0]]}
+            expected = {e.targets[0]: e.to_port(source[e.sources[0]])}
         else:
             expected = build_targets(e, source.__getitem__)
         exact = all(same_bytes(read_back(t), arr) for t, arr in expected.items())

@@ -17,6 +17,13 @@ A rules file (weights/<model>.toml) holds:
 - `[unpaired]`: "regex" = "reason": modules with no counterpart on the other side by design
   (a reference q_proj once q, k and v are fused; a port's separate loss layer). They are
   reported with the reason and do not fail.
+- `[permute]`: "regex" = [axes]: the port holds the reference tensor with its axes permuted
+  (port = ref.transpose(axes)), N-D; gradients come back by the inverse permutation.
+- `[reshape]`: "regex" = true: the port holds the reference tensor in the port tensor's own
+  shape (same elements, same order; after any permute): squeezes and unsqueezes.
+Both are also decided by the port layer's type where Paddle stores a tensor another way
+(plan.LAYOUT_BY_TYPE): a weight-normed layer's `weight_g` is a vector in Paddle, (C, 1, 1) in
+torch. torch's `parametrizations.weight.original0/1` map to Paddle's `weight_g`/`weight_v`.
 
 """
 
@@ -72,6 +79,8 @@ class Rules:
     keep_fp32: tuple[str, ...] = ()
     unpaired: tuple[tuple[str, str], ...] = ()  # (regex over module paths, reason)
     module_renames: tuple[Rename, ...] = ()  # module paths only, tried before `renames`
+    permutes: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (regex over reference keys, axes)
+    reshapes: tuple[str, ...] = ()  # regexes over reference keys held in the port tensor's shape
 
     def rename_module(self, name: str) -> tuple[str, str]:
         """(port module path, the rule that produced it) for a reference module path."""
@@ -98,11 +107,21 @@ class Rules:
     def stays_fp32(self, key: str) -> bool:
         return any(re.fullmatch(p, key) for p in self.keep_fp32)
 
+    def permute_for(self, key: str) -> tuple[str, tuple[int, ...]] | None:
+        return next(((p, axes) for p, axes in self.permutes if re.fullmatch(p, key)), None)
+
+    def reshaped(self, key: str) -> str | None:
+        return next((p for p in self.reshapes if re.fullmatch(p, key)), None)
+
     def unpaired_reason(self, module: str) -> str | None:
-        return next((reason for p, reason in self.unpaired if re.fullmatch(p, module)), None)
+        found = next((reason for p, reason in self.unpaired if re.fullmatch(p, module)), None)
+        if found is None and re.fullmatch(r"(.+\.)?parametrizations(\..+)?", module):
+            return "torch's parametrization machinery (weight norm): Paddle computes the weight in a hook"
+        return found
 
 
-RULE_KEYS = ("ignore", "keep_fp32", "merge", "module_rename", "rename", "split", "tie", "transpose", "unpaired")
+RULE_KEYS = ("ignore", "keep_fp32", "merge", "module_rename", "permute", "rename", "reshape", "split", "tie",
+             "transpose", "unpaired")
 
 
 def _regex(path: Path, key: str, value: Any) -> str:
@@ -118,7 +137,7 @@ def _regex(path: Path, key: str, value: Any) -> str:
 def _string_table(path: Path, data: dict, key: str, kind: type) -> dict:
     table = data.get(key, {})
     if not isinstance(table, dict) or not all(isinstance(v, kind) for v in table.values()):
-        what = {str: "a string", bool: "true/false"}[kind]
+        what = {str: "a string", bool: "true/false", list: "a list of axes"}[kind]
         raise ConfigError(path, key, f"expected a table of 'regex' = {what}")
     for k in table:
         _regex(path, f"{key}.{k}", k)
@@ -172,6 +191,12 @@ def load_rules(path: Path | None) -> Rules:
         lists[key] = tuple(_regex(path, f"{key}[{i}]", v) for i, v in enumerate(value))
     fuses = [_fuse(path, kind, i, t) for kind in ("merge", "split") for i, t in enumerate(data.get(kind, []))]
     module_renames = tuple(Rename(k, v) for k, v in _string_table(path, data, "module_rename", str).items())
+    permutes = []
+    for pattern, axes in _string_table(path, data, "permute", list).items():
+        if sorted(axes) != list(range(len(axes))) or not all(isinstance(a, int) for a in axes):
+            raise ConfigError(path, f"permute.{pattern}", f"expected a permutation of 0..{len(axes) - 1}, got {axes!r}")
+        permutes.append((pattern, tuple(axes)))
+    reshapes = tuple(k for k, v in _string_table(path, data, "reshape", bool).items() if v)
     return Rules(path, tuple(renames), dict(tie), lists["ignore"],
                  tuple(_string_table(path, data, "transpose", bool).items()), tuple(fuses), lists["keep_fp32"],
-                 tuple(_string_table(path, data, "unpaired", str).items()), module_renames)
+                 tuple(_string_table(path, data, "unpaired", str).items()), module_renames, tuple(permutes), reshapes)
