@@ -225,7 +225,7 @@ def _forced(spec: ModelSpec, ref: ReferenceRun, ps: Any, port: Any, wmap: W.Weig
             forcer = forcing()
         else:
             progress(what + ", the port's run without hooks alongside")
-            observed, forcer = alongside(partial(bare_run, ps, copied, _fresh_inputs(spec, ref, ps),
+            observed, forcer = alongside(partial(_observed, ps, copied, _fresh_inputs(spec, ref, ps),
                                                  backward_seed(ps, spec)), forcing)
     except ModelRaised as e:  # a failure of the port's, named where it happened
         raised, forcer, observed = e, e.forcer, None
@@ -233,6 +233,17 @@ def _forced(spec: ModelSpec, ref: ReferenceRun, ps: Any, port: Any, wmap: W.Weig
     pairing = pair_calls(ref_calls, port_modules, rules.rename_module, [(n, n.split("#")[0]) for n in forcer.owner])
     judgement.record(collector, forcer, list(pairing.pairs), calls, pairing.unpaired, model=True, raised=raised)
     return observed, list(pairing.pairs), to_ref
+
+
+def _observed(ps: Any, model: Any, inputs: Feed, seed: Any) -> Any:
+    """The port's run without hooks, or None if it raises: a port that raises is judged by the
+    forced and free-running passes, which say where."""
+    try:
+        return bare_run(ps, model, inputs, seed)
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - see above
+        return None
 
 
 def _free_running(spec: ModelSpec, ref: ReferenceRun, ps: Any, port: Any, judgement: Judgement, pairs: list[Pair],

@@ -52,7 +52,7 @@ KINDS: dict[str, dict[str, tuple[Any, Any]]] = {
     # waveforms in [-1, 1], (batch, channels, samples): a few tones of random pitch and phase
     # plus noise; with `like`, a copy of that audio input with noise added (a prediction
     # close to its target, as a loss sees it)
-    "audio": {"batch": (DIM, REQUIRED), "channels": (DIM, 1), "samples": (DIM, REQUIRED), "sample_rate": (DIM, 16000),
+    "audio": {"batch": (DIM, None), "channels": (DIM, 1), "samples": (DIM, None), "sample_rate": (DIM, 16000),
               "tones": (int, 4), "noise": (float, 0.05), "like": (str, None), "perturbation": (float, 0.1)},
     # images (batch, channels, height, width): smooth random patterns plus noise, scaled to [-1, 1]
     "image": {"batch": (DIM, REQUIRED), "channels": (DIM, 3), "height": (DIM, REQUIRED), "width": (DIM, REQUIRED)},
@@ -126,6 +126,10 @@ def _input(t: Any, name: str) -> InputSpec:
                 and (len(pads) != batch or not all(p < seq_len for p in pads))):
             raise ConfigError(t.file, t.key("left_pad"), f"expected {batch} integers in [0, {seq_len}) (one per "
                                                          f"sample), got {pads!r}")
+    if kind == "audio" and params["like"] is None:
+        for need in ("batch", "samples"):
+            if params[need] is None:
+                raise ConfigError(t.file, t.key(need), "missing key (an audio input not `like` another needs it)")
     if kind == "builder" and (params["builder"].count(":") != 1 or not all(params["builder"].split(":"))):
         raise ConfigError(t.file, t.key("builder"), f"expected 'module:function', got {params['builder']!r}")
     grad = t.get("requires_grad", bool, False)

@@ -1,0 +1,1 @@
+"""Hand-written Paddle ports of vision models, one module per model."""
