@@ -353,3 +353,36 @@ def test_hand_and_converted_side_by_side_against_one_reference(converted_copy, c
     assert 'href="gemma2/report.html"' in index and 'href="gemma2-converted/report.html"' in index
     bug_ledger.record("converted gemma2 side by side: RMSNorm without 1 +", "converted port", code == 1,
                       "model.layers.0.input_layernorm" in conv["culprits"]["forward"])
+
+
+# --- beyond transformers: a package's own modules followed and converted with it ----------------
+
+@needs_paconvert
+def test_a_module_of_another_package_is_converted_with_the_modules_it_imports(registry, capsys):
+    """auraloss.freq imports auraloss.utils and auraloss.perceptual, which run torch code: they
+    are converted with it into one generated package, counted in the rate, and the report
+    names auraloss, not transformers. What the draft then gets wrong, align says where."""
+    meta, err = _convert(registry, "mrstft", capsys)
+    assert meta["reference_package"] == "auraloss"
+    assert [m["module"] for m in meta["modules"]] == ["auraloss.freq", "auraloss.utils", "auraloss.perceptual"]
+    assert meta["api_uses"]["total"] == sum(m["total_uses"] for m in meta["modules"])
+    assert "from auraloss.freq (auraloss, installed)" in (registry / "build" / "converted" / "mrstft" / "freq.py").read_text()
+    rules = {(r["rule"], r["after"]) for r in meta["rewrites"]}
+    assert ("import-converted", "from .utils import apply_reduction") in rules
+    assert ("import-auraloss", "from auraloss.plotting import compare_filters") in rules  # no torch: reused
+    assert any(rule == "torch-by-name" for rule, _ in rules) and meta["leftovers"] == []
+    assert "converted with it: auraloss.perceptual -> perceptual.py" in err
+
+    code, report, _ = _run(registry, "mrstft", capsys)
+    # The draft keeps torch.norm as Paddle's float32 linalg.norm, whose sum drifts where
+    # torch's does not: the spectral convergence of each resolution, and only it, is off.
+    culprits = report["culprits"]["forward"]
+    assert code == 1 and culprits == [f"stft_losses.{i}.spectralconv" for i in range(3)]
+    assert report["input_grads"][0]["name"] == "input:x"
+
+
+def test_an_import_of_another_torch_package_is_a_use_left_unconverted():
+    draft = "import paddle\nimport auraloss.time\nfrom auraloss.freq import STFTLoss\n\nclass M(paddle.nn.Layer):\n    pass\n"
+    code, _, leftovers = rewrite(draft, "mypkg.model", runtime_names())
+    assert [(x.imports, x.why.split(",")[0]) for x in leftovers] == [
+        ("auraloss.time", "imports auraloss.time"), ("auraloss.freq", "imports auraloss.freq")]

@@ -4,7 +4,6 @@ read back into which torch API uses it converted and which it did not."""
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import re
 import shutil
 import subprocess
@@ -24,22 +23,10 @@ class ApiUse:
     count: int
     paddle: str | None  # None: not converted
     lines: tuple[int, ...] = ()  # in the reference file
+    file: str = ""  # the generated file its module became
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def module_file(module: str, file: Path, key: str) -> Path:
-    """The .py file of an installed module, found without importing it (importing
-    transformers' modeling files would import torch)."""
-    top, _, rest = module.partition(".")
-    found = importlib.util.find_spec(top)
-    if found is None or not found.submodule_search_locations:
-        raise ConfigError(file, key, f"no installed package {top!r}")
-    path = Path(list(found.submodule_search_locations)[0]).joinpath(*rest.split(".")).with_suffix(".py")
-    if not path.is_file():
-        raise ConfigError(file, key, f"{module!r} is not a module of the installed {top} ({path} does not exist)")
-    return path
 
 
 def paconvert_command(root: Path) -> Path:

@@ -1,12 +1,14 @@
-"""`align convert`: PaConvert drafts a Paddle port from the reference's own modeling file, this
-module's rules make the draft runnable against align's runtime, and the report says what was
-converted, what the rules rewrote, and what still needs a human.
+"""`align convert`: PaConvert drafts a Paddle port from the reference's own source, align's
+rules make the draft runnable, and the report says what was converted, what the rules
+rewrote, and what still needs a human.
 
-    installed transformers file -> PaConvert (its own venv, a subprocess) -> draft + log
-      -> rewrites (imports to align.convert.hf_runtime, buffers, torch semantics) -> build/converted/<model>/
+    the reference's module and the modules of its package it imports that run torch (sources.py)
+      -> PaConvert, one file at a time (its own venv, a subprocess) -> drafts + logs
+      -> rewrites (imports to the siblings, the runtime or the installed package; buffers,
+         torch semantics) -> build/converted/<model>/, one generated package
 
-The generated code is never committed: build/ is git-ignored. The reference file is read from
-the installed package, so the port always matches the transformers the reference runs.
+The generated code is never committed: build/ is git-ignored. The sources are read from the
+installed package, so the port always matches the code the reference runs.
 """
 
 from __future__ import annotations
@@ -15,20 +17,15 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from align.convert.paconvert import (
-    ApiUse,
-    module_file,
-    paconvert_command,
-    parse_log,
-    run_paconvert,
-)
+from align.atomic import write_folder
+from align.convert.paconvert import ApiUse, paconvert_command, parse_log, run_paconvert
+from align.convert.sources import follow
 from align.convert.rewrite import Leftover, Rewrite, rewrite, runtime_names
 from align.errors import ConfigError
 from align.registry.spec import ModelSpec, PortVariant
@@ -36,7 +33,21 @@ from align.registry.spec import ModelSpec, PortVariant
 REPORT_NAME = "conversion.json"
 DRAFT_NAME = "paconvert_draft.py"  # PaConvert's own output, kept so that "draft line N" can be looked up
 # Bumped whenever the rewrite rules change, so a stale generated port is noticed.
-RULES_VERSION = 2
+RULES_VERSION = 3
+
+
+@dataclass(frozen=True)
+class ConvertedModule:
+    """One module of a conversion: where it came from, where it went, what PaConvert converted."""
+
+    module: str
+    file: str
+    output: str  # relative to the registry's directory
+    total_uses: int
+    converted_uses: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -44,7 +55,7 @@ class ConversionReport:
     model: str
     port: str
     reference_file: str
-    reference_sha256: str
+    reference_sha256: str  # of every source file converted, in order
     output: str  # the generated module, relative to the registry's directory
     paconvert_version: str
     rules_version: int
@@ -54,6 +65,8 @@ class ConversionReport:
     leftovers: tuple[Leftover, ...]
     total_uses: int = 0
     converted_uses: int = 0
+    package: str = ""  # the source's own package: transformers, auraloss, dac, ...
+    modules: tuple[ConvertedModule, ...] = ()
 
     @property
     def rate(self) -> float:
@@ -61,7 +74,8 @@ class ConversionReport:
 
     def to_dict(self) -> dict:
         return {
-            "model": self.model, "port": self.port, "reference_file": self.reference_file,
+            "model": self.model, "port": self.port, "reference_package": self.package,
+            "reference_file": self.reference_file,
             "reference_sha256": self.reference_sha256, "output": self.output,
             "paconvert_version": self.paconvert_version, "rules_version": self.rules_version,
             "api_uses": {"total": self.total_uses, "converted": self.converted_uses, "rate": round(self.rate, 4)},
@@ -69,6 +83,7 @@ class ConversionReport:
             "unconverted": [u.to_dict() for u in self.unconverted],
             "rewrites": [r.to_dict() for r in self.rewrites],
             "leftovers": [x.to_dict() for x in self.leftovers],
+            "modules": [m.to_dict() for m in self.modules],
         }
 
 
@@ -96,50 +111,61 @@ def import_name(spec: ModelSpec, variant: PortVariant) -> str:
 
 # --- the command --------------------------------------------------------------------------
 
-def _write_dir_atomic(target: Path, files: dict[str, str]) -> None:
-    """Write files into a fresh sibling directory, then swap it in."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        for name, text in files.items():
-            (tmp / name).write_text(text)
-        if target.exists():
-            old = target.with_name(f".{target.name}-old-{os.getpid()}")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def convert(spec: ModelSpec, variant: PortVariant, exe: Path | None = None) -> ConversionReport:
-    """Convert the reference's modeling file; write the port and conversion.json."""
+    """Convert the reference's module and the torch modules of its package it imports (see
+    sources.follow); write the generated package and conversion.json beside it."""
     key = f"models.{spec.name}.ports.{variant.name}.source"
-    source = module_file(variant.source, spec.source, key)
+    sources = follow(variant.source, spec.source, key)
     exe = exe or paconvert_command(spec.root)
-    with tempfile.TemporaryDirectory(prefix="align-paconvert-") as tmp:
-        draft, log, version = run_paconvert(exe, source, Path(tmp))
-    try:
-        converted, unconverted, total, done = parse_log(log)
-    except ValueError as e:
-        raise ConfigError(source, "", str(e)) from None
     out = generated_module(spec, variant)
-    header = (f"# GENERATED by `align convert {spec.name}` from {variant.source} (transformers, installed),\n"
-              f"# drafted by PaConvert {version} ({DRAFT_NAME}) and rewritten by align's rules (version "
-              f"{RULES_VERSION}).\n# Do not edit or commit: see {REPORT_NAME} beside it.\n")
-    code, rewrites, leftovers = rewrite(draft, variant.source, runtime_names(), header)
+    files: dict[str, str] = {"__init__.py": "# The package of a generated port (see conversion.json).\n"}
+    converted, unconverted, rewrites, leftovers, modules = [], [], [], [], []
+    total = done = 0
+    version = "unknown"
+    for module in sources.modules:
+        source = sources.files[module]
+        with tempfile.TemporaryDirectory(prefix="align-paconvert-") as tmp:
+            draft, log, version = run_paconvert(exe, source, Path(tmp))
+        try:
+            ok, missing, n_total, n_done = parse_log(log)
+        except ValueError as e:
+            raise ConfigError(source, "", str(e)) from None
+        name = f"{sources.stem(module)}.py"
+        header = (f"# GENERATED by `align convert {spec.name}` from {module} ({sources.package}, installed),\n"
+                  f"# drafted by PaConvert {version} ({_draft_name(sources, module)}) and rewritten by align's rules "
+                  f"(version {RULES_VERSION}).\n# Do not edit or commit: see {REPORT_NAME} beside it.\n")
+        code, changed, left = rewrite(draft, module, runtime_names(), header, sources)
+        # An import of another package's torch code stays: counted as a use not converted.
+        imports = [ApiUse(f"import {x.imports}", 1, None, (x.line,)) for x in left if x.imports]
+        files[name], files[_draft_name(sources, module)] = code, draft
+        converted += [dataclasses.replace(u, file=name) for u in ok]
+        unconverted += [dataclasses.replace(u, file=name) for u in missing + imports]
+        rewrites += [dataclasses.replace(r, file=name) for r in changed]
+        leftovers += [dataclasses.replace(x, file=name) for x in left]
+        total, done = total + n_total + len(imports), done + n_done
+        modules.append(ConvertedModule(module, str(source), str((out.parent / name).relative_to(spec.root)),
+                                       n_total + len(imports), n_done))
     report = ConversionReport(
-        model=spec.name, port=variant.name, reference_file=str(source),
-        reference_sha256=hashlib.sha256(source.read_bytes()).hexdigest(),
-        output=str(out.relative_to(spec.root)), paconvert_version=version, rules_version=RULES_VERSION,
-        converted=tuple(converted), unconverted=tuple(unconverted), rewrites=tuple(rewrites),
-        leftovers=tuple(leftovers), total_uses=total, converted_uses=done)
-    _write_dir_atomic(out.parent, {out.name: code, DRAFT_NAME: draft,
-                                   REPORT_NAME: json.dumps(report.to_dict(), indent=2) + "\n"})
+        model=spec.name, port=variant.name, reference_file=str(sources.files[variant.source]),
+        reference_sha256=_sources_hash(sources), output=str(out.relative_to(spec.root)), paconvert_version=version,
+        rules_version=RULES_VERSION, converted=tuple(converted), unconverted=tuple(unconverted),
+        rewrites=tuple(rewrites), leftovers=tuple(leftovers), total_uses=total, converted_uses=done,
+        package=sources.package, modules=tuple(modules))
+    files[REPORT_NAME] = json.dumps(report.to_dict(), indent=2) + "\n"
+    write_folder(out.parent, lambda tmp: [(tmp / n).write_text(text) for n, text in files.items()])
     return report
+
+
+def _draft_name(sources: Any, module: str) -> str:
+    """PaConvert's own output for a module, kept so that "draft line N" can be looked up."""
+    return DRAFT_NAME if module == sources.modules[0] else f"paconvert_draft_{sources.stem(module)}.py"
+
+
+def _sources_hash(sources: Any) -> str:
+    digest = hashlib.sha256()
+    for module in sources.modules:
+        digest.update(sources.files[module].read_bytes())
+    return digest.hexdigest()
 
 
 def load_port(spec: ModelSpec, variant: PortVariant) -> ModelSpec:
@@ -151,16 +177,18 @@ def load_port(spec: ModelSpec, variant: PortVariant) -> ModelSpec:
         raise ConfigError(spec.source, f"models.{spec.name}.ports.{variant.name}",
                           f"no generated port at {path.relative_to(spec.root)}; {hint}")
     meta = json.loads((path.parent / REPORT_NAME).read_text())
-    source = module_file(variant.source, spec.source, f"models.{spec.name}.ports.{variant.name}.source")
-    if (meta.get("reference_sha256") != hashlib.sha256(source.read_bytes()).hexdigest()
-            or meta.get("rules_version") != RULES_VERSION):
+    sources = follow(variant.source, spec.source, f"models.{spec.name}.ports.{variant.name}.source")
+    if meta.get("reference_sha256") != _sources_hash(sources) or meta.get("rules_version") != RULES_VERSION:
         raise ConfigError(spec.source, f"models.{spec.name}.ports.{variant.name}",
                           f"{path.relative_to(spec.root)} was generated from another version of {variant.source} "
                           f"or of align's rules; {hint} again")
     name = import_name(spec, variant)
-    # Executed afresh on every load: the file may have been regenerated (or, in a test, broken
-    # on purpose) since the last one; a cached module would align stale code.
-    found = importlib.util.spec_from_file_location(name, path)
+    # Executed afresh on every load: the files may have been regenerated (or, in a test, broken
+    # on purpose) since the last one; a cached module would align stale code. The port's
+    # module is a package over its folder, so its converted siblings import relatively.
+    for stale in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        del sys.modules[stale]
+    found = importlib.util.spec_from_file_location(name, path, submodule_search_locations=[str(path.parent)])
     module = importlib.util.module_from_spec(found)
     sys.modules[name] = module  # builders.import_object finds the port class by this name
     try:
@@ -176,7 +204,7 @@ def load_port(spec: ModelSpec, variant: PortVariant) -> ModelSpec:
 
 def render(report: ConversionReport) -> str:
     """The console summary of a conversion."""
-    out = [f"{report.model}: {report.reference_file}",
+    out = [f"{report.model}: {report.reference_file} ({report.package})",
            f"  PaConvert {report.paconvert_version}: {report.converted_uses}/{report.total_uses} torch API uses "
            f"converted ({100 * report.rate:.1f}%)"]
     for u in report.unconverted:
@@ -186,8 +214,10 @@ def render(report: ConversionReport) -> str:
         by_rule[r.rule] = by_rule.get(r.rule, 0) + 1
     out.append(f"  rewritten by align's rules: {len(report.rewrites)} lines "
                f"({', '.join(f'{k} {v}' for k, v in sorted(by_rule.items())) or 'none'})")
+    for m in report.modules[1:]:
+        out.append(f"  converted with it: {m.module} -> {Path(m.output).name} ({m.converted_uses}/{m.total_uses})")
     for r in report.rewrites:
-        if r.rule not in ("import-runtime", "import-transformers"):
+        if not r.rule.startswith("import-"):
             out.append(f"    draft line {r.line} ({r.rule}): {r.before.splitlines()[0][:90]}")
     out.append(f"  left for a human: {len(report.leftovers)}")
     for x in report.leftovers:

@@ -11,7 +11,9 @@ import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
-RUNTIME = "align.convert.hf_runtime"
+from align.convert.sources import RUNTIMES, Sources, find_module, imported_module, uses_torch
+
+RUNTIME = RUNTIMES["transformers"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,7 @@ class Rewrite:
     before: str
     after: str
     why: str
+    file: str = ""  # the generated file (a conversion writes one per converted module)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -35,6 +38,8 @@ class Leftover:
     line: int  # in the generated file
     text: str
     why: str
+    file: str = ""
+    imports: str = ""  # another package's torch module the generated code still imports
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -66,23 +71,40 @@ def _persistent(call: ast.Call, src: str) -> str:
     return ast.get_source_segment(src, kw.value) if kw else "True"
 
 
-def _statement_rewrite(node: ast.stmt, src: str, reference_package: str, known: set[str],
+def _import_rewrite(node: ast.ImportFrom, module: str, sources: Sources, known: set[str],
+                    leftovers: list[Leftover]) -> tuple[str, str, str] | None:
+    """How an import of the source package is rewritten (see sources.Sources.kind)."""
+    target = imported_module(module, False, node.level, node.module)
+    if sources.kind(target) == "other":
+        return None
+    subs = [a for a in node.names if f"{target}.{a.name}" in sources.modules]
+    if subs:  # `from . import layers`: a converted module itself
+        return ("import-converted", ", ".join(f"from . import {sources.stem(f'{target}.{a.name}')} as "
+                                              f"{a.asname or a.name}" for a in subs).replace(", from", "; from"),
+                f"{', '.join(a.name for a in subs)}: converted with it, in the generated package")
+    names = ", ".join(a.name + (f" as {a.asname}" if a.asname else "") for a in node.names)
+    kind = sources.kind(target)
+    if kind == "converted":
+        return ("import-converted", f"from .{sources.stem(target)} import {names}",
+                f"{target} runs torch code too: converted with it, in the generated package")
+    if kind == "runtime":
+        for a in node.names:
+            if a.name not in known:
+                leftovers.append(Leftover(node.lineno, f"{a.name} (from {'.' * node.level}{node.module or ''})",
+                                          f"align's runtime ({sources.runtime}) has no {a.name!r}"))
+        return ("import-runtime", f"from {sources.runtime} import {names}",
+                f"{sources.package}'s torch infrastructure is replaced by align's Paddle runtime")
+    return (f"import-{sources.package}", f"from {target} import {names}",
+            f"plain Python that never touches torch (a configuration class): the installed {sources.package}'s "
+            "own is reused")
+
+
+def _statement_rewrite(node: ast.stmt, src: str, module: str, sources: Sources, known: set[str],
                        leftovers: list[Leftover]) -> tuple[str, str, str] | None:
     """(rule, new statement, why) for a statement a rule applies to, else None."""
     seg = lambda n: ast.get_source_segment(src, n)  # noqa: E731
-    if isinstance(node, ast.ImportFrom) and node.level:
-        names = ", ".join(a.name + (f" as {a.asname}" if a.asname else "") for a in node.names)
-        if node.level >= 3:
-            for a in node.names:
-                if a.name not in known:
-                    leftovers.append(Leftover(node.lineno, f"{a.name} (from {'.' * node.level}{node.module or ''})",
-                                              f"align's runtime ({RUNTIME}) has no {a.name!r}"))
-            return ("import-runtime", f"from {RUNTIME} import {names}",
-                    "transformers' torch infrastructure is replaced by align's Paddle runtime")
-        parent = reference_package.rsplit(".", node.level - 1)[0] if node.level > 1 else reference_package
-        module = f"{parent}.{node.module}" if node.module else parent
-        return ("import-transformers", f"from {module} import {names}",
-                "configuration classes are plain Python: the installed transformers' own are reused")
+    if isinstance(node, ast.ImportFrom):
+        return _import_rewrite(node, module, sources, known, leftovers)
     if isinstance(node, ast.Assign) and len(node.targets) == 1 and (call := _buffer_call(node.value)):
         target = node.targets[0]
         if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name):
@@ -116,6 +138,9 @@ TEXT_RULES = (
      "HF code reads torch's conv attributes (stride, padding, dilation), which paddle keeps private"),
     ("jit-tracing", r"\btorch\.jit\.is_tracing\(\)", "False",
      "Paddle code is never traced by torch.jit"),
+    ("torch-by-name", r"\bgetattr\(torch,\s*", "hf_runtime.torch_function(",
+     "a torch function looked up by name (a window, say) is beyond PaConvert; the runtime has its Paddle "
+     "equivalent with torch's defaults (periodic windows)"),
 )
 
 
@@ -131,9 +156,14 @@ def _code_names(text: str) -> list[tuple[int, str]]:
 _PATCHED_METHOD = re.compile(r'setattr\(paddle\.Tensor,\s*"(\w+)"')
 
 
-def rewrite(draft: str, reference_module: str, known: set[str], header: str = "") -> tuple[str, list[Rewrite], list[Leftover]]:
-    """Apply align's rules to PaConvert's draft; returns the code (starting with `header`),
-    what changed (at the draft's line numbers) and what is left (at the code's)."""
+def rewrite(draft: str, reference_module: str, known: set[str], header: str = "",
+            sources: Sources | None = None) -> tuple[str, list[Rewrite], list[Leftover]]:
+    """Apply align's rules to PaConvert's draft of `reference_module`; returns the code
+    (starting with `header`), what changed (at the draft's line numbers) and what is left (at
+    the code's). `sources`: the conversion it is part of (default: this module alone)."""
+    package = reference_module.split(".")[0]
+    sources = sources or Sources(package, (reference_module,), runtime=RUNTIMES.get(package),
+                                 scope=reference_module.rpartition(".")[0])
     lines = draft.splitlines()
     rewrites: list[Rewrite] = []
     leftovers: list[Leftover] = []
@@ -150,10 +180,10 @@ def rewrite(draft: str, reference_module: str, known: set[str], header: str = ""
                 line = lines[i] = new
     src = "\n".join(lines) + "\n"
     patched = _PATCHED_METHOD.findall(src)
-    package = reference_module.rpartition(".")[0]
     edits = []
     for node in ast.walk(ast.parse(src)):
-        if isinstance(node, ast.stmt) and (found := _statement_rewrite(node, src, package, known, leftovers)):
+        if isinstance(node, ast.stmt) and (found := _statement_rewrite(node, src, reference_module, sources, known,
+                                                                       leftovers)):
             rule, new, why = found
             edits.append((node.lineno, node.end_lineno, rule, new, why))
     for start, end, rule, new, why in sorted(edits, reverse=True):
@@ -169,6 +199,9 @@ def rewrite(draft: str, reference_module: str, known: set[str], header: str = ""
     for lineno, name in _code_names(text):
         if name == "torch":
             leftovers.append(Leftover(lineno, lines[lineno - 1].strip(), "still names torch"))
+    for lineno, imported in _torch_imports(text, reference_module, sources):
+        leftovers.append(Leftover(lineno, lines[lineno - 1].strip(), f"imports {imported}, whose code runs torch and "
+                                                                     "is not converted", imports=imported))
     for method in patched:
         for i, line in enumerate(lines):
             if re.search(rf"(?<!paddle)\.{method}\(", line) and "def " not in line and "setattr" not in line:
@@ -184,6 +217,28 @@ def rewrite(draft: str, reference_module: str, known: set[str], header: str = ""
                  for x in leftovers]
     leftovers.sort(key=lambda x: x.line)
     return text, rewrites, leftovers
+
+
+def _torch_imports(text: str, module: str, sources: Sources) -> list[tuple[int, str]]:
+    """(line, module) for each import the generated code still makes of another package's
+    torch code (not torch itself, which PaConvert converts): the port would run torch there."""
+    found = []
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return found
+    for node in ast.walk(tree):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [imported_module(module, False, node.level, node.module)] if isinstance(node, ast.ImportFrom) and
+                 not node.level else [])
+        for name in names:
+            top = name.split(".")[0]
+            if top in ("torch", "paddle", "align", sources.package) or not name:
+                continue
+            path = find_module(name)
+            if path is not None and uses_torch(path):
+                found.append((node.lineno, name))
+    return found
 
 
 def _code_line(lines: list[str], text: str) -> int:

@@ -163,9 +163,9 @@ def _ports(file: Path, t: _Table, reference_config_class: str | None) -> dict[st
         class_name = v.get("class", str)
         if not class_name.isidentifier():
             raise ConfigError(file, v.key("class"), f"expected a class name in the generated module, got {class_name!r}")
-        weights = v.get("weights", str)
-        weights_file = (file.parent / weights).resolve()
-        if not weights_file.is_file():
+        weights = v.get("weights", str, None)  # none: a module without weights, or names the port keeps
+        weights_file = (file.parent / weights).resolve() if weights else None
+        if weights_file is not None and not weights_file.is_file():
             raise ConfigError(file, v.key("weights"), f"no such file: {weights}")
         variants[vname] = PortVariant(
             name=vname, source=source, class_name=class_name,

@@ -123,7 +123,7 @@ class PortVariant:
     source: str  # the reference's modeling module to convert, e.g. transformers.models.gemma2.modeling_gemma2
     class_name: str  # the port class inside the generated module
     config_class: str | None  # "module:Class"; default: the reference's config class, reused as is
-    weights_file: Path
+    weights_file: Path | None
     call_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     labels: str = "as_reference"
 

@@ -60,5 +60,6 @@ from align.convert.hf_runtime.outputs import (
     TokenClassifierOutput,
 )
 from align.convert.hf_runtime.rope import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from align.convert.hf_runtime.torch_functions import torch_function
 
 __all__ = [name for name in dir() if not name.startswith("_")]
