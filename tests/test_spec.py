@@ -49,7 +49,10 @@ def test_shipped_registry_loads():
         ('of = "input_ids"', 'of = "input_idz"', "models.gemma2.inputs.attention_mask.of", "names no input"),
         ('backward = "loss"', 'backward = "los"', "models.gemma2.inputs.backward", "unknown value 'los'"),
         ("ci = true", 'ci = "yes"', "models.gemma2.ci", "expected a boolean"),
-        ("atol = 1e-5", "atol = -1.0", "defaults.tolerance.float32.atol", "must be >= 0"),
+        ("atol = 1e-5", "atol = -1.0", "defaults.tolerance.float32.atol", "must be a finite number >= 0, got -1.0"),
+        ("atol = 1e-5", "atol = inf", "defaults.tolerance.float32.atol", "must be a finite number >= 0, got inf"),
+        ("atol = 1e-5", "atol = nan", "defaults.tolerance.float32.atol", "must be a finite number >= 0, got nan"),
+        ("factor = 2.0\n", "factor = 0.0\n", "defaults.tolerance.float32.factor", "must be a finite number > 0"),
         ('class = "ports.text.gemma2:Gemma2ForCausalLM"', 'class = "ports.text.gemma2"', "models.gemma2.port.class",
          "expected 'module:Class'"),
         ('weights = "weights/gemma2.toml"', 'weights = "weights/nope.toml"', "models.gemma2.weights", "no such file"),
@@ -94,7 +97,7 @@ def test_unknown_config_field_is_refused(registry_copy, capsys):
 def test_unknown_config_name(capsys):
     code = main(["--registry", str(REGISTRY), "run", "gemma2", "--config", "huge", "--quiet"])
     assert code == 2
-    assert "models.gemma2.configs.huge: unknown config (known: full, tiny" in capsys.readouterr().err
+    assert "models.gemma2.configs.huge: unknown config (known: full, mid, tiny" in capsys.readouterr().err
 
 
 def test_cli_error_is_one_line_without_traceback(registry_copy):

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from align.cli.parser import DTYPE_ALIASES
-from align.cli.shell import progress_of, registry_of
+from align.cli.shell import judged_as_asked, progress_of, registry_of
 from align.errors import ConfigError
 from align.gate import ExitCode, exit_code, gated
 from align.registry.spec import ModelSpec
@@ -86,7 +86,7 @@ def _port_spec(spec: ModelSpec, port: str) -> ModelSpec:
 
 def run(args: argparse.Namespace, argv: list[str], console: Console) -> ExitCode:
     registry = registry_of(args)
-    spec = registry.get(args.model)
+    spec = judged_as_asked(registry.get(args.model), args)
     ports = _port_names(spec, args.port)
     specs = {port: _port_spec(spec, port) for port in ports}  # fails early if a port is not generated
     dtypes = tuple(dict.fromkeys(DTYPE_ALIASES[d] for d in args.dtype)) if args.dtype else None
@@ -186,7 +186,7 @@ def check(args: argparse.Namespace, argv: list[str], console: Console) -> ExitCo
     from align.registry.spec import require_matching
 
     registry = registry_of(args)
-    spec = registry.get(args.model)
+    spec = judged_as_asked(registry.get(args.model), args)
     run = read_trace(args.trace)
     check_matches(run, spec, fingerprint(spec, run.config_name), run.config_name)
     if args.only:  # narrows the report, as `align run --only` does; the trace holds every module
@@ -207,8 +207,9 @@ def gate(args: argparse.Namespace, console: Console) -> ExitCode:
     registry = registry_of(args)
     models = gated(registry)
     root = args.reports or registry.source.parent / "reports"
-    reports = [_align_and_write(spec, root / spec.name, console, args.quiet,
-                                f"align run {spec.name}" + ("" if args.full else " --fast"), fast=not args.full)
+    reports = [_align_and_write(judged_as_asked(spec, args), root / spec.name, console, args.quiet,
+                                f"align run {spec.name}" + ("" if args.full else " --fast")
+                                + (" --strict" if args.strict else ""), fast=not args.full)
                for spec in models]
     if args.junit:
         write_atomic(args.junit, render_junit(reports))

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(fp32, teacher-forced; the model's [stream] table names its blocks)")
     run.add_argument("--fast", action="store_true",
                      help="the gate path: the teacher-forced verdict only (no free-running run, no observer runs)")
+    run.add_argument("--strict", action="store_true",
+                     help="judge fp32 by the literal tolerance alone (atol and rtol), with the float64 truth's numbers "
+                          "reported but not deciding (default: the registry's [tolerance] strict)")
     run.add_argument("--weights-from", choices=["rules", "pretrained"], default="rules",
                      help="load the port's weights with align's rules (default), or with the port's own "
                           "from_pretrained, checked tensor by tensor against the rules")
@@ -68,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--as-command", help=argparse.SUPPRESS)  # the command the user typed, when delegated
     check.add_argument("--weights-from", choices=["rules", "pretrained"], default="rules")
     check.add_argument("--fast", action="store_true", help="the gate path (see `align run --fast`)")
+    check.add_argument("--strict", action="store_true", help="see `align run --strict`")
     check.add_argument("--keep", action="append", default=[], metavar="GLOB", help="see `align run --keep`")
     check.add_argument("--only", action="append", default=[], metavar="GLOB", help="see `align run --only`")
 
@@ -75,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--junit", type=Path, help="also write JUnit XML here (one test case per model, dtype and mode)")
     gate.add_argument("--reports", type=Path, help="reports directory (default: reports/ beside align.toml)")
     gate.add_argument("--quiet", action="store_true", help="no progress display")
+    gate.add_argument("--strict", action="store_true", help="see `align run --strict`")
     gate.add_argument("--full", action="store_true",
                       help="the full diagnostic path (free-running run and observer runs too); default: the gate path")
 

@@ -4,6 +4,7 @@ account of a failure of align itself (the step it failed in, a log with its trac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 import traceback
@@ -14,11 +15,18 @@ from pathlib import Path
 from rich.console import Console
 
 from align.registry.load import find_registry, load_registry
-from align.registry.spec import Registry
+from align.registry.spec import ModelSpec, Registry
 
 
 def registry_of(args: argparse.Namespace) -> Registry:
     return load_registry(args.registry or find_registry())
+
+
+def judged_as_asked(spec: ModelSpec, args: argparse.Namespace) -> ModelSpec:
+    """The spec, judged by the literal tolerance alone if the command line says --strict."""
+    if not getattr(args, "strict", False) or spec.noise_floor is None:
+        return spec
+    return dataclasses.replace(spec, noise_floor=dataclasses.replace(spec.noise_floor, strict=True))
 
 
 def progress_of(console: Console, name: str, quiet: bool):

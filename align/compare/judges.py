@@ -21,28 +21,47 @@ from align.compare.results import Tolerances
 
 
 class Collector:
-    """A Judge (see align.force) that compares as it is shown tensors and keeps only Metrics,
-    grouped by the reference call they count for. With a noise floor, `truth` holds the
-    float64 reference's value for each (owner, label), and a failure within it passes."""
+    """A Judge (see capture.force) that compares as it is shown tensors and keeps only Metrics,
+    grouped by the reference call they count for.
+
+    With a noise floor (`factor`), what fails the literal rule is judged again against the
+    float64 truth, the reference's value for each (owner, label): at once if `truth` is given,
+    else kept (a copy of the port's tensor, only for those) until `settle(truth)`, so that the
+    truth is made only when something needs it. `strict`: the literal rule alone decides."""
 
     def __init__(self, tolerances: Tolerances, truth: Mapping[str, np.ndarray] | None = None,
-                 factor: float | None = None):
-        self.tolerances, self.truth, self.factor = tolerances, truth, factor
+                 factor: float | None = None, strict: bool = False):
+        self.tolerances, self.truth, self.factor, self.strict = tolerances, truth, factor, strict
         self.found: dict[tuple[str, str], list[tuple[str, Metrics]]] = {}
+        # (owner, direction, index in found, port copy, reference): failed literally, awaiting the truth
+        self.deferred: list[tuple[str, str, int, np.ndarray, np.ndarray]] = []
 
     def compare(self, owner: str, direction: str, label: str, port: np.ndarray, ref: np.ndarray) -> None:
         tol = self.tolerances.for_name(owner)
         m = compare_arrays(port, ref, tol, label)
-        if self.factor is not None and self.truth is not None:
-            m = within_noise(m, port, ref, self.truth.get(truth_key(owner, label)), tol, self.factor)
-        self.found.setdefault((owner, direction), []).append((label, m))
+        items = self.found.setdefault((owner, direction), [])
+        if self.factor is not None and not m.passed and not m.note:
+            if self.truth is not None:
+                m = within_noise(m, port, ref, self.truth.get(truth_key(owner, label)), tol, self.factor, self.strict)
+            else:
+                self.deferred.append((owner, direction, len(items), np.array(port), ref))
+        items.append((label, m))
+
+    def settle(self, truth: Mapping[str, np.ndarray]) -> None:
+        """Judge what failed the literal rule against the float64 `truth`, now that it is made."""
+        for owner, direction, i, port, ref in self.deferred:
+            label, m = self.found[(owner, direction)][i]
+            tol = self.tolerances.for_name(owner)
+            self.found[(owner, direction)][i] = (label, within_noise(m, port, ref, truth.get(truth_key(owner, label)),
+                                                                     tol, self.factor, self.strict))
+        self.deferred, self.truth = [], truth
 
     def fail(self, owner: str, direction: str, label: str, note: str) -> None:
         self.found.setdefault((owner, direction), []).append((label, missing(note, label)))
 
     def clear(self) -> None:
         """Forget everything seen (the pass is being made again)."""
-        self.found = {}
+        self.found, self.deferred = {}, []
 
     def absorb(self, other: Collector) -> None:
         """Take over another collector's comparisons (a part judged in a pass of its own)."""

@@ -45,6 +45,7 @@ def check_elsewhere(spec: ModelSpec, trace: Path, out: Path, command: str, dtype
            "--trace", str(trace), "--out", str(out), "--as-command", command, "--weights-from", weights_from]
     cmd += [a for d in dtypes or () for a in ("--dtype", d)] + (["--quiet"] if quiet else [])
     cmd += ["--fast"] if fast else []
+    cmd += ["--strict"] if spec.noise_floor and spec.noise_floor.strict else []
     cmd += [a for g in keep for a in ("--keep", g)]
     proc = subprocess.run(cmd)
     if proc.returncode == USAGE_ERROR or not (out / "report.json").is_file():

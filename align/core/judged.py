@@ -36,8 +36,10 @@ def selected(module: str, only: tuple[str, ...]) -> bool:
 
 
 def tolerance_policy(spec: ModelSpec) -> str:
-    """The fp32 rule in words, with the noise floor when the model declares one."""
-    return spec.tolerance.describe() + (f"; {spec.noise_floor.describe()}" if spec.noise_floor else "")
+    """The fp32 rule in words: the literal one, then the float64 truth's (or why there is none)."""
+    if spec.noise_floor is None:
+        return spec.tolerance.describe() + "; the literal rule alone: the reference has no float64 path (float64 = false)"
+    return f"{spec.tolerance.describe()}; {spec.noise_floor.describe()}"
 
 
 def now() -> str:
@@ -112,6 +114,7 @@ class Judgement:
         self.input_names = input_names or {}  # the reference's name of an input -> the recipe's
         self.tolerances = Tolerances(spec.tolerance, spec.overrides)
         self.factor = spec.noise_floor.factor if spec.noise_floor else None
+        self.strict = bool(spec.noise_floor and spec.noise_floor.strict)
         self.layers: list[LayerResult] = []
         self.outputs: list[TensorResult] = []
         self.param_grads: list[TensorResult] = []
@@ -124,7 +127,7 @@ class Judgement:
     def judge(self, truth: dict[str, np.ndarray] | None = None, mode: str = TEACHER_FORCED) -> tuple[Collector, Judge]:
         """A Collector for one pass (judging, under a noise floor, against `truth`) and the
         judge to show that pass: the collector, teamed with a TensorKeeper for --keep."""
-        collector = Collector(self.tolerances, truth, self.factor)
+        collector = Collector(self.tolerances, truth, self.factor, self.strict)
         judge, keeper = keeping(collector, self.keep, self.dtype, mode)
         self._keepers += [keeper] if keeper else []
         return collector, judge

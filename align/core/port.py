@@ -6,6 +6,7 @@ the record may come from another process (align check).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from align.capture.hooks import ModelRaised, hooked
 from align.capture.structure import Feed
 from align.capture.trace import BACKWARD, FORWARD, ROOT, Arr, Trace
 from align.compare.judges import Collector
-from align.compare.metrics import compare_arrays, missing, rel_l2, within_noise
+from align.compare.metrics import Metrics, compare_arrays, missing, rel_l2, within_noise
 from align.compare.pair import Pair, pair_calls
 from align.compare.results import (
     FREE_RUNNING,
@@ -74,9 +75,9 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
     from align.capture.paddle_side import PaddleSide
 
     require_matching(spec, "--keep", keep, (c.module for c in ref.trace.calls.values()))
-    if spec.noise_floor and ref.fp64 is None:
-        raise ConfigError(spec.source, f"models.{spec.name}.tolerance.noise_floor",
-                          "the trace has no float64 run of the reference; trace it again")
+    if spec.noise_floor and ref.fp64 is None and ref.later is None:
+        raise ConfigError(spec.source, f"models.{spec.name}.tolerance",
+                          "the trace has no float64 run of the reference, which judges fp32; trace it again")
     ps = PaddleSide()
     rules = W.load_rules(spec.weights_file)
     port, wmap, findings = _port_with_weights(spec, ref, rules, ps, weights_from, progress)
@@ -213,7 +214,7 @@ def _forced(spec: ModelSpec, ref: ReferenceRun, ps: Any, port: Any, wmap: W.Weig
         raise ConfigError(spec.source, f"models.{spec.name}.tolerance.overrides",
                           f"glob {bad_glob!r} matches no module or parameter")
     to_ref = {p.port: p.ref for p in pairing.pairs}
-    collector, judge = judgement.judge(ref.fp64.truth if spec.noise_floor else None)
+    collector, judge = judgement.judge(ref.fp64.truth if ref.fp64 else None)
     forcing = partial(force, ps, port, lambda: _fresh_inputs(spec, ref, ps), calls, to_ref, judge,
                       ref.trace.param_grads, lambda key, g: as_reference({key: g}, wmap))
     copied = observer_copy(ps, port, ref.trace.output_bytes()) if observe else None
@@ -229,6 +230,10 @@ def _forced(spec: ModelSpec, ref: ReferenceRun, ps: Any, port: Any, wmap: W.Weig
                                                  backward_seed(ps, spec)), forcing)
     except ModelRaised as e:  # a failure of the port's, named where it happened
         raised, forcer, observed = e, e.forcer, None
+    if collector.deferred:
+        progress(f"{judgement.dtype}: {len(collector.deferred)} comparisons fail the literal tolerance: the reference "
+                 "again in float64, as the truth")
+        collector.settle(ref.float64().truth)
     # Paired again with the calls the port made, to name those no reference call maps to.
     pairing = pair_calls(ref_calls, port_modules, rules.rename_module, [(n, n.split("#")[0]) for n in forcer.owner])
     judgement.record(collector, forcer, list(pairing.pairs), calls, pairing.unpaired, model=True, raised=raised)
@@ -251,7 +256,7 @@ def _free_running(spec: ModelSpec, ref: ReferenceRun, ps: Any, port: Any, judgem
     """The port run on its own values, compared module by module as it goes (informational):
     its RunResult, the Follower (which kept the model's outputs), its parameter gradients,
     and the gradients it sent back to its inputs, judged (input:NAME)."""
-    truth = free_truth(ref.fp64) if spec.noise_floor else None
+    truth = free_truth(ref.fp64) if ref.fp64 else None
     collector, judge = judgement.judge(truth, FREE_RUNNING)
     follower = Follower(ps, ref.trace.calls, to_ref, judge, rel_l2)
     ps.clear_grads(port)
@@ -260,12 +265,15 @@ def _free_running(spec: ModelSpec, ref: ReferenceRun, ps: Any, port: Any, judgem
         ps.backward(backward_seed(ps, spec)(fed(port)))
     follower.finish()
     grads = {k: g for k, prm in ps.parameters(port).items() if (g := ps.grad(prm)) is not None}
-    inputs = Collector(judgement.tolerances, truth, judgement.factor)
+    inputs = Collector(judgement.tolerances, truth, judgement.factor, judgement.strict)
     ref_grads = ref.trace.calls[ROOT].input_grads
     for path, leaf in fed.leaves.items():
         g, ref_g = ps.grad(leaf), ref_grads.get(path)
         if ref_g is not None:
             inputs.compare(ROOT, BACKWARD, f"grad of input {path}", np.zeros_like(ref_g) if g is None else g, ref_g)
+    for part in (collector, inputs):
+        if part.deferred:
+            part.settle(free_truth(ref.float64()))
     input_grads = tuple(TensorResult(judgement.input_name(path), m, judgement.tolerances.for_name(judgement.input_name(path)))
                         for path, m in inputs.labelled(ROOT, BACKWARD, "grad of input "))
     ps.clear_grads(port)
@@ -294,29 +302,36 @@ def _free_layers(pairs: list[Pair], ref_trace: Trace, follower: Follower, fr: Co
     return layers
 
 
+def _floored(spec: ModelSpec, ref: ReferenceRun, name: str, port: np.ndarray, ref_arr: np.ndarray,
+             tol: Any, truth: Callable[[ReferenceRun], np.ndarray | None]) -> Metrics:
+    """One model-level tensor judged: the literal rule, then, if that fails, the float64 truth
+    (`truth(fp64 run)`), made only then."""
+    m = compare_arrays(port, ref_arr, tol, name)
+    if m.passed or m.note or spec.noise_floor is None:
+        return m
+    floor = spec.noise_floor
+    return within_noise(m, port, ref_arr, truth(ref.float64()), tol, floor.factor, floor.strict)
+
+
 def _model_outputs(spec: ModelSpec, ref: ReferenceRun, port_outputs: dict[str, Arr],
                    tolerances: Tolerances) -> tuple[TensorResult, ...]:
     """The model's own outputs, end to end (free-running), plus the derived ones."""
-    noise = spec.noise_floor
-
-    def judged(name: str, port_arr: np.ndarray, ref_arr: np.ndarray, truth: np.ndarray | None) -> TensorResult:
-        tol = tolerances.for_name(name)
-        m = compare_arrays(port_arr, ref_arr, tol, name)
-        return TensorResult(name, within_noise(m, port_arr, ref_arr, truth, tol, noise.factor) if noise else m, tol)
-
-    truth_out = {k: a.data for k, a in ref.fp64.trace.outputs.items()} if noise else {}
     outputs = tuple(
-        judged(k, port_outputs[k].data, a.data, truth_out.get(k)) if k in port_outputs
+        TensorResult(k, _floored(spec, ref, k, port_outputs[k].data, a.data, tolerances.for_name(k),
+                                 lambda fp64, k=k: fp64.trace.outputs[k].data if k in fp64.trace.outputs else None),
+                     tolerances.for_name(k)) if k in port_outputs
         else TensorResult(k, missing(f"the port returned no {k!r}", k), tolerances.for_name(k))
         for k, a in ref.trace.outputs.items()
     )
     input_arrays = {k: a.data for k, a in ref.inputs.items()}
     for target in spec.inputs.derived:
         fn = builders.import_object(target, spec.source, f"models.{spec.name}.inputs.derived")
-        name = target.partition(":")[2]
+        name = f"{target.partition(':')[2]} (derived)"
         ref_out = fn({k: a.data for k, a in ref.trace.outputs.items()}, input_arrays)
         port_out = fn({k: a.data for k, a in port_outputs.items()}, input_arrays)
-        outputs += (judged(f"{name} (derived)", port_out, ref_out, fn(truth_out, input_arrays) if noise else None),)
+        tol = tolerances.for_name(name)
+        outputs += (TensorResult(name, _floored(spec, ref, name, port_out, ref_out, tol, lambda fp64, fn=fn: fn(
+            {k: a.data for k, a in fp64.trace.outputs.items()}, input_arrays)), tol),)
     return outputs
 
 
@@ -325,13 +340,11 @@ def _param_grads(spec: ModelSpec, ref: ReferenceRun, port_grads: dict[str, np.nd
     """Every parameter gradient of the free-running run, against the reference's."""
     ref_grads = ref.trace.param_grads
     port = as_reference(port_grads, wmap)
-    truth = ref.fp64.trace.param_grads if ref.fp64 else {}
     results = []
     for key, g in ref_grads.items():
         tol = tolerances.for_name(key)
-        m = compare_arrays(port[key], g, tol, key) if key in port else missing("the port parameter got no gradient", key)
-        if spec.noise_floor and key in port:
-            m = within_noise(m, port[key], g, truth.get(key), tol, spec.noise_floor.factor)
+        m = (_floored(spec, ref, key, port[key], g, tol, lambda fp64, key=key: fp64.trace.param_grads.get(key))
+             if key in port else missing("the port parameter got no gradient", key))
         results.append(TensorResult(key, m, tol))
     results += [TensorResult(key, missing("the reference parameter got no gradient", key), tolerances.for_name(key))
                 for key in port if key not in ref_grads]

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,20 @@ class ReferenceRun:
     env: dict[str, Any]
     checkpoint: str | None
     created: str
-    fp64: ReferenceRun | None = None  # the same run in float64, when the model judges fp32 by its noise floor
+    fp64: ReferenceRun | None = None  # the same run in float64 (the truth), once made
     only: tuple[str, ...] = ()  # module globs the report is limited to (--only); empty: every module
     truth: dict[str, np.ndarray] = field(default_factory=dict)  # fp64 run only: its forced values (force.Keeper)
+    # In the process that ran the reference: makes the float64 run when a comparison first needs
+    # it (not written to a trace, which holds the float64 run itself).
+    later: Callable[[], ReferenceRun] | None = field(default=None, repr=False, compare=False)
+
+    def float64(self) -> ReferenceRun:
+        """The float64 run, made now if it was left for later."""
+        if self.fp64 is None and self.later is not None:
+            self.fp64, self.later = self.later(), None
+        if self.fp64 is None:
+            raise RuntimeError("no float64 run of the reference: the trace was written without one")
+        return self.fp64
 
 
 def fingerprint(spec: ModelSpec, config: str) -> str:
@@ -99,14 +111,17 @@ def run_reference(spec: ModelSpec, config: str | None = None, checkpoint: Path |
     observer = (judge_observed(ts.name, observed, trace) if observed is not None
                 else Observer("torch", True, True, (), checked=False))
     require_matching(spec, "--only", only, (c.module for c in trace.calls.values()))
-    fp64 = _fp64_run(spec, ts, ref, inputs, trace, progress) if spec.noise_floor else None
+    # The float64 truth is made only if a comparison needs it, but a trace (another process
+    # may judge the port) holds it, made now, before its calls are written out and dropped.
+    make_fp64 = partial(_fp64_run, spec, ts, ref, inputs, trace, progress) if spec.noise_floor else None
+    fp64 = make_fp64() if make_fp64 and sink is not None else None
     if sink is not None:
         for name, call in trace.calls.items():
             sink.add(name, call)
             call.release()
     return ReferenceRun(
         model=spec.name, config_name=config, config=builders.values_of(cfg), fingerprint=fingerprint(spec, config),
-        inputs=inputs, trace=trace, fp64=fp64, only=tuple(only),
+        inputs=inputs, trace=trace, fp64=fp64, only=tuple(only), later=None if fp64 else make_fp64,
         weights={k: ts.view(v) for k, v in ref.state_dict().items()},  # nothing writes to them: shared
         dtypes={k: ts.dtype_name(t) for k, t in {**ts.parameters(ref), **ts.buffers(ref)}.items()},
         observer=observer, env=reference_environment(),

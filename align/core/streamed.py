@@ -18,9 +18,10 @@ the block boundaries. The reference shell's large gradients wait on disk in betw
    answered from the record instead of run: this judges the code around the blocks
    (embedding scale, masks, norm, head, loss) and the shell's parameter gradients.
 
-With a noise floor (tolerance.noise_floor), a float64 copy of each reference block, and of
-the shell, is forced on its record widened (as reference.py does for the whole model), and
-gives the truth its port twin is judged against.
+What a block's (or the shell's) forced pass fails by the literal rule is judged against the
+float64 truth: the reference block loaded again, a float64 copy of it forced on its record
+widened (as reference.py does for the whole model). It is made only for a part that needs it,
+so a run that passes literally costs what it did before.
 
 Blocks must feed each other directly (block k's output is block k+1's input, as in
 transformers' decoder stacks); a model with code between them is refused, not misjudged.
@@ -305,10 +306,9 @@ class _Stream:
         received; then, if --only chose anything in it, its port twin forced on that record."""
         import torch
 
-        ts, ps, spec, noise = self.ts, self.ps, self.spec, self.spec.noise_floor
+        ts, ps, spec = self.ts, self.ps, self.spec
         count = len(self.recorder.seen)
-        self.progress(f"block {i + 1}/{count} ({b.name}): reference{' (and in float64)' if noise else ''}, "
-                      "then port on its inputs")
+        self.progress(f"block {i + 1}/{count} ({b.name}): reference, then port on its inputs")
         grads = {p: leaf.grad for p, leaf in b.leaves if leaf.grad is not None}
         if not grads:
             raise ConfigError(spec.source, f"models.{spec.name}.stream.blocks",
@@ -329,7 +329,6 @@ class _Stream:
         own = {k: ts.record(p.grad).data for k, p in self.ref.named_parameters()
                if wanted and within(k, b.name) and p.grad is not None}
         self.graded.update(own)
-        truth = _block_truth(ts, module, b.name, block_calls, own) if noise and wanted else None
         self.loader.free_ref(b.name)
         b.args, b.kwargs, b.leaves = (), {}, []
         if not wanted:
@@ -340,25 +339,28 @@ class _Stream:
         port_block = ps.submodule(self.port, port_name)
         pairing = pair_calls([(n, c.module) for n, c in block_calls.items()], self.port_modules,
                              self.rules.rename_module)
-        judged, judge = self.judgement.judge(truth)
+        judged, judge = self.judgement.judge()
         forcer = _force_block(ps, port_block, port_name, b.name, block_calls, {p.port: p.ref for p in pairing.pairs},
                               judge, own, self.to_reference, call_kwargs(spec, b.name))
-        self.judgement.record(judged, forcer, list(pairing.pairs), block_calls, pairing.unpaired)
         ps.clear_grads(port_block)
         self.loader.free_port(b.name)
+        if judged.deferred:  # the float64 truth, for what failed the literal rule: the block again
+            self.progress(f"block {i + 1}/{count} ({b.name}): {len(judged.deferred)} comparisons fail the literal "
+                          "tolerance: the reference block again in float64")
+            self.loader.load_ref(b.name)
+            judged.settle(_block_truth(ts, module, b.name, block_calls, own))
+            self.loader.free_ref(b.name)
+        self.judgement.record(judged, forcer, list(pairing.pairs), block_calls, pairing.unpaired)
 
     def shell(self) -> None:
         """The port's shell, forced, each block answered from the reference's record: the code
         around the blocks (embeddings, masks, norm, head, loss) and its parameter gradients."""
         ts, ps, spec, blocks, ref_calls = self.ts, self.ps, self.spec, self.blocks, self.ref_calls
         block_records = {n for n in ref_calls if self.recorder.is_block(n)}
-        truth = None
-        if self.shell_judged and spec.noise_floor:
-            self.progress("reference: the shell again in float64 (noise floor)")
-            truth = _shell_truth(ts, spec, self.ref, ref_calls, block_records, self.inputs, set(self.shell_params))
         late = {k: p.grad for k, p in self.shell_params.items()} if self.shell_judged else {}
+        shell_params = set(self.shell_params)
         self.loader.free_ref("", exclude=blocks)
-        del self.ref, self.recorder, self.shell_params
+        del self.recorder, self.shell_params
         # What is left of the reference's graphs sits in reference cycles (hooks and the
         # records they fill) and still holds its shell's weight and gradient, otherwise freed
         # by the collector only midway through the port's shell (with the full-size shell:
@@ -378,11 +380,17 @@ class _Stream:
             return feed(ps, spec, inputs_for_port(self.inputs, spec), call_kwargs(spec, ROOT),
                         ref_calls[ROOT].arg_names)
 
-        judged, judge = self.judgement.judge(truth)
+        judged, judge = self.judgement.judge()
         with _answered(ps, port, {self.rename(n): ref_calls[n] for n in block_records}):
             forcer = force(ps, port, make, ref_calls, {p.port: p.ref for p in pairing.pairs}, judge, shell_grads,
                            self.to_reference)
-        del shell_grads, truth  # and so its memory maps, before their directory goes
+        self.loader.free_port("", exclude=blocks)
+        if judged.deferred:  # the float64 truth, for what failed the literal rule: the shell again
+            self.progress(f"reference: {len(judged.deferred)} comparisons of the shell fail the literal tolerance: "
+                          "the shell again in float64 (a float64 copy of it: twice its weights)")
+            self.loader.load_ref("", exclude=blocks)
+            judged.settle(_shell_truth(ts, spec, self.ref, ref_calls, block_records, self.inputs, shell_params))
+            self.loader.free_ref("", exclude=blocks)
+        del shell_grads  # and so its memory maps, before their directory goes
         self.judgement.record(judged, forcer, [p for p in pairing.pairs if p.ref not in block_records], ref_calls,
                               [u for u in pairing.unpaired if not within(u.name.split("#")[0], blocks)], model=True)
-        self.loader.free_port("", exclude=blocks)

@@ -6,6 +6,7 @@ milliseconds with the file and the dotted key, before any framework loads.
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -86,17 +87,24 @@ def _type_name(value: Any) -> str:
     return _kind_name(type(value)) if type(value) in (str, int, float, bool, list, dict) else type(value).__name__
 
 
-def _tolerance(t: _Table) -> Tolerance:
-    atol, rtol = t.get("atol", float), t.get("rtol", float)
-    for k, v in (("atol", atol), ("rtol", rtol)):
-        if not v >= 0:
-            raise ConfigError(t.file, t.key(k), f"must be >= 0, got {v!r}")
-    t.done()
-    return Tolerance(atol, rtol)
+def _number(t: _Table, name: str, default: Any = ..., above: float | None = None) -> float:
+    """A finite number >= 0 (> `above` if given): an infinite or NaN allowance passes anything."""
+    value = t.get(name, float, default)
+    if not math.isfinite(value) or value < 0 or (above is not None and not value > above):
+        bound = f"> {above:g}" if above is not None else ">= 0"
+        raise ConfigError(t.file, t.key(name), f"must be a finite number {bound}, got {value!r}")
+    return value
+
+
+def _tolerance(t: _Table, done: bool = True) -> Tolerance:
+    tol = Tolerance(_number(t, "atol"), _number(t, "rtol"))
+    if done:
+        t.done()
+    return tol
 
 
 def _bf16(t: _Table) -> Bf16Policy:
-    policy = Bf16Policy(t.get("factor", float), t.get("floor", float))
+    policy = Bf16Policy(_number(t, "factor", above=0.0), _number(t, "floor"))
     t.done()
     return policy
 
@@ -206,15 +214,17 @@ def _model(file: Path, name: str, t: _Table, defaults: dict[str, Any]) -> ModelS
     checkpoints_t.done()
 
     tol_t = t.table("tolerance", {})
-    tolerance = _tolerance(tol_t.table("float32")) if "float32" in tol_t.data else defaults["float32"]
+    if "float32" in tol_t.data:
+        fp32 = tol_t.table("float32")
+        tolerance, factor = _tolerance(fp32, done=False), _number(fp32, "factor", defaults["factor"], above=0.0)
+        fp32.done()
+    else:
+        tolerance, factor = defaults["float32"], defaults["factor"]
     bf16 = _bf16(tol_t.table("bfloat16")) if "bfloat16" in tol_t.data else defaults["bfloat16"]
-    noise_floor = None
-    if "noise_floor" in tol_t.data:
-        nf = tol_t.table("noise_floor")
-        noise_floor = NoiseFloor(nf.get("factor", float))
-        if not noise_floor.factor >= 1:
-            raise ConfigError(file, nf.key("factor"), f"must be >= 1, got {noise_floor.factor!r}")
-        nf.done()
+    # The float64 truth judges what the literal rule fails, unless the model has no float64
+    # path (an op without a float64 kernel): then the literal rule alone, said so in the report.
+    strict = tol_t.get("strict", bool, False)
+    noise_floor = NoiseFloor(factor, strict) if tol_t.get("float64", bool, True) else None
     overrides = []
     for i, o in enumerate(tol_t.get("overrides", list, [])):
         o_t = _Table(file, f"{tol_t.key('overrides')}[{i}]", o)
@@ -285,11 +295,14 @@ def load_registry(path: Path | str) -> Registry:
     top = _Table(file, "", data)
     d = top.table("defaults")
     d_tol = d.table("tolerance")
+    d_fp32 = d_tol.table("float32")
     defaults = {
         "dtypes": _dtypes(d, DTYPES),
-        "float32": _tolerance(d_tol.table("float32")),
+        "float32": _tolerance(d_fp32, done=False),
+        "factor": _number(d_fp32, "factor", 2.0, above=0.0),
         "bfloat16": _bf16(d_tol.table("bfloat16")),
     }
+    d_fp32.done()
     d_tol.done()
     d.done()
     models_t = top.table("models")

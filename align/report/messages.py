@@ -25,11 +25,9 @@ def mismatch_message(name: str, direction: str, m: Metrics, tol: Tolerance, dtyp
     return "\n".join(lines)
 
 
-# Options of `align run` and `align check` that choose what is aligned (kept in a rerun), and
-# those that do not.
-_RERUN_KEEPS = {"--registry", "--config", "--checkpoint", "--weights-from", "--trace"}
-
-
+# Options of `align run` and `align check` that choose what is aligned or how it is judged
+# (kept in a rerun; the flags among them take no value), and those that do not.
+_RERUN_KEEPS = {"--registry", "--config", "--checkpoint", "--weights-from", "--trace", "--stream-layers", "--strict"}
 _RERUN_DROPS = {"--only", "--dtype", "--port", "--keep", "--out"}
 
 
@@ -54,7 +52,7 @@ def rerun_command(report: dict, dtype: str, module: str, variant: str | None) ->
             skip = False
         elif name in _RERUN_DROPS:
             skip = "=" not in w  # its value is the next word
-        elif name.startswith("-") and name not in _RERUN_KEEPS and name != "--stream-layers":
+        elif name.startswith("-") and name not in _RERUN_KEEPS:
             pass  # --quiet, --fast: how, not what
         else:
             kept.append(w)
