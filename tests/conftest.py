@@ -38,14 +38,19 @@ class BugLedger:
     """What the injected-bug suite found, for the rates printed at the end of the run."""
 
     def __init__(self):
-        self.bugs: dict[str, tuple[str, bool, bool]] = {}
-        self.clean: dict[str, bool] = {}
+        self.bugs: dict[tuple[str, str], tuple[str, bool, bool]] = {}  # (bug, config) -> kind, detected, localized
+        self.clean: dict[tuple[str, str], bool] = {}
+        self.below: set[tuple[str, str]] = set()  # (bug, config): its effect is below the literal tolerance there
 
-    def record(self, bug: str, kind: str, detected: bool, localized: bool) -> None:
-        self.bugs[bug] = (kind, detected, localized)
+    def record(self, bug: str, kind: str, detected: bool, localized: bool, config: str = "tiny",
+               below_literal: bool = False) -> None:
+        if below_literal:
+            self.below.add((bug, config))
+        else:
+            self.bugs[bug, config] = (kind, detected, localized)
 
-    def record_clean(self, case: str, false_alarm: bool) -> None:
-        self.clean[case] = false_alarm
+    def record_clean(self, case: str, false_alarm: bool, config: str = "tiny") -> None:
+        self.clean[case, config] = false_alarm
 
 
 _LEDGER = BugLedger()
@@ -59,15 +64,25 @@ def bug_ledger():
 def pytest_terminal_summary(terminalreporter):
     if not _LEDGER.bugs and not _LEDGER.clean:
         return
-    n = len(_LEDGER.bugs)
-    detected = sum(d for _, d, _ in _LEDGER.bugs.values())
-    localized = sum(d and loc for _, d, loc in _LEDGER.bugs.values())
-    kinds = len({k for k, _, _ in _LEDGER.bugs.values()})
-    alarms = sum(_LEDGER.clean.values())
     terminalreporter.write_sep("-", "injected-bug suite")
-    terminalreporter.write_line(f"bugs injected: {n} ({kinds} kinds); detected {detected}/{n}; "
-                                f"localized to the module that holds the bug {localized}/{n}")
-    terminalreporter.write_line(f"correct-port runs: {len(_LEDGER.clean)}; false alarms {alarms}")
-    for bug, (kind, d, loc) in sorted(_LEDGER.bugs.items()):
+    configs = sorted({c for _, c in _LEDGER.bugs} | {c for _, c in _LEDGER.clean}, key=lambda c: (c != "tiny", c))
+    for config in configs:
+        bugs = {b: v for (b, c), v in _LEDGER.bugs.items() if c == config}
+        clean = {b: v for (b, c), v in _LEDGER.clean.items() if c == config}
+        n = len(bugs)
+        detected = sum(d for _, d, _ in bugs.values())
+        localized = sum(d and loc for _, d, loc in bugs.values())
+        kinds = len({k for k, _, _ in bugs.values()})
+        terminalreporter.write_line(f"{config}: bugs injected: {n} ({kinds} kinds); detected {detected}/{n}; "
+                                    f"localized to the module that holds the bug {localized}/{n}; "
+                                    f"correct-port runs: {len(clean)}; false alarms {sum(clean.values())}")
+        below = sorted(b for b, c in _LEDGER.below if c == config)
+        if below:
+            terminalreporter.write_line(f"  {config}: {len(below)} more injected, whose effect here is below the "
+                                        f"literal tolerance (passed by it, as any rule must): {', '.join(below)}")
+    for (bug, config), (kind, d, loc) in sorted(_LEDGER.bugs.items()):
         if not (d and loc):
-            terminalreporter.write_line(f"  MISSED {bug} ({kind}): detected={d} localized={loc}")
+            terminalreporter.write_line(f"  MISSED {bug} at {config} ({kind}): detected={d} localized={loc}")
+    for (case, config), alarm in sorted(_LEDGER.clean.items()):
+        if alarm:
+            terminalreporter.write_line(f"  FALSE ALARM {case} at {config}")

@@ -184,19 +184,46 @@ BUGS = {
 }
 
 
+# Bugs whose effect at the mid config is below the literal tolerance itself: no rule that passes
+# what meets atol 1e-5 can fail them there, and the float64 truth is never consulted (the literal
+# rule already passed). Each test shows the bug is there, and below the allowance.
+BELOW_LITERAL_AT_MID = {
+    # eps 1e-5 instead of 1e-6 beside the mean squares this width gives: fp32 cannot tell them
+    # apart (measured: the norms' outputs are identical to the bit).
+    "rmsnorm_wrong_eps": ("model.layers.*.post_attention_layernorm", "forward"),
+    # Exact GELU's derivative differs from tanh-GELU's by ~1e-3 relative, on gradients of order
+    # 1e-3 at this width: an absolute error below 1e-5.
+    "gelu_gradient_of_exact": ("model.layers.*.mlp.act_fn", "backward"),
+}
+
+
 @pytest.mark.parametrize("bug", sorted(BUGS))
-def test_injected_bug_fails_and_is_localized(bug, monkeypatch, run_cli, bug_ledger):
+@pytest.mark.parametrize("config", ["tiny", "mid"])
+def test_injected_bug_fails_and_is_localized(bug, config, monkeypatch, run_cli, bug_ledger):
+    """At the tiny config (the whole run) and at the mid one (hidden 512, intermediate 2048, 4
+    layers; the gate's path), where fp32 rounding alone exceeds 1e-5 and the float64 truth
+    judges: the floor must not hide the bug."""
     inject, culprit, direction, kind = BUGS[bug]
     inject(monkeypatch)
-    code, report, err = run_cli("run", "gemma2", "--dtype", "fp32")
+    code, report, err = run_cli("run", "gemma2", "--dtype", "fp32", *(("--config", "mid", "--fast")
+                                                                     if config == "mid" else ()))
     detected = code == 1 and report["verdict"] == "fail"
     fd = report["first_divergence"]
     culprits = report["culprits"]
+    if config == "mid" and bug in BELOW_LITERAL_AT_MID:
+        glob, where = BELOW_LITERAL_AT_MID[bug]
+        needed = [layer[where]["needed_atol"] for layer in report["runs"][0]["layers"]
+                  if fnmatch.fnmatchcase(layer["name"], glob)]
+        bug_ledger.record(bug, kind, detected, False, config, below_literal=True)
+        assert code == 0 and needed and max(needed) < 1e-5, (code, needed)
+        assert all(layer[where]["rule"] == "literal" for layer in report["runs"][0]["layers"]
+                   if fnmatch.fnmatchcase(layer["name"], glob))
+        return
     # `culprit` is a glob where the bug sits in a class used in every layer.
     localized = (fd["mode"] == "teacher_forced" and fd[direction] is not None
                  and fnmatch.fnmatchcase(fd[direction], culprit)
                  and any(fnmatch.fnmatchcase(c, culprit) for c in culprits[direction]))
-    bug_ledger.record(bug, kind, detected, localized)
+    bug_ledger.record(bug, kind, detected, localized, config)
     assert detected, f"{bug}: the gate passed a broken port"
     assert localized, f"{bug}: first divergence {fd}, culprits {culprits}, expected {culprit} ({direction})"
     assert f"{fd[direction]}: {'forward output' if direction == 'forward' else 'gradient'} is not close!" in err

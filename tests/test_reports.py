@@ -59,7 +59,7 @@ def test_page_shows_what_a_reviewer_needs(passing):
     assert "Model outputs and parameter gradients (free-running)" in page
     assert "bfloat16 was NOT run" in page and "Observer check" in page
     assert len(page.encode()) < 2 * 1024 * 1024
-    assert report["schema_version"] == 2
+    assert report["schema_version"] == 3
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing from the network
 
 
@@ -200,3 +200,57 @@ def test_empty_gate_is_an_error(tmp_path, capsys):
     assert main(["--registry", str(tmp_path / "align.toml"), "gate"]) == 2
     assert "no model is marked ci = true" in capsys.readouterr().err
     assert os.path.exists(tmp_path / "align.toml")
+
+
+def _console_text(report: dict) -> str:
+    import io
+
+    from rich.console import Console
+
+    from align.report.console import render_console
+
+    buf = io.StringIO()
+    render_console(report, Console(file=buf, width=400, color_system=None))
+    return buf.getvalue()
+
+
+def test_header_says_which_rule_judged_and_the_literal_figure(passing):
+    report = load(passing)
+    judged = report["judged_by"]
+    assert judged["rule"] == "float64"
+    lit = judged["literal"]
+    every = [m["needed_atol"] for r in report["runs"] if r["status"] == "ran" and r["gated"] and r["dtype"] == "float32"
+             for layer in r["layers"] for m in (layer["forward"], layer["backward"]) if m] + \
+            [t["needed_atol"] for t in report["outputs"] + report["param_grads"]]
+    assert lit["needed_atol"] == max(every) and lit["headroom"] == pytest.approx(1e-5 / max(every))
+    line = f"literal figure: worst {lit['needed_atol']:.3g} at {lit['where']} against atol 1e-05"
+    assert "judged by the literal tolerance, then the float64 truth" in _console_text(report)
+    assert line in _console_text(report) and line in (passing / "report.html").read_text()
+
+
+def test_the_worst_named_is_a_failing_tensor_and_passing_ones_are_headroom(failing):
+    """A passing parameter gradient with a larger difference than the failing one is headroom,
+    never "the worst"."""
+    report = load(failing)
+    grads = report["param_grads"]
+    assert len(grads) >= 2
+    for g in grads:
+        g.update(passed=True, max_abs=1e-7, needed_atol=1e-7)
+    loud, quiet = grads[0], grads[1]
+    loud.update(passed=True, max_abs=1.0, needed_atol=5e-6)  # close to its allowance, passing
+    quiet.update(passed=False, max_abs=3e-5, needed_atol=2.9e-5)
+    text = _console_text(report)
+    assert f"param grads: 1 FAIL of {len(grads)}, worst failing {quiet['name']} max abs 3.00e-05" in text
+    assert "least headroom" not in text.split("param grads:")[1].splitlines()[0]
+    quiet.update(passed=True, needed_atol=9e-6)
+    text = _console_text(report)
+    assert f"param grads: pass, {len(grads)} compared; least headroom {quiet['name']} 9.00e-06 of 1e-05" in text
+    assert "FAIL" not in text.split("param grads:")[1].splitlines()[0]
+
+
+def test_what_the_truth_let_pass_is_marked_in_the_page(failing):
+    report = load(failing)
+    t = report["param_grads"][0]
+    t.update(passed=True, rule="floor", truth_error=2e-6, reference_error=1.5e-6, needed_atol=3e-5)
+    page = render_html(report)
+    assert "pass (float64)" in page and "float64 truth: port 2.00e-06 vs reference 1.50e-06 RMS from float64" in page

@@ -164,6 +164,7 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
         command=command or f"align run {spec.name}", created=now(), only=ref.only, path="gate" if fast else "full",
         checkpoint=ref.checkpoint, findings=tuple(findings), observer=tuple(observers), dtypes=dtypes_seen,
         warnings=tuple(warnings), repro=repro, kept=tuple(kept),
+        judging=spec.judging,
     )
 
 

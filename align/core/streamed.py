@@ -237,6 +237,7 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
         checkpoint=str(checkpoint),
         observer=(Observer("torch", True, True, (), checked=False), Observer("paddle", True, True, (), checked=False)),
         warnings=tuple(j.warnings), only=tuple(only), shell_judged=stream.shell_judged, kept=tuple(j.kept),
+        judging=spec.judging,
     )
 
 

@@ -167,6 +167,15 @@ class ModelSpec:
     def root(self) -> Path:
         return self.source.parent
 
+    @property
+    def judging(self) -> str:
+        """Which rule judges fp32: "float64" (the literal rule, then the float64 truth),
+        "strict" (the literal rule alone, the truth's numbers reported) or "literal" (no
+        float64 path: the literal rule alone, nothing else consulted)."""
+        if self.noise_floor is None:
+            return "literal"
+        return "strict" if self.noise_floor.strict else "float64"
+
     def checkpoint_for(self, config: str) -> Path | None:
         """The checkpoint [checkpoints] names for `config`, if any (what a run loads when no
         --checkpoint is given)."""

@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from align.report.messages import failure_messages
+from align.report.messages import failure_messages, judged_line
 
 
 def _fmt(x: float | None) -> str:
@@ -17,6 +17,19 @@ def _fmt(x: float | None) -> str:
 def _worst(layers: list[dict], direction: str) -> float | None:
     values = [layer[direction]["max_abs"] for layer in layers if layer[direction] is not None]
     return max(values) if values else None
+
+
+def _needed(layer: dict) -> float:
+    return max(layer["forward"]["needed_atol"], (layer["backward"] or {"needed_atol": 0.0})["needed_atol"])
+
+
+def _used(needed: float, tol: dict) -> float:
+    """How much of its literal allowance a comparison needs (above 1: beyond it)."""
+    return needed / tol["atol"] if tol["atol"] else (0.0 if needed == 0 else float("inf"))
+
+
+def _by(item: dict) -> str:
+    return ", passed by the float64 truth" if item.get("rule") == "floor" else ""
 
 
 def render_console(report: dict, console: Console, paths: tuple[Path, ...] = ()) -> None:
@@ -42,6 +55,8 @@ def render_console(report: dict, console: Console, paths: tuple[Path, ...] = ())
         table.add_row(run["dtype"], mode, "yes" if run["gated"] else "info", result, f"{ok}/{len(layers)}",
                       _fmt(_worst(layers, "forward")), _fmt(_worst(layers, "backward")), where)
     console.print(table)
+    if (line := judged_line(report)) is not None:
+        console.print(line, markup=False, highlight=False)
     if report.get("only"):
         console.print(f"[yellow]partial[/]: the report is limited to --only {' '.join(report['only'])}")
     if report.get("shell_judged") is False:
@@ -56,17 +71,27 @@ def render_console(report: dict, console: Console, paths: tuple[Path, ...] = ())
     for kind, items in (("outputs", report["outputs"]), ("param grads", report["param_grads"]),
                         ("input grads", report.get("input_grads", []))):
         if items:
-            worst = max(items, key=lambda i: i["max_abs"])
-            bad = sum(not i["passed"] for i in items)
-            state = "[green]pass[/]" if not bad else f"[red]{bad} FAIL[/]"
-            console.print(f"{kind}: {state}, {len(items)} compared, worst {worst['name']} max abs {_fmt(worst['max_abs'])}")
+            bad = [i for i in items if not i["passed"]]
+            if bad:
+                worst = max(bad, key=lambda i: i["needed_atol"])
+                console.print(f"{kind}: [red]{len(bad)} FAIL[/] of {len(items)}, worst failing {worst['name']} "
+                              f"max abs {_fmt(worst['max_abs'])} (allowed {worst['tolerance']['atol']:g})")
+            else:
+                close = max(items, key=lambda i: _used(i["needed_atol"], i["tolerance"]))
+                console.print(f"{kind}: [green]pass[/], {len(items)} compared; least headroom {close['name']} "
+                              f"{_fmt(close['needed_atol'])} of {close['tolerance']['atol']:g}{_by(close)}")
     gated = next((r for r in report["runs"] if r["status"] == "ran" and r["gated"]), None)
     if gated:
-        worst_layers = sorted(gated["layers"], key=lambda layer: -max(
-            layer["forward"]["needed_atol"], (layer["backward"] or {"needed_atol": 0.0})["needed_atol"]))[:5]
-        console.print("worst teacher-forced layers (smallest passing atol): " + ", ".join(
-            f"{layer['name']} {_fmt(max(layer['forward']['needed_atol'], (layer['backward'] or {'needed_atol': 0})['needed_atol']))}"
-            for layer in worst_layers))
+        bad = [layer for layer in gated["layers"] if not layer["passed"]]
+        if bad:
+            console.print("failing teacher-forced layers (smallest passing atol): " + ", ".join(
+                f"{layer['name']} {_fmt(_needed(layer))}" for layer in sorted(bad, key=lambda x: -_needed(x))[:5]))
+        else:
+            close = sorted(gated["layers"], key=lambda x: -_used(_needed(x), x["tolerance"]))[:5]
+            console.print("headroom, the teacher-forced layers closest to their allowance (smallest passing atol): "
+                          + ", ".join(f"{layer['name']} {_fmt(_needed(layer))}"
+                                      f"{' (float64)' if _by(layer['forward']) or _by(layer['backward'] or {}) else ''}"
+                                      for layer in close))
     c = report.get("culprits") or {}
     for direction in ("forward", "backward"):
         if c.get(direction):

@@ -112,7 +112,8 @@ def write_index(reports_root: Path) -> Path:
 
 # Metric fields that may be infinite (a missing tensor) or NaN. Strict JSON has no such
 # numbers, so they are written as the strings "inf", "-inf" and "nan" and read back.
-_FLOAT_FIELDS = frozenset({"max_abs", "mean_abs", "max_rel", "cosine", "needed_atol"})
+_FLOAT_FIELDS = frozenset({"max_abs", "mean_abs", "max_rel", "cosine", "needed_atol", "headroom", "truth_error",
+                           "reference_error"})
 
 
 def _encode(obj: Any) -> Any:

@@ -13,7 +13,7 @@ import math
 import zlib
 from typing import Any
 
-from align.report.messages import failure_messages
+from align.report.messages import failure_messages, judged_line
 
 esc = html.escape
 
@@ -63,6 +63,21 @@ def _cos(m: dict | None) -> str:
 def _headroom(layer: dict) -> float:
     b = layer["backward"]
     return max(float(layer["forward"]["needed_atol"]), float(b["needed_atol"]) if b else 0.0)
+
+
+def _state(passed: bool, *metrics: dict | None) -> str:
+    """pass or FAIL, and whether the float64 truth let it pass (the literal rule alone would not)."""
+    if not passed:
+        return "FAIL"
+    return "pass (float64)" if any(m and m.get("rule") == "floor" for m in metrics) else "pass"
+
+
+def _judged(m: dict) -> str:
+    """The rule that decided one comparison, with the truth's numbers where it was consulted."""
+    if m.get("truth_error") is None:
+        return "literal"
+    return (f"{'float64 truth' if m['rule'] == 'floor' else m['rule']}: port {_f(m['truth_error'])} vs "
+            f"reference {_f(m['reference_error'])} RMS from float64")
 
 
 def _anchor(name: str) -> str:
@@ -184,7 +199,7 @@ def _tree(report: dict, dtype: str) -> str:
             f"<span>{_f(_headroom(layer))}</span>",
             f"<span>{_f(r and r['forward']['max_abs'])}</span>",
             f"<span>{_f(r and r['backward'] and r['backward']['max_abs'])}</span>",
-            f"<span>{'pass' if layer['passed'] else 'FAIL'}</span>",
+            f"<span>{_state(layer['passed'], f, b)}</span>",
         ]
         marked = " mark" if n in (fd["forward"], fd["backward"]) else ""
         cls = f"row {'pass' if layer['passed'] else 'fail'}{marked}"
@@ -246,7 +261,8 @@ def render_html(report: dict) -> str:
     tensor_rows = [("ok" if t["passed"] else "bad",
                     [f"<td>{kind}</td>", f"<td>{esc(t['name'])}</td>", f"<td class=num>{_f(t['max_abs'])}</td>",
                      f"<td class=num>{_f(t['max_rel'])}</td>", f"<td class=num>{float(t['cosine']):.6f}</td>",
-                     f"<td class=num>{_f(t['needed_atol'])}</td>", f"<td>{'pass' if t['passed'] else 'FAIL'}</td>"])
+                     f"<td class=num>{_f(t['needed_atol'])}</td>", f"<td>{esc(_judged(t))}</td>",
+                     f"<td>{_state(t['passed'], t)}</td>"])
                    for kind, items in (("output", report["outputs"]), ("param grad", report["param_grads"]),
                                        ("input grad", report.get("input_grads", [])))
                    for t in items]
@@ -302,7 +318,7 @@ torch {esc(str(env.get('torch')))} · paddle {esc(str(env.get('paddle')))} · tr
 </header>
 <main>
 {_table(['dtype', 'mode', 'gate', 'result', 'first divergence / reason'], runs_rows)}
-<p><b>Tolerance.</b> {'<br>'.join(esc(p) for p in policies)}</p>
+<p id="judged-by"><b>Tolerance.</b> {esc(judged_line(report) or '')}<br>{'<br>'.join(esc(p) for p in policies)}</p>
 <p><b>Gate.</b> Aligned when every teacher-forced module passes forward and backward, the model outputs, every
 parameter gradient and every input gradient pass, every module is paired, no finding fails and every weight loaded
 bit-exact.</p>
@@ -310,7 +326,7 @@ bit-exact.</p>
 {repro}{messages}
 {''.join(sections)}
 <h2 id="outputs">Model outputs and parameter gradients ({esc(seen_by)})</h2>
-{_table(['kind', 'name', 'max abs', 'max rel', 'cosine', 'headroom atol', ''], tensor_rows)}
+{_table(['kind', 'name', 'max abs', 'max rel', 'cosine', 'headroom atol', 'judged by', ''], tensor_rows)}
 <h2 id="weights">Weight map</h2>
 <p>{esc(weights_said)}</p>
 {_table(['source (reference)', 'target (port)', 'source shape', 'target shape', 'transform', 'rule', 'bit-exact'], weight_rows)}

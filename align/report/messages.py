@@ -93,3 +93,26 @@ def failure_messages(report: dict) -> list[str]:
         if len(bad) > 3:
             messages.append(f"... and {len(bad) - 3} more failing {kind}s")
     return messages
+
+
+RULES = {"float64": "the literal tolerance, then the float64 truth",
+         "strict": "the literal tolerance alone (strict)",
+         "literal": "the literal tolerance alone (the model has no float64 path)"}
+
+
+def judged_line(report: dict) -> str | None:
+    """Which rule judged fp32, and the literal figure: the worst error against the literal
+    allowance and its headroom, whatever the rule."""
+    judged = report.get("judged_by")
+    if not judged:
+        return None
+    line = f"judged by {RULES.get(judged['rule'], judged['rule'])}"
+    lit = judged.get("literal")
+    if lit:
+        headroom = "exact" if lit["headroom"] is None else f"headroom {lit['headroom']:.2g}x"
+        line += (f"; literal figure: worst {lit['needed_atol']:.3g} at {lit['where']} against atol {lit['atol']:g} "
+                 f"({headroom}{'' if lit['met'] else ', beyond the literal rule'})")
+    if judged.get("passed_by_truth"):
+        n = len(judged["passed_by_truth"])
+        line += f"; {n} comparison{'s' if n > 1 else ''} passed by the float64 truth"
+    return line

@@ -4,7 +4,10 @@ Renderers read the JSON, never this object."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
+
+from align.compare.metrics import Metrics
 
 from align.compare.keep import KeptTensor
 from align.compare.pair import Unpaired
@@ -12,9 +15,10 @@ from align.compare.results import RunResult, TensorResult
 from align.diagnose.findings import Finding
 from align.diagnose.observer import Observer
 from align.diagnose.repro import ReproCase
+from align.registry.spec import Tolerance
 from align.weights.plan import WeightMap
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class Report:
     # run, so there are no model outputs and only the chosen blocks' parameter gradients.
     shell_judged: bool = True
     input_grads: tuple[TensorResult, ...] = ()  # input:NAME, the gradients the model sends back to its inputs
+    judging: str = "float64"  # ModelSpec.judging: "float64", "strict" or "literal"
 
     @property
     def verdict(self) -> str:
@@ -81,6 +86,35 @@ class Report:
                 or "none was loaded"))
         return out
 
+    def _fp32_judged(self) -> Iterator[tuple[str, Metrics, Tolerance]]:
+        """Every fp32 comparison the verdict rests on, named as a reader finds it."""
+        for r in self.runs:
+            if r.status == "ran" and r.gated and r.dtype == "float32":
+                for layer in r.layers:
+                    yield f"{layer.name} (forward)", layer.forward, layer.tolerance
+                    if layer.backward is not None:
+                        yield f"{layer.name} (backward)", layer.backward, layer.tolerance
+        for kind, items in (("output", self.outputs), ("param grad", self.param_grads),
+                            ("input grad", self.input_grads)):
+            for t in items:
+                yield f"{kind} {t.name}", t.metrics, t.tolerance
+
+    def judged_by(self) -> dict:
+        """Which rule judged fp32, and the literal figure whatever judged: the comparison furthest
+        from the literal tolerance (the smallest atol it would pass at its rtol), its allowance and
+        the headroom (allowance / needed: below 1, the literal rule alone would fail it), and what
+        the float64 truth let pass."""
+        judged = list(self._fp32_judged())
+        worst = max(judged, key=lambda j: j[1].needed_atol, default=None)
+        literal = None
+        if worst is not None:
+            name, m, tol = worst
+            literal = {"needed_atol": m.needed_atol, "where": name, "atol": tol.atol, "rtol": tol.rtol,
+                       "headroom": None if m.needed_atol == 0 else tol.atol / m.needed_atol,
+                       "met": all(j[1].needed_atol <= j[2].atol for j in judged)}
+        return {"rule": self.judging, "literal": literal,
+                "passed_by_truth": [name for name, m, _ in judged if m.passed and m.rule == "floor"]}
+
     def _first_gated(self, attr: str, nothing: Any) -> dict:
         """`attr` (first_divergence or culprits) of the first gated run that has any."""
         for r in self.runs:
@@ -100,6 +134,7 @@ class Report:
             "schema_version": SCHEMA_VERSION,
             "verdict": self.verdict,
             "problems": self.problems(),
+            "judged_by": self.judged_by(),
             "model": self.model,
             "config": self.config,
             "port": self.port,
