@@ -145,20 +145,32 @@ class Forcer:
         return leaf
 
     def _arrived(self, key: int, g: Any) -> None:
-        # A leaf's hook runs once, with its whole gradient, before it is stored in .grad:
-        # the leaves that arrived before this one are done with once that is stored.
+        # Our hook runs first of a leaf's hooks (it was registered when the leaf was made), so
+        # `g` is the gradient before any the port registered on the tensor it was handed: the
+        # leaf is judged by what is stored in its .grad once every hook has run, when the
+        # next leaf's gradient arrives or the backward ends.
         if key in self.fired:  # a second backward reached it: stretches joined by a way no boundary shows
             raise Rejoined("a gradient reached one leaf in two backward passes")
         self.fired.add(key)
-        hit = self.pending.pop(key, None)
-        if hit is not None:
-            owner, label, ref_grad = hit
-            self.judge.compare(owner, BACKWARD, label, self.fw.view(g), ref_grad)
         self._drop_arrived()
         self.arrived.append(key)
 
     def _drop_arrived(self) -> None:
-        self.arrived = [key for key in self.arrived if not self.fw.drop_grad(self.leaves[key])]
+        """Judge, then free, the stored gradients of the leaves that have arrived (a leaf whose
+        gradient is not stored yet waits)."""
+        waiting = []
+        for key in self.arrived:
+            leaf = self.leaves[key]
+            g = self.fw.grad(leaf)
+            if g is None:
+                waiting.append(key)
+                continue
+            hit = self.pending.pop(key, None)
+            if hit is not None:
+                owner, label, ref_grad = hit
+                self.judge.compare(owner, BACKWARD, label, g, ref_grad)
+            self.fw.drop_grad(leaf)
+        self.arrived = waiting
 
     def enter(self, call: Call, module: Any, args: tuple, kwargs: dict, caller: Call | None) -> tuple | None:
         ref_name = self.to_ref.get(call.name)

@@ -58,6 +58,9 @@ class LayerResult:
     module: str = ""  # module path (the call name without a "#n" repeat suffix)
     amplification: Amplification | None = None  # free-running only
     reached: bool = True  # False: never run, because the port raised before it (never a culprit)
+    # False: the port ran past it without calling it. Its caller's code is what is wrong (see
+    # diagnose.culprits.uncalled), or, if its caller passes without it, nothing is.
+    called: bool = True
 
     @property
     def passed(self) -> bool:
@@ -76,6 +79,7 @@ class LayerResult:
             "extra_outputs": list(self.extra_outputs),
             "amplification": None if self.amplification is None else self.amplification.to_dict(),
             "reached": self.reached,
+            "called": self.called,
         }
 
 
@@ -110,9 +114,12 @@ class Culprits:
 
     forward: tuple[str, ...]
     backward: tuple[str, ...]
+    # culprit -> the children it did not call (the reference's does): why its forward is wrong
+    uncalled: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"forward": list(self.forward), "backward": list(self.backward)}
+        return {"forward": list(self.forward), "backward": list(self.backward),
+                "uncalled": {k: list(v) for k, v in self.uncalled.items()}}
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from align.compare.keep import KeptTensor, TensorKeeper, keeping
 from align.compare.metrics import missing
 from align.compare.pair import Pair, Unpaired
 from align.compare.results import TEACHER_FORCED, LayerResult, RunResult, TensorResult, Tolerances
-from align.diagnose.culprits import culprits, first_divergence
+from align.diagnose.culprits import culprits, first_divergence, uncalled
 from align.errors import one_line
 from align.registry.spec import ModelSpec, matches
 
@@ -86,7 +86,7 @@ def forced_layers(pairs: list[Pair], ref_calls: dict[str, Call], forced: Forcer,
         if notes is None:
             why = f"not reached: the port raised in {raised.module} first" if raised else "the port never called this module"
             layers.append(LayerResult(p.ref, p.port, call.type, missing(why), None, tol, module=p.ref_module,
-                                      reached=raised is None))
+                                      reached=raised is None, called=False))
             continue
         layers.append(LayerResult(p.ref, p.port, call.type,
                                   judged.get(p.ref, FORWARD) or missing("the module returned no tensor"),
@@ -161,7 +161,7 @@ class Judgement:
                                           self.tolerances.for_name(k)) for k in sorted(set(graded) - seen)]
 
     def run(self, policy: str, forward_order: list[str], backward_order: list[str]) -> RunResult:
-        layers = tuple(self.layers)
+        layers = uncalled(tuple(self.layers))
         return RunResult(self.dtype, TEACHER_FORCED, self.spec.tolerance, policy, layers,
                          first_divergence(layers, forward_order, backward_order),
                          culprits(layers, forward_order, backward_order), gated=True)

@@ -36,7 +36,7 @@ from align.compare.results import (
 )
 from align.core.judged import Judgement, Progress, as_reference, now, selected, tolerance_policy
 from align.core.reference import ReferenceRun, free_truth, run_reference
-from align.diagnose.culprits import culprits, first_divergence
+from align.diagnose.culprits import culprits, first_divergence, uncalled
 from align.diagnose.environment import bf16_unavailable, environment, environment_warnings, port_environment
 from align.diagnose.findings import Finding, dtype_table
 from align.diagnose.observer import Observer, alongside, bare_run, judge_observed, observer_check, observer_copy
@@ -278,8 +278,8 @@ def _free_running(spec: ModelSpec, ref: ReferenceRun, ps: Any, port: Any, judgem
     input_grads = tuple(TensorResult(judgement.input_name(path), m, judgement.tolerances.for_name(judgement.input_name(path)))
                         for path, m in inputs.labelled(ROOT, BACKWARD, "grad of input "))
     ps.clear_grads(port)
-    layers = tuple(_free_layers([p for p in pairs if selected(p.ref_module, ref.only)], ref.trace, follower, collector,
-                                judgement.tolerances))
+    layers = uncalled(tuple(_free_layers([p for p in pairs if selected(p.ref_module, ref.only)], ref.trace, follower,
+                                         collector, judgement.tolerances)))
     fwd, bwd = ref.trace.completion_order(), ref.trace.start_order()[::-1]
     run = RunResult(judgement.dtype, FREE_RUNNING, spec.tolerance, tolerance_policy(spec), layers,
                     first_divergence(layers, fwd, bwd), culprits(layers, fwd, bwd), gated=False)
@@ -294,7 +294,7 @@ def _free_layers(pairs: list[Pair], ref_trace: Trace, follower: Follower, fr: Co
         tol = tolerances.for_name(p.ref)
         if p.ref not in follower.called:
             layers.append(LayerResult(p.ref, p.port, call.type, missing("the port never called this module"), None, tol,
-                                      module=p.ref_module))
+                                      module=p.ref_module, called=False))
             continue
         amp = Amplification.of(follower.input_error.get(p.ref, 0.0), follower.output_error.get(p.ref, 0.0))
         layers.append(LayerResult(p.ref, p.port, call.type, fr.get(p.ref, FORWARD) or missing("the module returned no tensor"),

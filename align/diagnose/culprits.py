@@ -4,12 +4,13 @@ its children pass holds the bug in its own code)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
 
-from align.capture.trace import BACKWARD, FORWARD
-from align.compare.metrics import rel_l2
+from align.capture.trace import BACKWARD, FORWARD, ROOT
+from align.compare.metrics import not_compared, rel_l2
 from align.compare.results import Amplification, Culprits, Divergence, LayerResult, deepest
 
 
@@ -28,7 +29,7 @@ def first_divergence(layers: tuple[LayerResult, ...], forward_order: list[str], 
     parents, so in both orders the first failure is the smallest module that fails. Modules
     never reached (the port raised before them) are no divergence of their own.
     """
-    by_name = {layer.name: layer for layer in layers if layer.reached}
+    by_name = {layer.name: layer for layer in layers if layer.reached and layer.called}
     fwd = next((n for n in forward_order if n in by_name and not by_name[n].forward.passed), None)
     bwd = next((n for n in backward_order if n in by_name and by_name[n].backward is not None
                 and not by_name[n].backward.passed), None)
@@ -37,7 +38,7 @@ def first_divergence(layers: tuple[LayerResult, ...], forward_order: list[str], 
 
 def _failed(layer: LayerResult, direction: str) -> bool:
     m = layer.forward if direction == FORWARD else layer.backward
-    return layer.reached and m is not None and not m.passed
+    return layer.reached and layer.called and m is not None and not m.passed
 
 
 def culprits(layers: tuple[LayerResult, ...], forward_order: list[str], backward_order: list[str]) -> Culprits:
@@ -52,6 +53,41 @@ def culprits(layers: tuple[LayerResult, ...], forward_order: list[str], backward
         rank = {n: i for i, n in enumerate(order)}
         names = deepest([layer for layer in layers if _failed(layer, direction)])
         found[direction] = tuple(sorted(names, key=lambda n: rank.get(n, len(rank))))
-    return Culprits(found[FORWARD], found[BACKWARD])
+    named = set(found[FORWARD]) | set(found[BACKWARD])
+    skipped: dict[str, list[str]] = {}
+    for layer in layers:
+        if layer.reached and not layer.called:
+            for caller in _callers(layer, layers):
+                if caller.name in named:
+                    skipped.setdefault(caller.name, []).append(layer.name)
+    return Culprits(found[FORWARD], found[BACKWARD], {k: tuple(v) for k, v in skipped.items()})
+
+
+def _callers(layer: LayerResult, layers: tuple[LayerResult, ...]) -> list[LayerResult]:
+    """The calls of the nearest ancestor module the port did call: the code that should have
+    called `layer` (the model itself, if nothing nearer)."""
+    called = [c for c in layers if c.called and c.reached and c is not layer
+              and (c.module == ROOT or layer.module.startswith(c.module + "."))]
+    if not called:
+        return []
+    depth = max(len(c.module) if c.module != ROOT else -1 for c in called)
+    return [c for c in called if (len(c.module) if c.module != ROOT else -1) == depth]
+
+
+def uncalled(layers: tuple[LayerResult, ...]) -> tuple[LayerResult, ...]:
+    """A child the port never called fails only if its caller does. When every call of the
+    nearest module that was called passes forward and backward without it, the child did
+    nothing the reference's did (a dropout in eval, an identity): a note, not a failure.
+    When the caller fails, the child still fails, but is no culprit: the caller is, for not
+    calling it (see culprits)."""
+    out = []
+    for layer in layers:
+        callers = _callers(layer, layers) if layer.reached and not layer.called else []
+        if callers and all(c.passed for c in callers):
+            layer = dataclasses.replace(layer, forward=not_compared(
+                f"the port never called this module: {callers[0].name} passes forward and backward without "
+                "it (a no-op here, as a dropout in eval is)"), backward=None)
+        out.append(layer)
+    return tuple(out)
 
 

@@ -95,8 +95,9 @@ def render_console(report: dict, console: Console, paths: tuple[Path, ...] = ())
     c = report.get("culprits") or {}
     for direction in ("forward", "backward"):
         if c.get(direction):
-            console.print(f"[bold red]culprit[/] ({direction}, {c['mode'].replace('_', '-')}): "
-                          + ", ".join(c[direction]))
+            console.print(f"[bold red]culprit[/] ({direction}, {c['mode'].replace('_', '-')}): " + ", ".join(
+                name + (f" (did not call {', '.join(c['uncalled'][name])})" if name in c.get("uncalled", {}) else "")
+                for name in c[direction]))
     for run in report["runs"]:
         if run["status"] == "ran" and run.get("amplifying"):
             console.print(f"[yellow]amplifies error[/] ({run['dtype']}, {run['mode'].replace('_', '-')}): "

@@ -251,7 +251,9 @@ def render_html(report: dict) -> str:
     culprits = report.get("culprits") or {}
     for d in ("forward", "backward"):
         for c in culprits.get(d, []):
-            links.append(f'<a href="#{_anchor(c)}">culprit ({d}): {esc(c)}</a>')
+            skipped = culprits.get("uncalled", {}).get(c)
+            links.append(f'<a href="#{_anchor(c)}">culprit ({d}): {esc(c)}'
+                         f'{esc(" (did not call " + ", ".join(skipped) + ")") if skipped else ""}</a>')
     policies = sorted({r["tolerance"]["policy"] for r in report["runs"]})
     dtypes = list(dict.fromkeys(r["dtype"] for r in report["runs"] if r["status"] == "ran"))
     sections = []

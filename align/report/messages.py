@@ -69,8 +69,10 @@ def _layer_message(report: dict, report_run: dict, name: str, direction: str) ->
 
     rerun = rerun_command(report, report_run["dtype"], module, port_variant_of(report["port"])) \
         if module != "<root>" else ""
-    return mismatch_message(name, direction, m, Tolerance(**layer["tolerance"]), report_run["dtype"],
-                            report_run["mode"], rerun)
+    message = mismatch_message(name, direction, m, Tolerance(**layer["tolerance"]), report_run["dtype"],
+                               report_run["mode"], rerun)
+    skipped = report_run["culprits"].get("uncalled", {}).get(name)
+    return message + (f"\nIt never called {', '.join(skipped)}, which the reference's calls" if skipped else "")
 
 
 def failure_messages(report: dict) -> list[str]:
