@@ -56,6 +56,11 @@ class Collector:
                                                                      tol, self.factor, self.strict))
         self.deferred, self.truth = [], truth
 
+    def forget(self, owners: set[str]) -> None:
+        """Drop what was seen for these owners (calls another pass judges)."""
+        self.found = {k: v for k, v in self.found.items() if k[0] not in owners}
+        self.deferred = [d for d in self.deferred if d[0] not in owners]
+
     def fail(self, owner: str, direction: str, label: str, note: str) -> None:
         self.found.setdefault((owner, direction), []).append((label, missing(note, label)))
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import fnmatch
 import functools
 import gc
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ from align.capture.structure import Feed, flatten, map_inputs, map_tensors, snap
 from align.capture.trace import ROOT, Arr, Call, differentiable
 from align.compare.judges import Keeper
 from align.compare.pair import pair_calls
+from align.atomic import scratch
 from align.core.judged import Judgement, Progress, as_reference, now, selected, tolerance_policy
 from align.core.reference import as_fp64, float64_copy, forced_truth, widened_calls
 from align.core.spill import Spill
@@ -213,9 +213,9 @@ def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Pro
         raise ConfigError(spec.source, f"models.{spec.name}.stream.blocks",
                           'missing: name the reference\'s block list (e.g. "model.layers") to stream layers')
     stream = _Stream(spec, config, only, keep, progress)
-    with Checkpoint(checkpoint) as ckpt, tempfile.TemporaryDirectory(prefix="align-spill-") as scratch:
+    with Checkpoint(checkpoint) as ckpt, scratch("spill") as scratch_dir:
         stream.plan(ckpt)
-        stream.reference_pass(Spill(scratch, progress))
+        stream.reference_pass(Spill(scratch_dir, progress))
         for i, b in reversed(list(enumerate(stream.recorder.seen))):
             if i < stream.lowest and not stream.shell_judged:
                 progress(f"blocks 1-{i + 1}: --only chose nothing in them nor in the shell: not run")
@@ -386,6 +386,9 @@ class _Stream:
             forcer = force(ps, port, make, ref_calls, {p.port: p.ref for p in pairing.pairs}, judge, shell_grads,
                            self.to_reference)
         self.loader.free_port("", exclude=blocks)
+        # The blocks answered from their record are judged in their own passes: what this pass
+        # saw of them (their inputs' gradients, which nothing sends back here) is not theirs.
+        judged.forget(block_records)
         if judged.deferred:  # the float64 truth, for what failed the literal rule: the shell again
             self.progress(f"reference: {len(judged.deferred)} comparisons of the shell fail the literal tolerance: "
                           "the shell again in float64 (a float64 copy of it: twice its weights)")
