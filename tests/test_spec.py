@@ -74,7 +74,7 @@ def test_unknown_model_lists_known_ones():
     with pytest.raises(ConfigError) as e:
         registry.get("nope")
     assert e.value.key == "models.nope"
-    assert e.value.message == f"unknown model (known: {', '.join(sorted(registry.models))})"
+    assert e.value.message == f"unknown model (known: {', '.join(sorted(registry.models))}; see `align list`)"
     assert "gemma2" in registry.models
 
 

@@ -78,7 +78,11 @@ def reference_config(spec: ModelSpec, config: str) -> Any:
     kwargs = {k: v for k, v in values.items() if k not in _CONFIG_JSON_EXTRAS}
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except Exception as e:  # noqa: BLE001 - the config class refused the user's values: name them
+        raise ConfigError(file, prefix.rstrip(".") or "", f"{cls.__name__} refused these values: "
+                                                          f"{type(e).__name__}: {one_line(e)}") from None
 
 
 def values_of(cfg: Any) -> dict[str, Any]:
@@ -96,13 +100,7 @@ def _construct(spec: ModelSpec, side: str, cfg: Any, module_type: Any) -> Any:
     key = f"models.{spec.name}.{side}.{'class' if config_class else 'class (or builder)'}"
     obj = import_object(target, spec.source, key)
     try:
-        if config_class is None:
-            model = obj(**values_of(cfg))
-        elif side == "port":
-            cfg_cls = import_object(config_class, spec.source, f"models.{spec.name}.port.config_class")
-            model = obj(cfg_cls.from_dict(values_of(cfg)))
-        else:
-            model = obj(cfg)
+        model = _call(obj, side, config_class, cfg, spec)
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - the user's code: say where it broke, in one line
@@ -111,6 +109,15 @@ def _construct(spec: ModelSpec, side: str, cfg: Any, module_type: Any) -> Any:
         raise ConfigError(spec.source, key, f"{target} returned a {type(model).__name__}, not a "
                                             f"{module_type.__module__}.{module_type.__qualname__}")
     return model
+
+
+def _call(obj: Any, side: str, config_class: str | None, cfg: Any, spec: ModelSpec) -> Any:
+    if config_class is None:
+        return obj(**values_of(cfg))
+    if side == "port":
+        cfg_cls = import_object(config_class, spec.source, f"models.{spec.name}.port.config_class")
+        return obj(cfg_cls.from_dict(values_of(cfg)))
+    return obj(cfg)
 
 
 def build_reference(spec: ModelSpec, cfg: Any, checkpoint: Path | None = None,
@@ -125,6 +132,11 @@ def build_reference(spec: ModelSpec, cfg: Any, checkpoint: Path | None = None,
         from align.weights.checkpoint import load_safetensors
 
         state = {k: torch.from_numpy(v) for k, v in load_safetensors(checkpoint, skip=ignore).items()}
+        own = model.state_dict()
+        for k, t in state.items():
+            if k in own and tuple(t.shape) != tuple(own[k].shape):
+                raise ConfigError(checkpoint, k, f"shape {list(t.shape)} in the checkpoint, but "
+                                                 f"{type(model).__name__} of this config has {list(own[k].shape)}")
         missing, unexpected = model.load_state_dict(state, strict=False)
         tied = set(getattr(model, "_tied_weights_keys", None) or {})
         missing = [k for k in missing if k not in tied]
@@ -164,16 +176,17 @@ def load_port_pretrained(spec: ModelSpec, values: dict[str, Any], weights: dict[
     """The port loaded by its OWN checkpoint loader (`from_pretrained(dir, convert_from_hf=True)`,
     as PaddleFormers has), from an HF-format directory holding the reference's weights."""
     import json
-    import tempfile
 
     from safetensors.numpy import save_file
+
+    from align.atomic import scratch
 
     cls = import_object(spec.port_class, spec.source, f"models.{spec.name}.port.class")
     if spec.port_config_class is None or not hasattr(cls, "from_pretrained"):
         raise ConfigError(spec.source, f"models.{spec.name}.port.class",
                           f"{spec.port_class} has no from_pretrained loader (--weights-from pretrained)")
     cfg_cls = import_object(spec.port_config_class, spec.source, f"models.{spec.name}.port.config_class")
-    with tempfile.TemporaryDirectory(prefix="align-hf-") as tmp:
+    with scratch("hf") as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(values, default=str))
         save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(Path(tmp) / "model.safetensors"),
                   metadata={"format": "pt"})

@@ -10,13 +10,14 @@ line saying in which step, and the traceback in a log file whose path the line g
 
 from __future__ import annotations
 
+import errno
 import sys
 
 from rich.console import Console
 
 from align.cli.commands import check, convert, gate, render, run, trace
-from align.cli.parser import build_parser
-from align.cli.shell import crash_log, failed_step, registry_of
+from align.cli.parser import UsageError, build_parser
+from align.cli.shell import crash_log, failed_step, held_logs, registry_of
 from align.cli.weights import weights
 from align.errors import ConfigError, WeightError, one_line
 from align.gate import ExitCode
@@ -24,36 +25,62 @@ from align.gate import ExitCode
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        print(f"align: error: {e}", file=sys.stderr)
+        return ExitCode.USAGE_ERROR
     console = Console(stderr=True, soft_wrap=True)  # long lines stay whole: CI logs get grepped
     if not console.is_terminal:
         console.width = max(console.width, 120)  # CI logs are not 80 columns wide
     try:
-        if args.command == "list":
-            for name, spec in registry_of(args).models.items():
-                print(f"{name}\t{'ci' if spec.ci else '-'}\t{spec.description}")
-            return ExitCode.ALIGNED
-        if args.command == "gate":
-            return gate(args, console)
-        if args.command == "report":
-            return render(args, console)
-        if args.command == "weights":
-            return weights(args, console)
-        if args.command == "convert":
-            return convert(args, console)
-        if args.command == "trace":
-            return trace(args, console)
-        if args.command == "check":
-            return check(args, argv, console)
-        return run(args, argv, console)
+        if args.command in ("list", "report"):  # they build no model: nothing to hold
+            return _command(args, argv, console)
+        with held_logs():
+            return _command(args, argv, console)
     except (ConfigError, WeightError) as e:
         print(f"align: error: {e}", file=sys.stderr)
         return ExitCode.USAGE_ERROR
     except KeyboardInterrupt:
         print("align: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        line = environment_failure(e)
+        if line is None:
+            return _internal(e, argv)
+        print(f"align: error: {line}", file=sys.stderr)
+        return ExitCode.USAGE_ERROR
     except Exception as e:  # noqa: BLE001 - align itself failed: one line, the traceback in a log
-        log = crash_log(e, argv)
-        print(f"align: internal error in {failed_step(e)}: {type(e).__name__}: {one_line(e)} "
-              f"(the traceback is in {log}; please report it)", file=sys.stderr)
-        return ExitCode.INTERNAL_ERROR
+        return _internal(e, argv)
+
+
+def _command(args, argv: list[str], console: Console) -> int:
+    if args.command == "list":
+        for name, spec in registry_of(args).models.items():
+            print(f"{name}\t{'ci' if spec.ci else '-'}\t{spec.description}")
+        return ExitCode.ALIGNED
+    commands = {"gate": lambda: gate(args, console), "report": lambda: render(args, console),
+                "weights": lambda: weights(args, console), "convert": lambda: convert(args, console),
+                "trace": lambda: trace(args, console), "check": lambda: check(args, argv, console)}
+    return commands.get(args.command, lambda: run(args, argv, console))()
+
+
+# What the machine, not align or the user's files, refused: a full disk, a read-only or
+# forbidden place, a file where a folder must go. One line naming the path and the cause.
+_ENVIRONMENT = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE, errno.EIO, errno.ENOENT}
+
+
+def environment_failure(e: OSError) -> str | None:
+    """The one line for an OSError the environment caused (None: align's own failure)."""
+    if e.errno not in _ENVIRONMENT:
+        return None
+    where = e.filename if e.filename is not None else "(writing)"
+    return f"{where}: {e.strerror or type(e).__name__}"
+
+
+def _internal(e: BaseException, argv: list[str]) -> int:
+    log = crash_log(e, argv)
+    print(f"align: internal error in {failed_step(e)}: {type(e).__name__}: {one_line(e)} "
+          f"(the traceback is in {log}; please report it)", file=sys.stderr)
+    return ExitCode.INTERNAL_ERROR

@@ -51,12 +51,11 @@ def _align_across(spec: ModelSpec, out: Path, console: Console, quiet: bool, com
                   weights_from: str = "rules", only: tuple[str, ...] = (), fast: bool = False,
                   keep: tuple[str, ...] = ()) -> dict:
     """The reference here, the port in its own environment: trace, then `align check` there."""
-    import tempfile
-
+    from align.atomic import scratch
     from align.core.across import check_elsewhere, environment_python, trace_reference
 
     env_dir = environment_python(spec).parent.parent
-    with tempfile.TemporaryDirectory(prefix="align-trace-") as tmp:
+    with scratch("trace") as tmp:
         with progress_of(console, spec.name, quiet) as progress:
             run, trace = trace_reference(spec, Path(tmp) / spec.name, progress, config, checkpoint, only, fast)
         console.print(f"{spec.name}: reference traced here (torch {run.env['torch']}); "
@@ -225,6 +224,20 @@ def gate(args: argparse.Namespace, console: Console) -> ExitCode:
     return exit_code(reports)
 
 
+def check_report(path: Path, report: object) -> None:
+    """A report.json this align can render: its schema, and every top-level key it holds."""
+    from align.report.schema import SCHEMA_VERSION, TOP_LEVEL_KEYS
+
+    if not isinstance(report, dict) or "schema_version" not in report:
+        raise ConfigError(path, "schema_version", "missing: not a report.json written by align")
+    if report["schema_version"] != SCHEMA_VERSION:
+        raise ConfigError(path, "schema_version", f"{report['schema_version']!r}, written by another version of align "
+                                                  f"(this one reads {SCHEMA_VERSION}): run the model again")
+    missing = [k for k in TOP_LEVEL_KEYS if k not in report]
+    if missing:
+        raise ConfigError(path, missing[0], f"missing: the report is incomplete ({len(missing)} key(s) missing)")
+
+
 def render(args: argparse.Namespace, console: Console) -> ExitCode:
     from align.atomic import write_atomic
     from align.report.files import load_report
@@ -238,8 +251,7 @@ def render(args: argparse.Namespace, console: Console) -> ExitCode:
         raise ConfigError(path, "", "no such report") from None
     except ValueError as e:
         raise ConfigError(path, "", f"not a report.json: {e}") from None
-    if not isinstance(report, dict) or "schema_version" not in report:
-        raise ConfigError(path, "schema_version", "missing: not a report.json written by align")
+    check_report(path, report)
     html_path = path.parent / "report.html"
     write_atomic(html_path, render_html(report))
     console.print(f"wrote {html_path}")

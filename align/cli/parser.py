@@ -8,8 +8,20 @@ from pathlib import Path
 DTYPE_ALIASES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
 
+class UsageError(Exception):
+    """A command line argparse refused: one line, with where help is."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what was wrong, and how to get help) raised
+    for the CLI's one error path, not a usage block printed and SystemExit."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="align", description="Prove a Paddle port computes what its torch reference computes.")
+    p = _Parser(prog="align", description="Prove a Paddle port computes what its torch reference computes.")
     p.add_argument("--registry", type=Path, help="the align.toml to use (default: nearest one above the working directory)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -95,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="direction: DST holds the port's tensors (paddle, default) or the reference's (torch)")
         w.add_argument("--config", help="model config (a table name or a config.json); default: SRC's config.json, else tiny")
         w.add_argument("--allow-pickle", action="store_true",
-                       help="accept a trusted .bin/.pt/.pth/.pdparams SRC (torch pickles load with weights_only=True)")
+                       help="accept a .bin/.pt/.pth/.pdparams/.pdopt SRC, read as tensors and plain data only: "
+                            "a pickle asking for anything else (code) is refused")
         if name == "convert":
             w.add_argument("--dtype", choices=["bfloat16"], help="cast fp32 tensors (except the rules' keep_fp32)")
             w.add_argument("--force", action="store_true", help="replace DST if it exists")

@@ -5,17 +5,56 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import logging
 import os
 import tempfile
 import traceback
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
 from rich.console import Console
 
+from align.cli.parser import UsageError
+from align.errors import ConfigError, WeightError
 from align.registry.load import find_registry, load_registry
 from align.registry.spec import ModelSpec, Registry
+
+
+@contextmanager
+def held_logs(name: str = "transformers") -> Iterator[None]:
+    """Hold what the logger `name` (the reference package's) says during a command: said at
+    the end, unless the command ends in a user's mistake, whose one line says what went wrong
+    (transformers' warnings about the same bad value would only bury it). The logger's own
+    handlers are restored either way."""
+    try:  # the library sets its own handler up when first used: have it set up now, to hold it too
+        importlib.import_module(f"{name}.utils.logging").get_logger()
+    except (ImportError, AttributeError):
+        pass
+    logger = logging.getLogger(name)
+    held = _Held()
+    handlers, propagate = logger.handlers[:], logger.propagate
+    logger.handlers, logger.propagate = [held], False
+    try:
+        yield
+    except (ConfigError, WeightError, UsageError):
+        held.records.clear()
+        raise
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
+        for record in held.records:
+            logger.handle(record)
+
+
+class _Held(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 def registry_of(args: argparse.Namespace) -> Registry:

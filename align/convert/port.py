@@ -18,12 +18,11 @@ import hashlib
 import importlib.util
 import json
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from align.atomic import write_folder
+from align.atomic import scratch, write_folder
 from align.convert.paconvert import ApiUse, paconvert_command, parse_log, run_paconvert
 from align.convert.sources import follow
 from align.convert.rewrite import Leftover, Rewrite, rewrite, runtime_names
@@ -124,7 +123,7 @@ def convert(spec: ModelSpec, variant: PortVariant, exe: Path | None = None) -> C
     version = "unknown"
     for module in sources.modules:
         source = sources.files[module]
-        with tempfile.TemporaryDirectory(prefix="align-paconvert-") as tmp:
+        with scratch("paconvert") as tmp:
             draft, log, version = run_paconvert(exe, source, Path(tmp))
         try:
             ok, missing, n_total, n_done = parse_log(log)

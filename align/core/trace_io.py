@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from align.atomic import temp_beside
 from align.capture.trace import Arr, Call, Opaque, Trace
 from align.diagnose.observer import Observer
 from align.errors import ConfigError
@@ -87,8 +87,7 @@ class TraceWriter:
         self.dst = Path(dst)
         if self.dst.exists() and not force:
             raise ConfigError(self.dst, "", "already exists (pass --force to replace it)")
-        self.dst.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.dst.parent, prefix=f".{self.dst.name}.tmp-"))
+        self.tmp = temp_beside(self.dst, directory=True)
         (self.tmp / "calls").mkdir()
         self.calls: list[dict] = []
 
@@ -187,6 +186,8 @@ def read_trace(path: Path) -> Any:
             env=manifest["env"], checkpoint=manifest["checkpoint"], created=manifest["created"],
             fp64=read_trace(path / "fp64") if manifest.get("fp64") else None, only=tuple(manifest.get("only", ())),
         )
+    except ConfigError as e:  # one of its files, damaged or gone
+        raise ConfigError(path, "", f"corrupt or incomplete trace: {e}") from None
     except (KeyError, OSError, ValueError) as e:
         raise ConfigError(path, "", f"corrupt or incomplete trace: {type(e).__name__}: {e}") from None
 

@@ -190,7 +190,7 @@ class Registry:
     def get(self, name: str) -> ModelSpec:
         if name not in self.models:
             known = ", ".join(sorted(self.models)) or "none"
-            raise ConfigError(self.source, f"models.{name}", f"unknown model (known: {known})")
+            raise ConfigError(self.source, f"models.{name}", f"unknown model (known: {known}; see `align list`)")
         return self.models[name]
 
 

@@ -19,6 +19,11 @@ from align.registry.spec import Tolerance
 from align.weights.plan import WeightMap
 
 SCHEMA_VERSION = 3
+# Every key report.json holds at its top level (Report.to_dict).
+TOP_LEVEL_KEYS = ("schema_version", "verdict", "problems", "judged_by", "model", "config", "port", "weights_from",
+                  "only", "path", "shell_judged", "created", "command", "checkpoint", "first_divergence", "culprits",
+                  "runs", "outputs", "param_grads", "input_grads", "weights", "unpaired", "findings", "observer",
+                  "warnings", "repro", "kept", "env")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 safetensors is the format: a single file, or a directory of shards with
 model.safetensors.index.json. Pickle-based formats (.bin, .pt, .pth, .pdparams) can run code
 when loaded, so they are refused unless the caller allows them, and even then torch pickles
-are loaded with weights_only=True.
+are loaded with weights_only=True and Paddle's by a restricted unpickler (weights.pickles).
 
 Conversion streams: each output tensor is produced from memory-mapped inputs, written, and
 dropped, and the input pages are released after use, so memory stays near one tensor (plus
@@ -14,11 +14,8 @@ temporary name beside the destination and renamed into place only when complete.
 from __future__ import annotations
 
 import json
-import pickle
-import re
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from align.atomic import naming, temp_beside
 from align.errors import ConfigError
+from align.weights import pickles
 from align.weights.plan import (
     WeightEntry,
     WeightMap,
@@ -45,7 +44,8 @@ from align.weights.safetensors_io import (
 )
 
 INDEX = "model.safetensors.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pdparams", ".pkl", ".ckpt")
+PADDLE_SUFFIXES = (".pdparams", ".pdopt")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt", *PADDLE_SUFFIXES)
 # numpy dtype -> safetensors name, for tensors that come out of a (trusted) pickle.
 SAFETENSORS_DTYPE = {np.dtype(n): k for k, n in (
     ("F64", "<f8"), ("F32", "<f4"), ("F16", "<f2"), ("I64", "<i8"), ("I32", "<i4"), ("I16", "<i2"),
@@ -56,8 +56,8 @@ def shard_files(path: Path, allow_pickle: bool = False) -> list[Path]:
     """The files of a checkpoint: the file itself, or the shards its index lists."""
     path = Path(path)
     if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
-        raise ConfigError(path, "", "pickle-based checkpoints are refused (loading them can run code); "
-                                    "convert to safetensors, or pass --allow-pickle if you trust the file")
+        raise ConfigError(path, "", "pickle-based checkpoints are refused (a pickle can carry code); "
+                                    "convert to safetensors, or pass --allow-pickle to read its tensors (never its code)")
     if path.is_dir():
         index = path / INDEX
         if index.is_file():
@@ -65,6 +65,12 @@ def shard_files(path: Path, allow_pickle: bool = False) -> list[Path]:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ConfigError(index, "weight_map", f"not a valid safetensors index: {e}") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ConfigError(index, "weight_map", "not a mapping of tensor names to shard file names")
+            for name in set(weight_map.values()):
+                if Path(name).name != name:
+                    raise ConfigError(index, "weight_map", f"names the shard {name!r}, outside the checkpoint's "
+                                                           "directory: a shard is a file name beside the index")
             files = [path / name for name in sorted(set(weight_map.values()))]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
@@ -80,29 +86,26 @@ def shard_files(path: Path, allow_pickle: bool = False) -> list[Path]:
 
 
 def _load_pickle(path: Path) -> dict[str, tuple[np.ndarray, str]]:
-    """A trusted pickle checkpoint as (raw array, safetensors dtype) per tensor."""
-    if path.suffix == ".pdparams":
-        from align.capture.paddle_side import paddle
-
-        state = paddle.load(str(path), return_numpy=True)
-        return {k: (np.ascontiguousarray(v), SAFETENSORS_DTYPE[v.dtype]) for k, v in state.items()}
+    """A pickle checkpoint as (raw array, safetensors dtype) per tensor, read as data only
+    (weights.pickles): Paddle's by align's restricted unpickler, torch's by weights_only."""
+    if path.suffix in PADDLE_SUFFIXES and not pickles.is_zip(path):
+        return {k: (v, _dtype_name(path, k, v.dtype)) for k, v in pickles.load_paddle(path).items()}
     import torch
 
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)  # never arbitrary objects
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = f"the object {found.group(1)}" if found else "an object that is no tensor or plain data"
-        raise ConfigError(path, "", f"refused: the pickle asks for {what}; only tensors and plain data are "
-                                    "loaded, never code") from None
     out = {}
-    for k, t in state.items():
+    for k, t in pickles.load_torch(path).items():
         if t.dtype == torch.bfloat16:
             out[k] = (t.contiguous().view(torch.int16).numpy().view(np.uint16), "BF16")
         else:
             arr = t.contiguous().numpy()
-            out[k] = (arr, SAFETENSORS_DTYPE[arr.dtype])
+            out[k] = (arr, _dtype_name(path, k, arr.dtype))
     return out
+
+
+def _dtype_name(path: Path, key: str, dtype: np.dtype) -> str:
+    if dtype not in SAFETENSORS_DTYPE:
+        raise ConfigError(path, key, f"a tensor of {dtype}, which safetensors cannot hold")
+    return SAFETENSORS_DTYPE[dtype]
 
 
 class Checkpoint:
@@ -273,8 +276,7 @@ def convert_checkpoint(src: Checkpoint, dst: Path, wmap: WeightMap, to: str, *,
                 for o in outputs for n, s in zip(o.names, o.shapes))
     done = [0]
     started = time.perf_counter()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
+    tmp = temp_beside(dst, directory=True)
     shard_names, weight_map, count = [], {}, 0
     try:
         groups = [(None, outputs)] if single else list(by_shard.items())
@@ -305,6 +307,8 @@ def convert_checkpoint(src: Checkpoint, dst: Path, wmap: WeightMap, to: str, *,
         if dst.exists():
             shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
         os.replace(final, dst)
+    except OSError as e:
+        raise naming(e, dst) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

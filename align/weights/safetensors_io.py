@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from align.errors import ConfigError, one_line
+
 # safetensors dtype -> the numpy dtype its bytes are viewed as (bf16 and fp8 as raw words).
 NUMPY_VIEW = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
@@ -226,15 +228,20 @@ def save_arrays(arrays: dict[str, np.ndarray], path: Path | str) -> None:
 
 def load_arrays(path: Path | str) -> dict[str, np.ndarray]:
     """load_file, with the complex arrays save_arrays stored made complex again."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="numpy") as f:
-        complex_keys = set(json.loads((f.metadata() or {}).get(_COMPLEX_KEYS, "[]")))
-        out = {}
-        for k in f.keys():
-            arr = f.get_tensor(k)
-            if k in complex_keys:
-                wide = np.complex64 if arr.dtype == np.float32 else np.complex128
-                arr = np.ascontiguousarray(arr).view(wide).reshape(arr.shape[:-1])
-            out[k] = arr
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            complex_keys = set(json.loads((f.metadata() or {}).get(_COMPLEX_KEYS, "[]")))
+            out = {}
+            for k in f.keys():
+                arr = f.get_tensor(k)
+                if k in complex_keys:
+                    wide = np.complex64 if arr.dtype == np.float32 else np.complex128
+                    arr = np.ascontiguousarray(arr).view(wide).reshape(arr.shape[:-1])
+                out[k] = arr
+    except FileNotFoundError:
+        raise ConfigError(path, "", "missing") from None
+    except (SafetensorError, json.JSONDecodeError, ValueError) as e:
+        raise ConfigError(path, "", f"not a readable safetensors file: {one_line(e)}") from None
     return out
