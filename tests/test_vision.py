@@ -1,0 +1,119 @@
+"""Vision beyond ViT: transformers' Swin (shifted windows, their mask, relative position bias,
+patch merging) against ports/vision/swin.py. The correct port passes with the pixel gradient
+judged; broken ports fail and name the module that holds the bug."""
+
+import fnmatch
+
+import paddle
+import pytest
+from conftest import after_init
+
+from ports.vision import swin as S
+
+
+def test_swin_passes_with_its_pixel_gradient(run_cli, bug_ledger):
+    code, report, _ = run_cli("run", "swin", "--dtype", "fp32")
+    bug_ledger.record_clean("swin", false_alarm=report["verdict"] != "pass")
+    assert code == 0 and report["verdict"] == "pass", report["problems"]
+    assert [g["name"] for g in report["input_grads"]] == ["input:pixel_values"]
+    tf = next(r for r in report["runs"] if r["mode"] == "teacher_forced")
+    names = {layer["name"] for layer in tf["layers"]}
+    # What makes Swin Swin is there, and judged: the tables, the merging, every block.
+    assert "swin.encoder.layers.0.blocks.1.attention.relative_position_bias" in names
+    assert {"swin.encoder.layers.0.downsample", "swin.encoder.layers.1.downsample"} <= names
+    tables = [p for p in report["param_grads"] if p["name"].endswith("relative_position_bias_table")]
+    assert len(tables) == 6 and all(p["passed"] for p in tables)
+
+
+def test_the_tiny_config_really_shifts(run_cli):
+    """Windows that shift, over a map larger than one window; the last stage is one window,
+    which the reference clamps to no shift. Without this the shift bugs below could not show."""
+    import torch
+    from conftest import REGISTRY
+    from transformers import SwinConfig, SwinForImageClassification
+
+    from align.registry.load import load_registry
+
+    values = load_registry(REGISTRY).get("swin").configs["tiny"]
+    model = SwinForImageClassification(SwinConfig(**values))
+    grid = values["image_size"] // values["patch_size"]
+    stages = model.swin.encoder.layers
+    for i, stage in enumerate(stages[:-1]):
+        side = grid // 2**i
+        assert side > values["window_size"] and stage.blocks[1].shift_size == values["window_size"] // 2
+        assert stage.blocks[1].get_attn_mask(side, side, dtype=torch.float32, device="cpu").min() < 0
+    assert grid // 2 ** (len(stages) - 1) == values["window_size"]
+
+
+# --- broken ports -------------------------------------------------------------------------------
+
+def roll_the_wrong_way(mp):
+    """The cyclic shift (and its undoing) in the wrong direction: the windows no longer hold
+    what the shifted-window mask was built for."""
+    roll = paddle.roll
+
+    def reversed_roll(x, shifts, axis=None, name=None):
+        return roll(x, shifts=tuple(-s for s in shifts), axis=axis)
+
+    mp.setattr(S.paddle, "roll", reversed_roll)
+
+
+def relative_position_index_transposed(mp):
+    def transpose(self, *a):
+        area = self.window_size**2
+        self.relative_position_index.set_value(self.relative_position_index.reshape([area, area]).t().flatten())
+
+    after_init(mp, S.SwinRelativePositionBias, transpose)
+
+
+def shift_mask_left_out(mp):
+    mp.setattr(S, "shifted_window_mask", lambda h, w, ws, shift, dtype: paddle.zeros([(h // ws) * (w // ws), ws * ws, ws * ws], dtype=dtype))
+
+
+def merged_row_major(mp):
+    """The four 2x2 neighbours concatenated row-major, (0,0), (0,1), (1,0), (1,1): the same
+    values, in an order the reduction's weights were not trained for."""
+    def forward(self, input_feature, input_dimensions):
+        H, W = input_dimensions
+        B, _, C = input_feature.shape
+        x = input_feature.reshape([B, H, W, C])
+        x = paddle.concat([x[:, row::2, col::2, :] for row in range(2) for col in range(2)], axis=-1)
+        return self.reduction(self.norm(x.reshape([B, -1, 4 * C])))
+
+    mp.setattr(S.SwinPatchMerging, "forward", forward)
+
+
+def bias_table_without_gradient(mp):
+    def forward(self):
+        area = self.window_size**2
+        bias = paddle.gather(self.relative_position_bias_table.detach(), self.relative_position_index)
+        return bias.reshape([area, area, -1]).transpose([2, 0, 1]).unsqueeze(0)
+
+    mp.setattr(S.SwinRelativePositionBias, "forward", forward)
+
+
+SHIFTED = "swin.encoder.layers.[01].blocks.1"
+BUGS = {  # name: (inject, culprit glob, direction)
+    "swin:roll_the_wrong_way": (roll_the_wrong_way, SHIFTED, "forward"),
+    "swin:relative_position_index_transposed": (relative_position_index_transposed,
+                                                "swin.encoder.layers.*.blocks.*.attention.relative_position_bias", "forward"),
+    "swin:shift_mask_left_out": (shift_mask_left_out, SHIFTED, "forward"),
+    "swin:merged_row_major": (merged_row_major, "swin.encoder.layers.*.downsample", "forward"),
+    "swin:bias_table_without_gradient": (bias_table_without_gradient,
+                                         "swin.encoder.layers.*.blocks.*.attention.relative_position_bias", "backward"),
+}
+
+
+@pytest.mark.parametrize("bug", sorted(BUGS))
+def test_broken_swin_fails_and_is_localized(bug, monkeypatch, run_cli, bug_ledger):
+    inject, culprit, direction = BUGS[bug]
+    inject(monkeypatch)
+    code, report, err = run_cli("run", "swin", "--dtype", "fp32")
+    fd, culprits = report["first_divergence"], report["culprits"]
+    detected = code == 1 and report["verdict"] == "fail"
+    localized = (fd["mode"] == "teacher_forced" and fd[direction] is not None
+                 and fnmatch.fnmatchcase(fd[direction], culprit)
+                 and all(fnmatch.fnmatchcase(c, culprit) for c in culprits[direction]))
+    bug_ledger.record(bug, "vision", detected, localized)
+    assert detected and localized, (fd, culprits, report["problems"])
+    assert "Traceback" not in err
