@@ -19,11 +19,13 @@ from align.convert.hf_runtime.attention import (
 from align.convert.hf_runtime.cache import Cache, DynamicCache
 from align.convert.hf_runtime.decorators import (
     FlashAttentionKwargs,
+    OutputRecorder,
     TransformersKwargs,
     Unpack,
     auto_docstring,
     can_return_tuple,
     capture_outputs,
+    filter_output_hidden_states,
     merge_with_config_defaults,
     use_kernel_forward_from_hub,
     use_kernelized_func,
@@ -37,6 +39,7 @@ from align.convert.hf_runtime.masks import (
     create_sliding_window_causal_mask,
 )
 from align.convert.hf_runtime.modeling import (
+    BackboneMixin,
     GenerationMixin,
     GenericForQuestionAnswering,
     GenericForSequenceClassification,
@@ -47,10 +50,12 @@ from align.convert.hf_runtime.modeling import (
 )
 from align.convert.hf_runtime.nn import Conv1d, Conv2d, Embedding
 from align.convert.hf_runtime.outputs import (
+    BackboneOutput,
     BaseModelOutput,
     BaseModelOutputWithPast,
     BaseModelOutputWithPooling,
     CausalLMOutputWithPast,
+    ImageClassifierOutput,
     MaskedLMOutput,
     ModelOutput,
     MultipleChoiceModelOutput,
@@ -60,6 +65,6 @@ from align.convert.hf_runtime.outputs import (
     TokenClassifierOutput,
 )
 from align.convert.hf_runtime.rope import ROPE_INIT_FUNCTIONS, dynamic_rope_update
-from align.convert.hf_runtime.torch_functions import torch_function
+from align.convert.hf_runtime.torch_functions import torch_function, torch_int
 
 __all__ = [name for name in dir() if not name.startswith("_")]

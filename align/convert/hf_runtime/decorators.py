@@ -61,9 +61,29 @@ def merge_with_config_defaults(forward):
     return wrapper
 
 
-def capture_outputs(forward):
+class OutputRecorder:
+    """What HF's output capture would record from a module class (a class attribute's values).
+    Inert here: capture_outputs refuses to be asked for what it records."""
+
+    def __init__(self, target_class, index: int = 0, layer_name: str | None = None, **kwargs):
+        self.target_class, self.index, self.layer_name = target_class, index, layer_name
+
+
+def filter_output_hidden_states(forward):
+    """A backbone's forward: the runtime has no backbones (see modeling.BackboneMixin)."""
+    return forward
+
+
+def capture_outputs(forward=None, **options):
     """HF collects hidden states and attentions with hooks when asked. align records every
-    module itself, so asking the model for them is refused rather than silently ignored."""
+    module itself, so asking the model for them is refused rather than silently ignored.
+    Used bare (`@capture_outputs`) or with options (`@capture_outputs(tie_last_hidden_states=False)`)."""
+    if forward is None:
+        return lambda f: capture_outputs(f)
+    return _refusing_capture(forward)
+
+
+def _refusing_capture(forward):
 
     @functools.wraps(forward)
     def wrapper(self, *args, **kwargs):

@@ -71,5 +71,31 @@ def masked_lm_loss(logits: paddle.Tensor, labels: paddle.Tensor, vocab_size: int
                                ignore_index)
 
 
+def sequence_classification_loss(labels: paddle.Tensor, pooled_logits: paddle.Tensor, config, **kwargs) -> paddle.Tensor:
+    """HF's ForSequenceClassificationLoss (image classifiers use it too). Without a problem_type:
+    one label is regression; more, with integer labels, single-label cross-entropy; anything
+    else, multi-label. Decided on every call: transformers writes its first decision into the
+    config, which then sticks."""
+    num_labels, problem_type = config.num_labels, config.problem_type
+    if problem_type is None:
+        if num_labels == 1:
+            problem_type = "regression"
+        elif num_labels > 1 and labels.dtype in (paddle.int64, paddle.int32):
+            problem_type = "single_label_classification"
+        else:
+            problem_type = "multi_label_classification"
+    if problem_type == "regression":
+        if num_labels == 1:
+            return F.mse_loss(pooled_logits.squeeze(), labels.squeeze().astype(pooled_logits.dtype))
+        return F.mse_loss(pooled_logits, labels.astype(pooled_logits.dtype))
+    if problem_type == "single_label_classification":
+        return fixed_cross_entropy(pooled_logits.reshape([-1, num_labels]), labels.reshape([-1]), **kwargs)
+    if problem_type == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(pooled_logits, labels.astype(pooled_logits.dtype))
+    raise ValueError(f"invalid problem_type {problem_type!r}")
+
+
 # A model class name containing the key uses that loss (HF's LOSS_MAPPING convention).
-LOSS_MAPPING = {"ForCausalLM": causal_lm_loss, "ForMaskedLM": masked_lm_loss}
+LOSS_MAPPING = {"ForCausalLM": causal_lm_loss, "ForMaskedLM": masked_lm_loss,
+                "ForImageClassification": sequence_classification_loss,
+                "ForSequenceClassification": sequence_classification_loss}

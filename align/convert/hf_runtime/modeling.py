@@ -122,6 +122,10 @@ class _NotInRuntime(paddle.nn.Layer):
                                   "does not provide")
 
 
+class BackboneMixin(_NotInRuntime):
+    """Backbones (feature maps for detection and segmentation heads) are not in the runtime."""
+
+
 class GenericForSequenceClassification(_NotInRuntime):
     pass
 

@@ -43,3 +43,5 @@ TokenClassifierOutput = _output("TokenClassifierOutput", "loss", "logits", "hidd
 MultipleChoiceModelOutput = _output("MultipleChoiceModelOutput", "loss", "logits", "hidden_states", "attentions")
 QuestionAnsweringModelOutput = _output("QuestionAnsweringModelOutput", "loss", "start_logits", "end_logits",
                                        "hidden_states", "attentions")
+ImageClassifierOutput = _output("ImageClassifierOutput", "loss", "logits", "hidden_states", "attentions")
+BackboneOutput = _output("BackboneOutput", "feature_maps", "hidden_states", "attentions")

@@ -26,3 +26,8 @@ def torch_function(name: str):
         raise NotImplementedError(f"torch.{name}, looked up by name, has no stand-in in align's runtime "
                                   f"(known: {', '.join(sorted(TORCH_FUNCTIONS))})")
     return TORCH_FUNCTIONS[name]
+
+
+def torch_int(x) -> int:
+    """transformers.utils.torch_int: an int (a traced tensor under torch.jit, which never runs here)."""
+    return int(x)
