@@ -58,6 +58,12 @@ def test_shipped_registry_loads():
         ('weights = "weights/gemma2.toml"', 'weights = "weights/nope.toml"', "models.gemma2.weights", "no such file"),
         ("left_pad = [0, 3]", "left_pad = [0, 3, 1]", "models.gemma2.inputs.input_ids.left_pad", "one per sample"),
         ('dtypes = ["float32", "bfloat16"]', 'dtypes = ["float8"]', "defaults.dtypes", "unknown dtype"),
+        ("constants = { return_loss = true }", "constants = { return_loss = [true] }",
+         "models.clip.inputs.constants.return_loss", "expected a plain value"),
+        ("constants = { return_loss = true }", "constants = { pixel_values = 1 }",
+         "models.clip.inputs.constants.pixel_values", "is also an input table"),
+        ('height = "vision_config.image_size"', 'height = "vision_config..image_size"',
+         "models.clip.inputs.pixel_values.height", "dotted for a nested config"),
     ],
 )
 def test_config_mistakes_name_file_and_key(registry_copy, old, new, key, says):

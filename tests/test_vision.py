@@ -1,5 +1,6 @@
 """Vision beyond ViT: transformers' Swin (shifted windows, their mask, relative position bias,
-patch merging) against ports/vision/swin.py. The correct port passes with the pixel gradient
+patch merging) against ports/vision/swin.py, and CLIP (two towers, padded captions, the
+contrastive loss) against ports/vision/clip.py. The correct ports pass with the pixel gradient
 judged; broken ports fail and name the module that holds the bug."""
 
 import fnmatch
@@ -8,6 +9,7 @@ import paddle
 import pytest
 from conftest import after_init
 
+from ports.vision import clip as C
 from ports.vision import swin as S
 
 
@@ -104,11 +106,77 @@ BUGS = {  # name: (inject, culprit glob, direction)
 }
 
 
-@pytest.mark.parametrize("bug", sorted(BUGS))
-def test_broken_swin_fails_and_is_localized(bug, monkeypatch, run_cli, bug_ledger):
-    inject, culprit, direction = BUGS[bug]
+def test_clip_passes_with_both_towers_and_the_loss_judged(run_cli, bug_ledger):
+    code, report, _ = run_cli("run", "clip", "--dtype", "fp32")
+    bug_ledger.record_clean("clip", false_alarm=report["verdict"] != "pass")
+    assert code == 0 and report["verdict"] == "pass", report["problems"]
+    outputs = {o["name"] for o in report["outputs"]}
+    # return_loss = true (the recipe's constant) reached both forwards: both have a loss.
+    assert {"loss", "logits_per_image", "logits_per_text", "text_model_output.pooler_output",
+            "vision_model_output.pooler_output"} <= outputs
+    grads = {p["name"] for p in report["param_grads"]}
+    assert {"logit_scale", "text_projection.weight", "visual_projection.weight",
+            "vision_model.embeddings.class_embedding"} <= grads
+    assert [g["name"] for g in report["input_grads"]] == ["input:pixel_values"]
+
+
+def loss_over_one_axis(mp):
+    """The image-to-text half taken over the text-to-image axis: each row's loss twice."""
+    mp.setattr(C, "image_text_contrastive_loss", lambda s: (C.contrastive_loss(s) + C.contrastive_loss(s)) / 2.0)
+
+
+def pooled_at_the_last_position(mp):
+    """The text pooled at the sequence's last position, padding included, not at its eos."""
+    forward = C.CLIPTextModel.forward
+
+    def last(self, input_ids, attention_mask=None, position_ids=None):
+        out = forward(self, input_ids, attention_mask, position_ids)
+        out.pooler_output = out.last_hidden_state[:, -1]
+        return out
+
+    mp.setattr(C.CLIPTextModel, "forward", last)
+
+
+def no_causal_mask(mp):
+    """Only the padding masked: every token sees the tokens after it."""
+    mp.setattr(C.paddle, "tril", lambda x, *a, **k: paddle.ones_like(x))
+
+
+def logit_scale_not_exponentiated(mp):
+    """The temperature used as stored, its log, not exp of it."""
+    def forward(self, input_ids, pixel_values, attention_mask=None, position_ids=None, return_loss=None,
+                interpolate_pos_encoding=False):
+        vision = self.vision_model(pixel_values, interpolate_pos_encoding)
+        vision.pooler_output = self.visual_projection(vision.pooler_output)
+        text = self.text_model(input_ids, attention_mask, position_ids)
+        text.pooler_output = self.text_projection(text.pooler_output)
+        image_embeds = vision.pooler_output / C._vector_norm(vision.pooler_output)
+        text_embeds = text.pooler_output / C._vector_norm(text.pooler_output)
+        logits_per_text = paddle.matmul(text_embeds, image_embeds.t()) * self.logit_scale
+        return C.CLIPOutput(C.image_text_contrastive_loss(logits_per_text) if return_loss else None,
+                            logits_per_text.t(), logits_per_text, text_embeds, image_embeds, text, vision)
+
+    mp.setattr(C.CLIPModel, "forward", forward)
+
+
+def gelu_for_quick_gelu(mp):
+    mp.setitem(C.ACTIVATIONS, "quick_gelu", lambda: paddle.nn.GELU())
+
+
+CLIP_BUGS = {  # name: (inject, culprit glob, direction)
+    "clip:loss_over_one_axis": (loss_over_one_axis, "<root>", "forward"),
+    "clip:pooled_at_the_last_position": (pooled_at_the_last_position, "text_model", "forward"),
+    "clip:no_causal_mask": (no_causal_mask, "text_model", "forward"),
+    "clip:logit_scale_not_exponentiated": (logit_scale_not_exponentiated, "<root>", "forward"),
+    "clip:gelu_for_quick_gelu": (gelu_for_quick_gelu, "*.encoder.layers.*.mlp.activation_fn", "forward"),
+}
+
+
+@pytest.mark.parametrize("bug", sorted(BUGS) + sorted(CLIP_BUGS))
+def test_broken_port_fails_and_is_localized(bug, monkeypatch, run_cli, bug_ledger):
+    inject, culprit, direction = {**BUGS, **CLIP_BUGS}[bug]
     inject(monkeypatch)
-    code, report, err = run_cli("run", "swin", "--dtype", "fp32")
+    code, report, err = run_cli("run", bug.split(":")[0], "--dtype", "fp32")
     fd, culprits = report["first_divergence"], report["culprits"]
     detected = code == 1 and report["verdict"] == "fail"
     localized = (fd["mode"] == "teacher_forced" and fd[direction] is not None

@@ -62,7 +62,7 @@ def feed(fw: Any, spec: ModelSpec, values: dict[str, Arr], extra: dict[str, Any]
     tensors = {k: fw.tensor(a, a.requires_grad) for k, a in values.items()}
     args, kwargs = spec.inputs.split(tensors)
     names = reference_names(spec, arg_names)
-    return Feed(args, {**kwargs, **(extra or {})},
+    return Feed(args, {**kwargs, **dict(spec.inputs.constants), **(extra or {})},
                 {names.get(k, k): tensors[k] for k, a in values.items() if a.requires_grad})
 
 
@@ -104,8 +104,10 @@ class _Params:
 
     def dim(self, key: str, value: Any = ...) -> int:
         value = self.t.params[key] if value is ... else value
-        if isinstance(value, str):
-            found = self.ctx.config.get(value)
+        if isinstance(value, str):  # a config key; a dotted one reaches into a nested config
+            found: Any = self.ctx.config
+            for part in value.split("."):
+                found = found.get(part) if isinstance(found, dict) else None
             if not isinstance(found, int) or isinstance(found, bool):
                 raise self.ctx.fail(f"{self.t.name}.{key}", f"{value!r} is not an integer of the model's config "
                                                             f"(it has {found!r})")

@@ -82,6 +82,11 @@ def parse_inputs(t: Any) -> InputsRecipe:
         if not isinstance(d, str) or d.count(":") != 1 or not all(d.split(":")):
             raise ConfigError(t.file, t.key("derived"), f"expected 'module:function' (e.g. "
                                                         f"'reference.text:mean_pooled'), got {d!r}")
+    constants = t.get("constants", dict, {})
+    for name, value in constants.items():
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(t.file, f"{t.key('constants')}.{name}", f"expected a plain value (a boolean, number or "
+                                                                     f"string), got {value!r}")
     tensors = []
     for name, value in t.data.items():
         if name in t.read:
@@ -99,7 +104,11 @@ def parse_inputs(t: Any) -> InputsRecipe:
     positions = [x.position for x in tensors if x.position is not None]
     if sorted(positions) != list(range(len(positions))):
         raise ConfigError(t.file, t.path, f"input positions must be 0, 1, ... without gaps, got {sorted(positions)}")
-    return InputsRecipe(seed=seed, tensors=tuple(tensors), backward=backward, derived=tuple(derived))
+    clash = sorted(names & set(constants))
+    if clash:
+        raise ConfigError(t.file, f"{t.key('constants')}.{clash[0]}", "is also an input table: name it once")
+    return InputsRecipe(seed=seed, tensors=tuple(tensors), backward=backward, derived=tuple(derived),
+                        constants=tuple(constants.items()))
 
 
 def _input(t: Any, name: str) -> InputSpec:
@@ -114,8 +123,9 @@ def _input(t: Any, name: str) -> InputSpec:
         if types is SHAPE and not all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in value):
             raise ConfigError(t.file, t.key(param), f"expected a list of integers or config keys, got {value!r}")
         for d in (value if types is SHAPE else [value] if types is DIM else []):
-            if isinstance(d, str) and not d.isidentifier():
-                raise ConfigError(t.file, t.key(param), f"expected an integer, or a config key naming one, got {d!r}")
+            if isinstance(d, str) and not all(part.isidentifier() for part in d.split(".")):
+                raise ConfigError(t.file, t.key(param), f"expected an integer, or a config key naming one (dotted for a nested config: "
+                                                         f"vision_config.image_size), got {d!r}")
             if isinstance(d, int) and d < 0:
                 raise ConfigError(t.file, t.key(param), f"must be >= 0, got {d}")
         params[param] = value

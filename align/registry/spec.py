@@ -97,6 +97,8 @@ class InputsRecipe:
     # named loss), or "output:PATH" (one output, named as the report names it: "logits", "out", "0")
     backward: str = "projection"
     derived: tuple[str, ...] = ()  # 'module:function's of the model's outputs, compared too
+    # plain keyword values passed to both forwards as they are (return_loss = true, use_cache = false)
+    constants: tuple[tuple[str, Any], ...] = ()
 
     def split(self, values: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         """The inputs as (positional, keyword) arguments, as the model's forward takes them.

@@ -1,0 +1,37 @@
+"""The vision family: references are transformers' (and timm's) image models, named in
+align.toml by `class` and `config_class` and fed images (kind = "image"). What lives here is
+what they need beyond that:
+- captions for the image-text models (`captions`): token ids as a CLIP tokenizer lays them out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def captions(ctx: Any, batch: int, lengths: list[int], seq_len: int | None = None,
+             config: str = "text_config") -> dict[str, np.ndarray]:
+    """Token ids as CLIP's tokenizer pads a batch (an input builder, kind = "builder"): each
+    caption is bos, random tokens and eos, `lengths[i]` tokens in all, then padding to the
+    longest (or to `seq_len`) with pad_token_id; and the attention mask, 1 on the caption.
+    The ids come from the text config (`config`, a key of the model's config): random tokens
+    avoid bos, eos and pad, so the eos each caption ends with is the first."""
+    text = ctx.config.get(config)
+    if not isinstance(text, dict):
+        raise ctx.fail("captions", f"the model's config has no {config!r} table")
+    vocab, special = text["vocab_size"], [text.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")]
+    bos, eos, pad = special
+    if not isinstance(lengths, list) or len(lengths) != batch or not all(isinstance(n, int) and n >= 2 for n in lengths):
+        raise ctx.fail("captions.args.lengths", f"expected {batch} integers >= 2 (bos and eos), got {lengths!r}")
+    T = seq_len or max(lengths)
+    if max(lengths) > T:
+        raise ctx.fail("captions.args.seq_len", f"{T} is shorter than the longest caption ({max(lengths)})")
+    ordinary = np.setdiff1d(np.arange(vocab), [s for s in special if s is not None])
+    ids = np.full((batch, T), pad, dtype=np.int64)
+    mask = np.zeros((batch, T), dtype=np.int64)
+    for i, n in enumerate(lengths):
+        ids[i, 0], ids[i, n - 1] = bos, eos
+        ids[i, 1:n - 1] = ctx.rng.choice(ordinary, size=n - 2)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask}
