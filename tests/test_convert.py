@@ -206,13 +206,13 @@ def _convert(registry, model, capsys):
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """The five models converted once per module (PaConvert takes about a second each)."""
+    """The six models converted once per module (PaConvert takes about a second each)."""
     from align.cli import main
 
     root = tmp_path_factory.mktemp("converted")
     shutil.copy(ROOT / "align.toml", root / "align.toml")
     shutil.copytree(ROOT / "weights", root / "weights")
-    for model in ("gemma2", "phi3", "modernbert", "deberta_v2", "swin"):
+    for model in ("gemma2", "phi3", "modernbert", "deberta_v2", "swin", "clip"):
         assert main(["--registry", str(root / "align.toml"), "convert", model, "--paconvert", str(PACONVERT)]) == 0
     return root
 
@@ -244,7 +244,8 @@ def _edit(registry, model, old, new):
 @pytest.mark.parametrize("model,unconverted", [("gemma2", {"torch.nn.Buffer": 3}), ("phi3", {"torch.nn.Buffer": 2}),
                                                ("modernbert", {"torch.nn.Buffer": 2}),
                                                ("deberta_v2", {"torch.nn.Buffer": 1}),
-                                               ("swin", {"torch.nn.Buffer": 1, "torch.jit.is_tracing": 2})])
+                                               ("swin", {"torch.nn.Buffer": 1, "torch.jit.is_tracing": 2}),
+                                               ("clip", {"torch.nn.Buffer": 2, "torch.jit.is_tracing": 1})])
 def test_converted_port_aligns_forward_and_backward(registry, capsys, model, unconverted, bug_ledger):
     meta, err = _convert(registry, model, capsys)
     uses = meta["api_uses"]
@@ -280,6 +281,8 @@ def test_converted_port_aligns_forward_and_backward(registry, capsys, model, unc
      "return self.Wo(self.drop(input * self.act(gate)))", "forward", "model.layers.0.mlp"),
     ("deberta_v2", "score += c2p_att / scale.to(dtype=c2p_att.dtype)", "score += c2p_att / scale.to(dtype=c2p_att.dtype) / 2",
      "forward", "deberta.encoder.layer.0.attention.self"),
+    ("clip", "image_loss = contrastive_loss(similarity.T)", "image_loss = contrastive_loss(similarity)",
+     "forward", "<root>"),
     ("swin", "direction = 1 if reverse else -1", "direction = -1 if reverse else 1",
      "forward", "swin.encoder.layers.0.blocks.1"),
     # One of align's rules taken back: paddle's Embedding zeroes the pad row.

@@ -13,9 +13,14 @@ import paddle
 import paddle.nn.functional as F
 
 
-def cross_entropy(input: paddle.Tensor, target: paddle.Tensor, weight: paddle.Tensor | None = None,
-                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0) -> paddle.Tensor:
-    """torch.nn.functional.cross_entropy for class-index targets: logits [N, C], labels [N]."""
+def cross_entropy(input: paddle.Tensor, target: paddle.Tensor | None = None, weight: paddle.Tensor | None = None,
+                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, *,
+                  label: paddle.Tensor | None = None) -> paddle.Tensor:
+    """torch.nn.functional.cross_entropy for class-index targets: logits [N, C], labels [N].
+    The targets may come as `label`, Paddle's name for them, which PaConvert's draft uses."""
+    if (target is None) == (label is None):
+        raise TypeError("cross_entropy takes the targets once, as target (torch) or label (Paddle)")
+    target = label if target is None else target
     if weight is not None or label_smoothing:
         raise NotImplementedError("cross_entropy with class weights or label smoothing is not supported")
     keep = target != ignore_index

@@ -40,6 +40,11 @@ class PreTrainedModel(paddle.nn.Layer):
             config._attn_implementation = "eager"
         self.config = config
 
+    @classmethod
+    def _from_config(cls, config, **kwargs):
+        """A sub-model built from its part of a composite config (CLIP's text and vision towers)."""
+        return cls(config, **kwargs)
+
     # --- initialisation and tying -------------------------------------------------------
     def post_init(self) -> None:
         with paddle.no_grad():
