@@ -17,46 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-from common import RESULTS, ROOT, gemma2_full_shapes, update_readme
-
-WORKER = r"""
-import dataclasses, json, sys, threading, time
-from pathlib import Path
-status = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) / 1024
-# VmHWM counts the memory-mapped checkpoint's pages too, which the kernel takes back under
-# pressure; private memory (RssAnon) has no high-water mark: sampled.
-anon = [0.0]
-def sample():
-    while True:
-        anon[0] = max(anon[0], status("RssAnon"))
-        time.sleep(0.02)
-threading.Thread(target=sample, daemon=True).start()
-job = json.loads(sys.argv[1])
-from align.core.port import align_model
-from align.core.streamed import align_streamed
-from align.registry.load import load_registry
-spec = load_registry(Path(job["registry"])).get("gemma2")
-if not job["truth"]:
-    spec = dataclasses.replace(spec, noise_floor=None)
-t = time.perf_counter()
-if job["checkpoint"]:
-    report = align_streamed(spec, job["config"], Path(job["checkpoint"]))
-else:
-    report = align_model(spec, job["config"], dtypes=("float32",), fast=job["fast"])
-seconds = time.perf_counter() - t
-r = report.to_dict()
-judged = r["judged_by"]
-consulted = sum(1 for run in r["runs"] if run["status"] == "ran" for layer in run["layers"]
-                for m in (layer["forward"], layer["backward"]) if m and m.get("truth_error") is not None)
-consulted += sum(1 for k in ("outputs", "param_grads", "input_grads") for t in r[k] if t.get("truth_error") is not None)
-print(json.dumps({"seconds": seconds, "peak_rss_mb": status("VmHWM"), "peak_anon_mb": anon[0], "verdict": r["verdict"],
-                  "consulted": consulted, "passed_by_truth": len(judged["passed_by_truth"]),
-                  "literal": judged["literal"]}))
-"""
+from common import RESULTS, ROOT, align_in_process, gemma2_full_shapes, update_readme
 
 LABELS = {"tiny": "tiny (hidden 64, 4 layers)", "mid": "mid (hidden 512, intermediate 2048, 4 layers)",
           "wide": "wide (Gemma2-2B's width: hidden 2304, intermediate 9216, 2 layers)",
@@ -64,12 +28,7 @@ LABELS = {"tiny": "tiny (hidden 64, 4 layers)", "mid": "mid (hidden 512, interme
 
 
 def one(config: str, truth: bool, fast: bool = False, checkpoint: Path | None = None) -> dict:
-    job = {"registry": str(ROOT / "align.toml"), "config": config, "truth": truth, "fast": fast,
-           "checkpoint": str(checkpoint) if checkpoint else None}
-    proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(job)], capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode != 0:
-        raise SystemExit(f"{config} (truth={truth}) failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return align_in_process("gemma2", config, truth=truth, fast=fast, checkpoint=checkpoint)
 
 
 def fastest(runs: list[dict]) -> dict:

@@ -1,15 +1,72 @@
-"""What the benchmarks share: seeded random-weight checkpoints with a model's full shapes
-(written tensor by tensor, nothing held beyond one tensor), and their README tables."""
+"""What the benchmarks share: one alignment in a fresh process with its time and memory,
+seeded random-weight checkpoints with a model's full shapes (written tensor by tensor,
+nothing held beyond one tensor), and their README tables."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+
+
+# One alignment, timed, in the process this runs in (a fresh one per call of align_in_process).
+_WORKER = r"""
+import dataclasses, json, sys, threading, time
+from pathlib import Path
+status = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) / 1024
+# VmHWM counts the memory-mapped checkpoint's pages too, which the kernel takes back under
+# pressure; private memory (RssAnon) has no high-water mark: sampled.
+anon = [0.0]
+def sample():
+    while True:
+        anon[0] = max(anon[0], status("RssAnon"))
+        time.sleep(0.02)
+threading.Thread(target=sample, daemon=True).start()
+job = json.loads(sys.argv[1])
+from align.core.port import align_model
+from align.core.streamed import align_streamed
+from align.registry.load import load_registry
+spec = load_registry(Path(job["registry"])).get(job["model"])
+if not job["truth"]:
+    spec = dataclasses.replace(spec, noise_floor=None)
+t = time.perf_counter()
+if job["checkpoint"]:
+    report = align_streamed(spec, job["config"], Path(job["checkpoint"]))
+else:
+    report = align_model(spec, job["config"], dtypes=("float32",), fast=job["fast"])
+seconds = time.perf_counter() - t
+r = report.to_dict()
+judged = r["judged_by"]
+ran = [run for run in r["runs"] if run["status"] == "ran"]
+consulted = sum(1 for run in ran for layer in run["layers"]
+                for m in (layer["forward"], layer["backward"]) if m and m.get("truth_error") is not None)
+consulted += sum(1 for k in ("outputs", "param_grads", "input_grads") for t in r[k] if t.get("truth_error") is not None)
+worst = {f"{run['mode']}_{d}": max((layer[d]["max_abs"] for layer in run["layers"] if layer[d]), default=None)
+         for run in ran for d in ("forward", "backward")}
+print(json.dumps({"seconds": seconds, "peak_rss_mb": status("VmHWM"), "peak_anon_mb": anon[0], "verdict": r["verdict"],
+                  "consulted": consulted, "passed_by_truth": len(judged["passed_by_truth"]),
+                  "literal": judged["literal"], "worst_max_abs": worst,
+                  "modules": len(ran[0]["layers"]) if ran else 0}))
+"""
+
+
+def align_in_process(model: str, config: str, truth: bool = True, fast: bool = False,
+                     checkpoint: Path | None = None) -> dict:
+    """Align `model` at `config` (fp32) in a fresh process: its time, peak memory, verdict,
+    literal figure, how many comparisons consulted the float64 truth, and the worst max abs
+    error of each run and direction. `truth=False`: judged by the literal rule alone."""
+    job = {"registry": str(ROOT / "align.toml"), "model": model, "config": config, "truth": truth, "fast": fast,
+           "checkpoint": str(checkpoint) if checkpoint else None}
+    proc = subprocess.run([sys.executable, "-c", _WORKER, json.dumps(job)], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"{model} {config} (truth={truth}, fast={fast}) failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # The overhead benchmark's configs, which padiff_run.py builds the same way: name, what
