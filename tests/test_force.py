@@ -136,3 +136,55 @@ def test_a_renamed_module_is_judged_under_the_reference_names():
     assert any("child" in label for _, _, label in own), "the test needs labels that name a module"
     assert renamed.keys() == own.keys()
     assert all(m.passed for m in renamed.values())
+
+
+class WithWeights(torch.nn.Module):
+    """Returns its output and the weights it used, as an attention layer does."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        w = torch.softmax(self.lin(x), -1)
+        return w * x, w
+
+
+class Bare(WithWeights):
+    """The same layer returning its output alone (PaddleClas's attention does), or, broken,
+    the output scaled."""
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x):
+        return super().forward(x)[0] * self.scale
+
+
+class Outer(torch.nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer, self.out = layer, torch.nn.Linear(3, 1)
+
+    def forward(self, x):
+        y = self.layer(x)
+        return self.out(y[0] if isinstance(y, tuple) else y).sum()
+
+
+@pytest.mark.parametrize("scale, culprit", [(1.0, None), (1.5, "layer")])
+def test_a_bare_output_answers_the_first_element_of_the_references_tuple(scale, culprit):
+    torch.manual_seed(0)
+    ref, x = Outer(WithWeights()), torch.randn(4, 3)
+    port = Outer(Bare(scale))
+    port.load_state_dict(ref.state_dict())
+    ts = TorchSide()
+    trace = run_and_record(ts, ref, {"x": x}, lambda out: out, keep_inputs=True)
+    assert set(trace.calls["layer"].outputs) == {"0", "1"}
+    judge = Collector(TOL)
+    force(ts, port, {"x": x}, trace.calls, {n: n for n in trace.calls}, judge, trace.param_grads,
+          lambda k, g: {k: g})
+    found = {(o, d, label): m for (o, d), items in judge.found.items() for label, m in items}
+    assert ("layer", "forward", "output 0") in found  # judged against the tuple's first element
+    failing = {o for (o, _, _), m in found.items() if not m.passed}
+    assert failing == ({culprit} if culprit else set()), failing

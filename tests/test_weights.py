@@ -221,3 +221,15 @@ def test_bad_rules_file(tmp_path, text, key):
     with pytest.raises(ConfigError) as e:
         rules_file(tmp_path, text)
     assert e.value.key == key
+
+
+def test_computed_port_tensors_are_never_written_and_must_exist(tmp_path):
+    """A persistable index the port computes (PaddleClas's relative_position_index) is left
+    as the port made it; a `computed` pattern that names no port tensor is a mistake."""
+    slots = {"w.weight": PortSlot((2,), EMBEDDING, "weight"), "attn.index": PortSlot((4,), EMBEDDING, "index")}
+    with pytest.raises(WeightError, match=r"never written by rules\.toml: attn\.index"):
+        plan(rules_file(tmp_path), {"w.weight": (2,)}, slots)
+    wmap = plan(rules_file(tmp_path, "computed = ['attn\\.index']\n"), {"w.weight": (2,)}, slots)
+    assert [e.target for e in wmap.entries] == ["w.weight"]
+    with pytest.raises(WeightError, match=r"computed 'nothing\\\\\.here' matches no port tensor"):
+        plan(rules_file(tmp_path, "computed = ['nothing\\.here']\n"), {"w.weight": (2,)}, slots)

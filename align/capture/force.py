@@ -92,13 +92,25 @@ def _arg_names(call: Call, ref_call: Call, n: int) -> tuple[str, ...]:
                  for i in range(n))
 
 
+def _as_reference_paths(flat: list[tuple[str, Any]], ref_outputs: dict[str, Arr]) -> list[tuple[str, Any]]:
+    """A bare tensor where the reference returns a tuple (its first element the output, then
+    extras such as attention weights), or the other way round, is that first element: a port's
+    `x` is the reference's `(x, weights)[0]`, and a port's `(x, extra)` answers a bare `x`."""
+    if not flat or flat[0][0] in ref_outputs:
+        return flat
+    first = {"out": "0", "0": "out"}.get(flat[0][0])
+    if first is None or first not in ref_outputs or (first == "0" and len(flat) > 1):
+        return flat
+    return [(first, flat[0][1]), *flat[1:]]
+
+
 def _produced(fw: Framework, judge: Judge, ref_name: str, ref_call: Call, output: Any,
               is_model: bool) -> tuple[list[tuple[str, Any]], list[str]]:
     """A call's output tensors by path, and the paths the reference has not (extras, not
     compared). A reference output the port does not return fails when something depended on
     it: it is the model's own, or a gradient came back to it. Attention weights nobody asked
     the port for are not a mismatch."""
-    flat = [(p, t) for p, t in flatten(output, fw) if fw.is_tensor(t)]
+    flat = _as_reference_paths([(p, t) for p, t in flatten(output, fw) if fw.is_tensor(t)], ref_call.outputs)
     produced = {p for p, _ in flat}
     for path in ref_call.outputs:
         if path not in produced and (is_model or path in ref_call.grads):

@@ -333,7 +333,11 @@ def plan(rules: Rules, source: Mapping[str, tuple[int, ...]], port: Mapping[str,
         for pattern, _ in rules.transpose:
             if not any(re.fullmatch(pattern, k) for k in keys):
                 raise WeightError(f"{rules.source.name}: transpose {pattern!r} matches no reference tensor")
-    never = sorted(k for k, s in port.items() if s.alias_of is None and k not in written)
+    for pattern in rules.computed:
+        if not any(re.fullmatch(pattern, k) for k in port):
+            raise WeightError(f"{rules.source.name}: computed {pattern!r} matches no port tensor")
+    never = sorted(k for k, s in port.items() if s.alias_of is None and k not in written
+                   and not rules.computed_by_port(k))
     if never and strict:
         raise WeightError(f"port tensor(s) never written by {rules.source.name}: {', '.join(never)} "
                           f"(reference has no tensor mapping to them)")

@@ -7,6 +7,8 @@ A rules file (weights/<model>.toml) holds:
   the port names differently, such as Phi3's `mlp.activation_fn` as `mlp.act_fn`).
 - `[tie]`: reference key = the key it shares storage with.
 - `ignore`: regexes of reference tensors the port does not hold.
+- `computed`: regexes of port tensors the port computes itself and saves (a persistable index
+  buffer the reference keeps out of its state dict); never written, judged by what they do.
 - `[[merge]]`: several reference tensors (regexes that match with the same captures) ->
   one fused port tensor, concatenated along `axis`; with `groups` (an int or a config key
   such as "num_key_value_heads") each source is cut into that many equal chunks and the
@@ -81,6 +83,7 @@ class Rules:
     module_renames: tuple[Rename, ...] = ()  # module paths only, tried before `renames`
     permutes: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (regex over reference keys, axes)
     reshapes: tuple[str, ...] = ()  # regexes over reference keys held in the port tensor's shape
+    computed: tuple[str, ...] = ()  # regexes over port keys the port computes itself (an index buffer)
 
     def rename_module(self, name: str) -> tuple[str, str]:
         """(port module path, the rule that produced it) for a reference module path."""
@@ -113,6 +116,9 @@ class Rules:
     def reshaped(self, key: str) -> str | None:
         return next((p for p in self.reshapes if re.fullmatch(p, key)), None)
 
+    def computed_by_port(self, port_key: str) -> bool:
+        return any(re.fullmatch(p, port_key) for p in self.computed)
+
     def unpaired_reason(self, module: str) -> str | None:
         found = next((reason for p, reason in self.unpaired if re.fullmatch(p, module)), None)
         if found is None and re.fullmatch(r"(.+\.)?parametrizations(\..+)?", module):
@@ -120,7 +126,7 @@ class Rules:
         return found
 
 
-RULE_KEYS = ("ignore", "keep_fp32", "merge", "module_rename", "permute", "rename", "reshape", "split", "tie",
+RULE_KEYS = ("computed", "ignore", "keep_fp32", "merge", "module_rename", "permute", "rename", "reshape", "split", "tie",
              "transpose", "unpaired")
 
 
@@ -184,7 +190,7 @@ def load_rules(path: Path | None) -> Rules:
     if not isinstance(tie, dict) or not all(isinstance(v, str) for v in tie.values()):
         raise ConfigError(path, "tie", "expected a table of 'key' = 'key it is tied to'")
     lists = {}
-    for key in ("ignore", "keep_fp32"):
+    for key in ("computed", "ignore", "keep_fp32"):
         value = data.get(key, [])
         if not isinstance(value, list):
             raise ConfigError(path, key, "expected an array of regexes")
@@ -199,4 +205,5 @@ def load_rules(path: Path | None) -> Rules:
     reshapes = tuple(k for k, v in _string_table(path, data, "reshape", bool).items() if v)
     return Rules(path, tuple(renames), dict(tie), lists["ignore"],
                  tuple(_string_table(path, data, "transpose", bool).items()), tuple(fuses), lists["keep_fp32"],
-                 tuple(_string_table(path, data, "unpaired", str).items()), module_renames, tuple(permutes), reshapes)
+                 tuple(_string_table(path, data, "unpaired", str).items()), module_renames, tuple(permutes), reshapes,
+                 lists["computed"])
