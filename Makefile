@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 MODEL  ?= gemma2
 ARGS   ?=
 
-.PHONY: align test gate venv venv-paddleformers venv-padiff clean
+.PHONY: align test gate convert venv venv-paddleformers venv-paddleclas venv-padiff venv-paconvert clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,21 @@ $(PF_STAMP): pyproject.toml Makefile
 		rich==15.0.0 safetensors==0.8.0
 	$(PF_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(PF_STAMP)
+
+# PaddleClas 2.6.0's own backbones (pc-* models) pin numpy < 2 and an older opencv through
+# their requirements, so they run in their own environment against a trace of the reference,
+# with align installed without its torch-side dependencies.
+CL_VENV  := .venv-paddleclas
+CL_STAMP := $(CL_VENV)/.installed
+
+venv-paddleclas: $(CL_STAMP)
+
+$(CL_STAMP): pyproject.toml Makefile
+	test -x $(CL_VENV)/bin/python || $(PYTHON) -m venv $(CL_VENV)
+	$(CL_VENV)/bin/python -m pip install --quiet --disable-pip-version-check paddlepaddle==3.3.1 paddleclas==2.6.0 \
+		numpy==1.24.4 opencv-python==4.6.0.66 faiss-cpu==1.8.0.post1 rich==15.0.0 safetensors==0.8.0
+	$(CL_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $(CL_STAMP)
 
 # PaDiff 0.2.0, the peer the overhead benchmark compares against (benchmarks/padiff_run.py),
 # lives in its own environment: never a dependency of align. Its API mode patches torch and
@@ -68,7 +83,7 @@ $(PC_STAMP): Makefile
 convert: $(STAMP) $(PC_STAMP)
 	$(VENV)/bin/align convert $(MODEL) $(ARGS)
 
-align: $(STAMP) $(if $(filter pf-%,$(MODEL)),$(PF_STAMP))
+align: $(STAMP) $(if $(filter pf-%,$(MODEL)),$(PF_STAMP)) $(if $(filter pc-%,$(MODEL)),$(CL_STAMP))
 	$(VENV)/bin/align run $(MODEL) $(ARGS)
 
 gate: $(STAMP)

@@ -18,13 +18,20 @@ from align.report.files import load_report
 USAGE_ERROR = 2  # what `align check` exits with on a user's mistake (cli.ExitCode)
 
 
+def _how_to_create(env_dir: Path) -> str:
+    """The Makefile's target for one of the repository's environments (.venv-NAME)."""
+    if env_dir.name.startswith(".venv-"):
+        return f"create it with `make {env_dir.name[1:]}`"
+    return "create that environment with the port's packages and align installed"
+
+
 def environment_python(spec: ModelSpec) -> Path:
     """The Python of the environment the registry says the port runs in."""
     env_dir = (spec.source.parent / spec.port_environment).resolve()
     python = env_dir / "bin" / "python"
     if not python.is_file():
         raise ConfigError(spec.source, f"models.{spec.name}.port.environment",
-                          f"{env_dir} does not exist; create it with `make venv-paddleformers`")
+                          f"{env_dir} does not exist; {_how_to_create(env_dir)}")
     return python
 
 

@@ -1,0 +1,63 @@
+"""PaddleClas's own backbones (paddleclas 2.6.0) against transformers, across two environments.
+
+The reference runs here; the port runs in .venv-paddleclas (paddleclas pins numpy < 2), through
+`align trace` and `align check`. The model code is PaddleClas's as installed: the adapters in
+ports/vision/paddleclas.py only build it from the reference config and name its output.
+"""
+
+import json
+
+import pytest
+from conftest import REGISTRY, ROOT
+
+from align.cli import main
+
+CL_PYTHON = ROOT / ".venv-paddleclas" / "bin" / "python"
+pytestmark = pytest.mark.skipif(
+    not CL_PYTHON.is_file(),
+    reason="no .venv-paddleclas: `make venv-paddleclas` creates it (.ci/run does); "
+           "paddleclas 2.6.0 cannot share this environment's numpy 2",
+)
+
+
+def run(model, *args, registry=REGISTRY, tmp):
+    out = tmp / model
+    code = main(["--registry", str(registry), "run", model, "--dtype", "fp32", "--out", str(out), "--quiet", *args])
+    return code, json.loads((out / "report.json").read_text())
+
+
+def test_paddleclas_vit_matches_transformers(tmp_path):
+    """Its fused qkv is judged through the merge rule: the three reference gradients come back
+    from the one port tensor, and the pixels' gradient agrees."""
+    code, report = run("pc-vit", tmp=tmp_path)
+    assert code == 0 and report["verdict"] == "pass", report["culprits"]
+    assert not report["env"]["same_environment"]
+    names = {p["name"] for p in report["param_grads"]}
+    assert {f"vit.layers.0.attention.{x}_proj.weight" for x in "qkv"} <= names
+    assert [g["name"] for g in report["input_grads"]] == ["input:pixel_values"]
+    assert all(w["exact"] for w in report["weights"] if w["exact"] is not None)
+
+
+def test_paddleclas_swin_shifts_a_stage_that_is_one_window(tmp_path):
+    """The last stage's map is one window: transformers (and the original Swin) do not shift it,
+    PaddleClas 2.6.0 rolls it and masks the window into regions. Its shifted block's attention
+    is the culprit, forward and backward; every earlier block agrees."""
+    code, report = run("pc-swin", tmp=tmp_path)
+    assert code == 1
+    culprit = "swin.encoder.layers.2.blocks.1.attention"
+    assert report["culprits"]["forward"] == [culprit] and report["culprits"]["backward"] == [culprit]
+    forced = next(r for r in report["runs"] if r["mode"] == "teacher_forced" and r["dtype"] == "float32")
+    failing = [layer["name"] for layer in forced["layers"] if not layer["passed"]]
+    assert failing == [culprit, "swin.encoder.layers.2.blocks.1"]  # in the order they return
+
+
+def test_swin_with_the_shift_clamped_passes(tmp_path):
+    """The one change (no shift where the map is a single window) makes PaddleClas's Swin agree:
+    the finding is the whole difference."""
+    registry = tmp_path / "align.toml"
+    text = REGISTRY.read_text().replace('class = "ports.vision.paddleclas:SwinForImageClassification"',
+                                        'class = "ports.vision.paddleclas:SwinClampedForImageClassification"')
+    registry.write_text(text.replace('environment = ".venv-paddleclas"', f'environment = "{CL_PYTHON.parents[1]}"'))
+    (tmp_path / "weights").symlink_to(ROOT / "weights")
+    code, report = run("pc-swin", registry=registry, tmp=tmp_path)
+    assert code == 0 and report["verdict"] == "pass", report["culprits"]
