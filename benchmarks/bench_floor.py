@@ -92,8 +92,8 @@ def measure(key: str, rounds: int) -> dict:
 
     judges: list[Collector] = []
 
-    def to_reference(key, g):  # the port's parameter gradients as the reference stores them
-        return as_reference({key: g}, wmap)
+    def to_reference(grads):  # the port's parameter gradients as the reference stores them
+        return as_reference(grads, wmap)
 
     def forced(make_judge):
         def run():

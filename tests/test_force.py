@@ -50,12 +50,12 @@ def _forced(side_channel: bool, eager: bool | None = None):
     judge = Collector(TOL)
     names = {n: n for n in trace.calls}
     if eager is None:
-        forcer = force(ts, model, {"x": x}, trace.calls, names, judge, trace.param_grads, lambda k, g: {k: g})
+        forcer = force(ts, model, {"x": x}, trace.calls, names, judge, trace.param_grads, dict)
     else:
         forcer = Forcer(ts, trace.calls, names, judge, eager=eager)
         with hooked(ts, model, forcer):
             model(x=x)
-        forcer.backward(model, trace.param_grads, lambda k, g: {k: g})
+        forcer.backward(model, trace.param_grads, dict)
     return forcer, {(o, d, label): m for (o, d), items in judge.found.items() for label, m in items}
 
 
@@ -98,7 +98,7 @@ def test_parameters_of_a_module_never_called_count_for_the_caller_that_used_them
     assert "table" not in trace.calls and "table.weight" in trace.param_grads
     judge = Collector(TOL)
     force(ts, model, {"x": x}, trace.calls, {n: n for n in trace.calls}, judge, trace.param_grads,
-          lambda k, g: {k: g})
+          dict)
     root = dict(judge.labelled("<root>", "backward", "grad of parameter "))
     assert root["table.weight"].passed and "lin.weight" not in root  # lin's own call judges lin's
 
@@ -128,7 +128,7 @@ def test_a_renamed_module_is_judged_under_the_reference_names():
     def judged(model, to_ref):
         judge = Collector(TOL)
         force(ts, model, {"x": x}, trace.calls, to_ref, judge, trace.param_grads,
-              lambda k, g: {k.replace("kid.", "child."): g})
+              lambda grads: {k.replace("kid.", "child."): g for k, g in grads.items()})
         return {(o, d, label): m for (o, d), items in judge.found.items() for label, m in items}
 
     own = judged(ref, {n: n for n in trace.calls})
@@ -183,7 +183,7 @@ def test_a_bare_output_answers_the_first_element_of_the_references_tuple(scale, 
     assert set(trace.calls["layer"].outputs) == {"0", "1"}
     judge = Collector(TOL)
     force(ts, port, {"x": x}, trace.calls, {n: n for n in trace.calls}, judge, trace.param_grads,
-          lambda k, g: {k: g})
+          dict)
     found = {(o, d, label): m for (o, d), items in judge.found.items() for label, m in items}
     assert ("layer", "forward", "output 0") in found  # judged against the tuple's first element
     failing = {o for (o, _, _), m in found.items() if not m.passed}

@@ -126,9 +126,9 @@ def test_verify_is_bit_exact(tmp_path):
 def test_to_reference_undoes_the_transpose(tmp_path):
     src = square_source()
     wmap = plan(rules_file(tmp_path), shapes(src), {"q.weight": PortSlot((4, 4), LINEAR, "weight")})
-    [(key, back)] = wmap.to_reference("q.weight", src["q.weight"].T)
-    assert key == "q.weight"
-    np.testing.assert_array_equal(back, src["q.weight"])
+    back, left = wmap.to_reference({"q.weight": src["q.weight"].T, "extra": src["q.weight"]})
+    assert list(back) == ["q.weight"] and left == ["extra"]
+    np.testing.assert_array_equal(back["q.weight"], src["q.weight"])
 
 
 QKV_MERGE = '''
@@ -161,7 +161,7 @@ def test_grouped_qkv_merge_is_laid_out_per_kv_head(tmp_path):
     # The inverse gives back the very bytes, and gradients of the fused tensor come back as parts.
     back = build_sources(e, lambda t: convert(wmap, src)[t])
     assert all(same_bytes(back[k], src[k]) for k in src)
-    parts = dict(wmap.to_reference("l.0.qkv.weight", fused.T.copy()))
+    parts, _ = wmap.to_reference({"l.0.qkv.weight": fused.T.copy()})
     assert all(same_bytes(parts[k], src[k]) for k in src)
 
 
@@ -180,6 +180,11 @@ axis = 0
     np.testing.assert_array_equal(out["l.0.gate.weight"], fused[:4])
     np.testing.assert_array_equal(out["l.0.up.weight"], fused[4:])
     assert same_bytes(build_sources(wmap.entries[0], out.__getitem__)["l.0.gate_up.weight"], fused)
+    # gradients of the parts come back as the fused tensor's, only when every part is here
+    joined, left = wmap.to_reference(out)
+    assert same_bytes(joined["l.0.gate_up.weight"], fused) and left == []
+    joined, left = wmap.to_reference({"l.0.gate.weight": out["l.0.gate.weight"]})
+    assert joined == {} and left == ["l.0.gate.weight"]
 
 
 def test_merge_with_a_missing_part_is_named(tmp_path):
@@ -233,3 +238,11 @@ def test_computed_port_tensors_are_never_written_and_must_exist(tmp_path):
     assert [e.target for e in wmap.entries] == ["w.weight"]
     with pytest.raises(WeightError, match=r"computed 'nothing\\\\\.here' matches no port tensor"):
         plan(rules_file(tmp_path, "computed = ['nothing\\.here']\n"), {"w.weight": (2,)}, slots)
+
+
+def test_a_scalar_parameter_comes_back_as_a_scalar(tmp_path):
+    """A 0-d tensor (CLIP's logit_scale) keeps its shape on the way back."""
+    src = {"scale": np.array(2.5, dtype=np.float32)}
+    wmap = plan(rules_file(tmp_path), shapes(src), {"scale": PortSlot((), ("torch.nn", "Module"), "scale")})
+    back, left = wmap.to_reference({"scale": np.array(0.5, dtype=np.float32)})
+    assert back["scale"].shape == () and left == []

@@ -40,10 +40,10 @@ from align.capture.structure import (
     module_path,
     named_inputs,
 )
-from align.capture.trace import BACKWARD, FORWARD, ROOT, Arr, Call, Framework, differentiable
+from align.capture.trace import BACKWARD, FORWARD, PARAMETER_GRAD, ROOT, Arr, Call, Framework, differentiable
 from align.errors import ConfigError
 
-ToReference = Callable[[str, np.ndarray], dict[str, np.ndarray]]
+ToReference = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 class Rejoined(Exception):
@@ -318,6 +318,7 @@ class Forcer:
         for owner, label, ref_grad in self.pending.values():
             # nothing flowed back: equal to the reference only if it sent zeros
             self.judge.compare(owner, BACKWARD, label, np.zeros_like(ref_grad), ref_grad)
+        by_call: dict[str, dict[str, np.ndarray]] = {}
         for inner, module in fw.modules(model):
             path = module_path(self.prefix, inner)
             ref_name = self._caller_of(path)
@@ -325,12 +326,13 @@ class Forcer:
                 continue
             prefix = "" if path == ROOT else path + "."
             for attr, p in fw.direct_parameters(module).items():
-                g = fw.grad(p)
-                if g is None:
-                    continue
-                for key, rg in to_reference(prefix + attr, g).items():
-                    if key in ref_param_grads:
-                        self.judge.compare(ref_name, BACKWARD, f"grad of parameter {key}", rg, ref_param_grads[key])
+                if (g := fw.grad(p)) is not None:
+                    by_call.setdefault(ref_name, {})[prefix + attr] = g
+        # per call, all at once: the parts of a split tensor come back joined
+        for ref_name, grads in by_call.items():
+            for key, rg in to_reference(grads).items():
+                if key in ref_param_grads:
+                    self.judge.compare(ref_name, BACKWARD, PARAMETER_GRAD + key, rg, ref_param_grads[key])
         self.pending, self.leaves = {}, {}  # the hooks hold this Forcer: let go of the leaves
 
 

@@ -11,6 +11,7 @@ import numpy as np
 
 ROOT = "<root>"
 FORWARD, BACKWARD = "forward", "backward"  # the two directions every comparison is made in
+PARAMETER_GRAD = "grad of parameter "  # the label of a parameter's gradient: this, then its reference key
 
 
 def differentiable(dtype: str) -> bool:

@@ -14,7 +14,7 @@ import numpy as np
 from align import weights as W
 from align.capture.force import Forcer, Judge
 from align.capture.hooks import ModelRaised
-from align.capture.trace import BACKWARD, FORWARD, ROOT, Call
+from align.capture.trace import BACKWARD, FORWARD, PARAMETER_GRAD, ROOT, Call
 from align.compare.judges import Collector
 from align.compare.keep import KeptTensor, TensorKeeper, keeping
 from align.compare.metrics import missing
@@ -48,14 +48,10 @@ def now() -> str:
 
 def as_reference(port_grads: dict[str, np.ndarray], wmap: W.WeightMap) -> dict[str, np.ndarray]:
     """Port parameter grads renamed and laid out as the reference's (a transposed Linear
-    weight's grad is transposed back). A port-only parameter keeps its name, marked."""
-    out = {}
-    for key, g in port_grads.items():
-        try:
-            out.update(wmap.to_reference(key, g))
-        except KeyError:
-            out[f"{key} (port only)"] = g
-    return out
+    weight's grad is transposed back, a split one's parts joined). A parameter with no
+    reference counterpart keeps its name, marked."""
+    out, left = wmap.to_reference(port_grads)
+    return out | {f"{key} (port only)": port_grads[key] for key in left}
 
 
 def allowed(unpaired: Iterable[Unpaired], rules: W.Rules) -> list[Unpaired]:
@@ -143,7 +139,7 @@ class Judgement:
         self.layers += forced_layers([p for p in pairs if selected(p.ref_module, self.only)], calls, forcer, judged,
                                      self.tolerances, raised)
         self.param_grads += [TensorResult(k, m, tol(k)) for owner in forcer.first_calls.values()
-                             for k, m in judged.labelled(owner, BACKWARD, "grad of parameter ")]
+                             for k, m in judged.labelled(owner, BACKWARD, PARAMETER_GRAD)]
         if model:
             self.outputs += [TensorResult(k, m, tol(k)) for k, m in judged.labelled(ROOT, FORWARD, "output ")]
             self.input_grads += [TensorResult(self.input_name(path), m, tol(self.input_name(path)))

@@ -217,7 +217,7 @@ def _forced(spec: ModelSpec, ref: ReferenceRun, ps: Any, port: Any, wmap: W.Weig
     to_ref = {p.port: p.ref for p in pairing.pairs}
     collector, judge = judgement.judge(ref.fp64.truth if ref.fp64 else None)
     forcing = partial(force, ps, port, lambda: _fresh_inputs(spec, ref, ps), calls, to_ref, judge,
-                      ref.trace.param_grads, lambda key, g: as_reference({key: g}, wmap))
+                      ref.trace.param_grads, partial(as_reference, wmap=wmap))
     copied = observer_copy(ps, port, ref.trace.output_bytes()) if observe else None
     observed, raised = None, None
     what = f"{judgement.dtype}: teacher-forcing all {len(pairing.pairs)} modules in one pass"

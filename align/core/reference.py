@@ -195,7 +195,7 @@ def forced_truth(ts: Any, module: Any, calls: dict[str, Call], params: Any, make
     so naming the parameters (`params`) whose gradients to keep is enough."""
     keeper, widened = Keeper(), widened_calls(calls)
     force(ts, module, lambda: make(widened), widened, {n: n for n in widened}, keeper, dict.fromkeys(params),
-          lambda key, g: {key: g}, owner=owner, prefix=prefix)
+          dict, owner=owner, prefix=prefix)
     return keeper.kept
 
 

@@ -42,6 +42,7 @@ import numpy as np
 
 from align import builders
 from align import weights as W
+from align.atomic import scratch
 from align.builders.backward import backward_seed
 from align.builders.inputs import call_kwargs, feed, inputs_for_port
 from align.capture.force import Forcer, Judge, ToReference, force
@@ -50,7 +51,6 @@ from align.capture.structure import Feed, flatten, map_inputs, map_tensors, snap
 from align.capture.trace import ROOT, Arr, Call, differentiable
 from align.compare.judges import Keeper
 from align.compare.pair import pair_calls
-from align.atomic import scratch
 from align.core.judged import Judgement, Progress, as_reference, now, selected, tolerance_policy
 from align.core.reference import as_fp64, float64_copy, forced_truth, widened_calls
 from align.core.spill import Spill
@@ -181,7 +181,7 @@ def _block_truth(ts: Any, block: Any, name: str, calls: dict[str, Call], grads: 
     what it gives, under the labels the port's forced pass uses)."""
     keeper, widened = Keeper(), widened_calls(calls)
     _force_block(ts, float64_copy(block), name, name, widened, {n: n for n in widened}, keeper, grads,
-                 lambda key, g: {key: g}, {})
+                 dict, {})
     return keeper.kept
 
 
@@ -267,8 +267,8 @@ class _Stream:
     def rename(self, module: str) -> str:
         return self.rules.rename_module(module)[0]
 
-    def to_reference(self, key: str, g: np.ndarray) -> dict[str, np.ndarray]:
-        return as_reference({key: g}, self.loader.wmap)
+    def to_reference(self, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return as_reference(grads, self.loader.wmap)
 
     def plan(self, ckpt: Any) -> None:
         slots = W.describe_slots(self.port.state_dict(), dict(self.port.named_sublayers(include_self=True)))

@@ -81,18 +81,18 @@ class WeightMap:
         """The entries that write port tensors (not tied aliases, not ignored)."""
         return [e for e in self.entries if e.writes]
 
-    def to_reference(self, target: str, array: np.ndarray) -> list[tuple[str, np.ndarray]]:
-        """Bring a port tensor (e.g. a gradient) into the reference's names and layout.
-        A fused port tensor comes back as its parts."""
+    def to_reference(self, tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+        """Port tensors (gradients, say) in the reference's names and layouts (build_sources):
+        a fused port tensor comes back as its parts, the parts of a split one as the tensor
+        they were cut from. Also the keys that could not be brought back: written by no entry,
+        or parts of a split whose other parts are not among `tensors`."""
+        out: dict[str, np.ndarray] = {}
+        used: set[str] = set()
         for e in self.entries:
-            if target in e.targets:
-                if e.transform == "merge":
-                    back = array.T if e.transposed else array
-                    return list(zip(e.sources, split_parts(back, e.part_shapes, e.axis, e.groups)))
-                if e.transform == "split":
-                    raise KeyError(f"{target} is one part of {e.source}; compare the merged gradient instead")
-                return [(e.sources[0], e.to_reference(array))]
-        raise KeyError(target)
+            if e.targets and all(t in tensors for t in e.targets) and not used.intersection(e.targets):
+                out.update(build_sources(e, tensors.__getitem__))
+                used.update(e.targets)
+        return out, [k for k in tensors if k not in used]
 
     @property
     def all_exact(self) -> bool:
@@ -372,7 +372,9 @@ def build_sources(e: WeightEntry, get: Callable[[str], np.ndarray]) -> dict[str,
     if e.transform == "split":
         parts = [get(t).T if e.transposed else get(t) for t in e.targets]
         return {e.sources[0]: merge_parts(parts, e.axis, e.groups)}
-    return {e.sources[0]: np.ascontiguousarray(e.to_reference(get(e.targets[0])))}
+    back = e.to_reference(get(e.targets[0]))
+    # np.ascontiguousarray would make a 0-d tensor (a scalar parameter) 1-d
+    return {e.sources[0]: back if back.flags.c_contiguous else np.ascontiguousarray(back)}
 
 
 def convert(wmap: WeightMap, source: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
