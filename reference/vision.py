@@ -1,7 +1,9 @@
 """The vision family: references are transformers' (and timm's) image models, named in
 align.toml by `class` and `config_class` and fed images (kind = "image"). What lives here is
 what they need beyond that:
-- captions for the image-text models (`captions`): token ids as a CLIP tokenizer lays them out."""
+- captions for the image-text models (`captions`): token ids as a CLIP tokenizer lays them out;
+- timm's ViT built from a transformers ViTConfig's values (`timm_vit`), a second reference for
+  the same port."""
 
 from __future__ import annotations
 
@@ -35,3 +37,25 @@ def captions(ctx: Any, batch: int, lengths: list[int], seq_len: int | None = Non
         ids[i, 1:n - 1] = ctx.rng.choice(ordinary, size=n - 2)
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def timm_vit(image_size: int, patch_size: int, num_channels: int, hidden_size: int, num_hidden_layers: int,
+             num_attention_heads: int, intermediate_size: int, num_labels: int, hidden_act: str = "gelu",
+             layer_norm_eps: float = 1e-12, qkv_bias: bool = True, hidden_dropout_prob: float = 0.0,
+             attention_probs_dropout_prob: float = 0.0) -> Any:
+    """timm's VisionTransformer (a reference builder) from a transformers ViTConfig's values,
+    so one config table builds both references of a ViT port: [CLS] pooling, pre-norm blocks,
+    exact GELU (timm's nn.GELU, transformers' "gelu"), LayerNorm at the config's epsilon."""
+    from functools import partial
+
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+
+    if hidden_act != "gelu":
+        raise ValueError(f"timm's ViT block uses exact GELU; hidden_act {hidden_act!r} has no timm counterpart")
+    return VisionTransformer(img_size=image_size, patch_size=patch_size, in_chans=num_channels, num_classes=num_labels,
+                             embed_dim=hidden_size, depth=num_hidden_layers, num_heads=num_attention_heads,
+                             mlp_ratio=intermediate_size / hidden_size, qkv_bias=qkv_bias,
+                             norm_layer=partial(torch.nn.LayerNorm, eps=layer_norm_eps),
+                             proj_drop_rate=hidden_dropout_prob, attn_drop_rate=attention_probs_dropout_prob)
+

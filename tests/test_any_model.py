@@ -5,6 +5,7 @@ happened: a port output of the wrong shape, a port that raises, a reference or r
 raises (the user's to fix, exit 2) and align failing itself (exit 3)."""
 
 import fnmatch
+import json
 import shutil
 import subprocess
 import sys
@@ -17,16 +18,23 @@ from ports.audio import auraloss as A
 from ports.vision import vit as V
 
 
-@pytest.mark.parametrize("model", ["vit", "sisdr", "mrstft"])
+@pytest.mark.parametrize("model", ["vit", "vit-timm", "sisdr", "mrstft"])
 def test_correct_port_passes_with_its_input_gradient(model, run_cli, bug_ledger):
     code, report, _ = run_cli("run", model, "--dtype", "fp32")
     bug_ledger.record_clean(model, false_alarm=report["verdict"] != "pass")
     assert code == 0 and report["verdict"] == "pass", report["problems"]
     grads = {g["name"]: g for g in report["input_grads"]}
-    graded = {"vit": "input:pixel_values", "sisdr": "input:input", "mrstft": "input:x"}[model]
+    graded = {"vit": "input:pixel_values", "vit-timm": "input:pixel_values", "sisdr": "input:input",
+              "mrstft": "input:x"}[model]
     assert set(grads) == {graded} and grads[graded]["passed"] and grads[graded]["numel"] > 0
     assert {r["mode"] for r in report["runs"] if r["status"] == "ran"} == {"teacher_forced", "free_running"}
-    if model != "vit":  # a loss: no parameter, so nothing to load or to compare but outputs and inputs
+    if model == "vit-timm":  # timm's bare logits answer the port's ViTImageClassifierOutput.logits
+        assert [o["name"] for o in report["outputs"]] == ["out"] and report["outputs"][0]["numel"] > 0
+        # the split qkv's gradients come back joined, judged against timm's fused ones
+        fused = [p for p in report["param_grads"] if ".attn.qkv." in p["name"]]
+        assert len(fused) == 4 and all(p["passed"] for p in fused)
+        assert not [p for p in report["param_grads"] if "port only" in p["name"]]
+    if not model.startswith("vit"):  # a loss: no parameter, so nothing to load or to compare but outputs and inputs
         assert report["param_grads"] == [] and report["weights"] == []
         assert [o["name"] for o in report["outputs"]] == ["out"]
 
@@ -120,6 +128,11 @@ BUGS = {  # name: (inject, model, culprit glob, direction)
     "vit:attention_scaled_by_head_dim": (attention_scaled_by_head_dim, "vit", "vit.layers.0.attention", "forward"),
     "vit:positions_before_cls": (positions_before_cls, "vit", "vit.embeddings", "forward"),
     "vit:pixel_gradient_cut": (pixel_gradient_cut, "vit", "vit.embeddings.patch_embeddings", "backward"),
+    # the same port against timm: the culprits carry timm's names, and timm's root adds the
+    # positions itself (_pos_embed), so a positions bug is the root's
+    "vit-timm:attention_scaled_by_head_dim": (attention_scaled_by_head_dim, "vit-timm", "blocks.0.attn", "forward"),
+    "vit-timm:positions_before_cls": (positions_before_cls, "vit-timm", "<root>", "forward"),
+    "vit-timm:pixel_gradient_cut": (pixel_gradient_cut, "vit-timm", "patch_embed", "backward"),
     "sisdr:mean_not_removed": (mean_not_removed, "sisdr", "<root>", "forward"),
     "sisdr:projection_detached": (projection_detached, "sisdr", "<root>", "backward"),
     "mrstft:window_not_periodic": (window_not_periodic, "mrstft", "stft_losses.0", "forward"),
@@ -187,6 +200,24 @@ def registry_copy(tmp_path):
     path = tmp_path / "align.toml"
     path.write_text(REGISTRY.read_text())
     return path
+
+
+def test_a_wrong_split_rule_loads_exactly_and_fails_where_it_is_used(registry_copy, capsys):
+    """q and k swapped in vit-timm's split of timm's fused qkv: the load is bit-exact (the
+    rules are followed to the letter), and the attention that uses them is the culprit."""
+    from align.cli import main
+
+    rules = registry_copy.parent / "weights" / "vit-timm.toml"
+    good = "'vit.layers.\\1.attention.q_proj.weight', 'vit.layers.\\1.attention.k_proj.weight'"
+    assert good in rules.read_text()
+    rules.write_text(rules.read_text().replace(good, good.replace("q_proj", "TMP").replace("k_proj", "q_proj")
+                                               .replace("TMP", "k_proj")))
+    out = registry_copy.parent / "out"
+    code = main(["--registry", str(registry_copy), "run", "vit-timm", "--dtype", "fp32", "--out", str(out), "--quiet"])
+    report = json.loads((out / "report.json").read_text())
+    assert code == 1 and all(w["exact"] for w in report["weights"])
+    assert report["culprits"]["forward"] == ["blocks.0.attn", "blocks.1.attn"], report["culprits"]
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def _one_line(registry, *args):

@@ -47,6 +47,24 @@ def test_the_tiny_config_really_shifts(run_cli):
     assert grid // 2 ** (len(stages) - 1) == values["window_size"]
 
 
+def test_torchvision_imports_and_its_missing_ops_say_so():
+    """The registry's torchvision is a CUDA build whose ops cannot load on this torch; with
+    reference.torchvision_ops its Python code imports (timm's and transformers' Swin need it),
+    and an op called says what is missing instead of computing anything."""
+    import subprocess
+    import sys
+
+    code = ("import torch, torchvision, timm\n"
+            "from transformers import SwinForImageClassification\n"
+            "try:\n"
+            "    torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)\n"
+            "except RuntimeError as e:\n"
+            "    print('raised', e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("raised") and "Couldn't load custom C++ ops" in proc.stdout
+
+
 # --- broken ports -------------------------------------------------------------------------------
 
 def roll_the_wrong_way(mp):

@@ -28,7 +28,8 @@ class Follower:
         self.output_error: dict[str, float] = {}
         self.called: set[str] = set()
         self.extra: dict[str, list[str]] = {}
-        self.root_outputs: dict[str, Arr] = {}
+        self.root_outputs: dict[str, Arr] = {}  # the port's own names (the observer check's)
+        self.model_outputs: dict[str, Arr] = {}  # the same, under the reference's names
         self.pending: dict[tuple[str, str], np.ndarray] = {}  # output gradients expected, not yet seen
 
     def enter(self, call: Call, module: Any, args: tuple, kwargs: dict, caller: Call | None) -> None:
@@ -54,6 +55,8 @@ class Follower:
         self.called.add(ref_name)
         ref_call = self.ref_calls[ref_name]
         flat, self.extra[ref_name] = _produced(fw, self.judge, ref_name, ref_call, output, caller is None)
+        if caller is None:  # the model-output table pairs them under the reference's names
+            self.model_outputs = dict(zip((p for p, _ in flat), self.root_outputs.values(), strict=True))
         errors = []
         paths = iter(p for p, _ in flat)
 

@@ -95,9 +95,13 @@ def _arg_names(call: Call, ref_call: Call, n: int) -> tuple[str, ...]:
 def _as_reference_paths(flat: list[tuple[str, Any]], ref_outputs: dict[str, Arr]) -> list[tuple[str, Any]]:
     """A bare tensor where the reference returns a tuple (its first element the output, then
     extras such as attention weights), or the other way round, is that first element: a port's
-    `x` is the reference's `(x, weights)[0]`, and a port's `(x, extra)` answers a bare `x`."""
+    `x` is the reference's `(x, weights)[0]`, and a port's `(x, extra)` answers a bare `x`.
+    One tensor answers one tensor, whatever each side calls it (timm's classifier returns bare
+    logits where a transformers-style port returns them as `logits`)."""
     if not flat or flat[0][0] in ref_outputs:
         return flat
+    if len(flat) == 1 and len(ref_outputs) == 1:
+        return [(next(iter(ref_outputs)), flat[0][1])]
     first = {"out": "0", "0": "out"}.get(flat[0][0])
     if first is None or first not in ref_outputs or (first == "0" and len(flat) > 1):
         return flat

@@ -139,7 +139,7 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
                                       reason=f"the port raised in {judgement.raised.module}", gated=False))
             continue
         runs.append(free)
-        outputs, param_grads = _model_outputs(spec, ref, follower.root_outputs, judgement.tolerances), \
+        outputs, param_grads = _model_outputs(spec, ref, follower.model_outputs, judgement.tolerances), \
             _param_grads(spec, ref, port_grads, wmap, judgement.tolerances)
         kept += judgement.kept
         if last:
