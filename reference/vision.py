@@ -3,7 +3,9 @@ align.toml by `class` and `config_class` and fed images (kind = "image"). What l
 what they need beyond that:
 - captions for the image-text models (`captions`): token ids as a CLIP tokenizer lays them out;
 - timm's ViT built from a transformers ViTConfig's values (`timm_vit`), a second reference for
-  the same port."""
+  the same port;
+- CLIP's image tower answering with its image embeddings alone (`clip_image_tower`), the one
+  output of an image-only port such as PaddleClas's."""
 
 from __future__ import annotations
 
@@ -59,3 +61,17 @@ def timm_vit(image_size: int, patch_size: int, num_channels: int, hidden_size: i
                              norm_layer=partial(torch.nn.LayerNorm, eps=layer_norm_eps),
                              proj_drop_rate=hidden_dropout_prob, attn_drop_rate=attention_probs_dropout_prob)
 
+
+def clip_image_tower(**values: Any) -> Any:
+    """transformers' CLIPVisionModelWithProjection (a reference builder: its module and tensor
+    names unchanged) whose forward returns only `image_embeds`: the last hidden state it also
+    returns is not an output of an image tower that ends in the projection."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers.models.clip.modeling_clip import CLIPVisionModelOutput
+
+    class ImageEmbeddings(CLIPVisionModelWithProjection):
+        def forward(self, pixel_values):
+            return CLIPVisionModelOutput(image_embeds=super().forward(pixel_values=pixel_values).image_embeds)
+
+    # eager attention: the softmax(QK^T)V the port writes out, not a fused kernel
+    return ImageEmbeddings(CLIPVisionConfig(**{"attn_implementation": "eager", **values}))

@@ -61,3 +61,32 @@ def test_swin_with_the_shift_clamped_passes(tmp_path):
     (tmp_path / "weights").symlink_to(ROOT / "weights")
     code, report = run("pc-swin", registry=registry, tmp=tmp_path)
     assert code == 0 and report["verdict"] == "pass", report["culprits"]
+
+
+def test_paddleclas_clip_runs_gelu_where_clip_runs_quick_gelu(tmp_path):
+    """PaddleClas's CLIP image tower against transformers' with CLIP's own activation: its MLP
+    activation is nn.GELU (its variant table lists no CLIP model under replace_mlp_GELU), so
+    every block's activation is the culprit, forward and backward, and nothing else is."""
+    code, report = run("pc-clip", tmp=tmp_path)
+    assert code == 1
+    acts = ["vision_model.encoder.layers.0.mlp.activation_fn", "vision_model.encoder.layers.1.mlp.activation_fn"]
+    assert sorted(report["culprits"]["forward"]) == acts and sorted(report["culprits"]["backward"]) == acts
+    forced = next(r for r in report["runs"] if r["mode"] == "teacher_forced" and r["dtype"] == "float32")
+    assert sorted(layer["name"] for layer in forced["layers"] if not layer["passed"]) == acts
+    # the load was exact: the reshaped [CLS] and positions, the fused qkv, the transposed projection
+    assert all(w["exact"] for w in report["weights"] if w["exact"] is not None)
+    transforms = {w["source"]: w["transform"] for w in report["weights"]}
+    assert transforms["vision_model.embeddings.class_embedding"] == "reshape"
+    assert transforms["visual_projection.weight"] == "transpose"
+
+
+def test_paddleclas_clip_with_exact_gelu_passes(tmp_path):
+    """The same tower against a reference configured with exact GELU agrees, embeddings and
+    every gradient: the activation is the whole difference."""
+    code, report = run("pc-clip", "--config", "tiny-gelu", tmp=tmp_path)
+    assert code == 0 and report["verdict"] == "pass", report["culprits"]
+    assert [o["name"] for o in report["outputs"]] == ["image_embeds"]
+    names = {p["name"] for p in report["param_grads"]}
+    assert {"visual_projection.weight", "vision_model.embeddings.class_embedding"} <= names
+    assert [g["name"] for g in report["input_grads"]] == ["input:pixel_values"]
+    assert not [u for u in report["unpaired"] if not u["allowed"]]

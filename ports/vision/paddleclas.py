@@ -10,6 +10,7 @@ What the adapters do, and nothing more:
 - take the image as transformers' models do, by the keyword `pixel_values`, and return the
   backbone's logits by name (`logits`), so the root's output pairs with the reference's.
   PaddleClas computes its loss outside the model, so these are aligned on their logits.
+  Its CLIP is an image tower only: aligned on its image embeddings (`image_embeds`).
 """
 
 from __future__ import annotations
@@ -19,12 +20,18 @@ from typing import Any
 
 import paddle
 from paddleclas.ppcls.arch.backbone.legendary_models.swin_transformer import SwinTransformer
+from paddleclas.ppcls.arch.backbone.model_zoo import foundation_vit
 from paddleclas.ppcls.arch.backbone.model_zoo.vision_transformer import VisionTransformer
 
 
 @dataclass
 class ImageClassifierOutput:
     logits: paddle.Tensor
+
+
+@dataclass
+class ImageEmbeddings:
+    image_embeds: paddle.Tensor
 
 
 class _Values:
@@ -43,6 +50,10 @@ class ViTConfig(_Values):
 
 
 class SwinConfig(_Values):
+    pass
+
+
+class CLIPVisionConfig(_Values):
     pass
 
 
@@ -92,4 +103,23 @@ class SwinClampedForImageClassification(SwinForImageClassification):
                     block.shift_size = 0
 
 
-__all__ = ["SwinClampedForImageClassification", "SwinConfig", "SwinForImageClassification", "ViTConfig", "ViTForImageClassification"]
+class CLIPVisionModelWithProjection(foundation_vit.VisionTransformer):
+    """PaddleClas's CLIP image tower (foundation_vit.VisionTransformer) built from a transformers
+    CLIPVisionConfig, as its own CLIP_vit_base_patch32_224 builds it: the model name picks
+    CLIP's rows of the module's variant tables (LayerNorm before the encoder, [CLS] pooling);
+    hugging_face_framework and return_embed as PaddleClas's CLIP configs set them, so the
+    pooled [CLS] is normed and multiplied by `proj`."""
+
+    def __init__(self, config: CLIPVisionConfig):
+        v = config.values
+        super().__init__(model_name="CLIP_vit_base_patch32_224", img_size=v["image_size"], patch_size=v["patch_size"],
+                         in_chans=v["num_channels"], embed_dim=v["hidden_size"], output_dim=v["projection_dim"],
+                         depth=v["num_hidden_layers"], num_heads=v["num_attention_heads"],
+                         mlp_ratio=v["intermediate_size"] / v["hidden_size"], qkv_bias=True,
+                         epsilon=v["layer_norm_eps"], hugging_face_framework=True, return_embed=True)
+
+    def forward(self, pixel_values):
+        return ImageEmbeddings(image_embeds=super().forward(pixel_values))
+
+
+__all__ = ["CLIPVisionConfig", "CLIPVisionModelWithProjection", "SwinClampedForImageClassification", "SwinConfig", "SwinForImageClassification", "ViTConfig", "ViTForImageClassification"]
