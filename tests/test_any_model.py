@@ -276,3 +276,16 @@ def test_a_failure_of_align_itself_is_exit_3_with_a_log(monkeypatch, capsys):
     text = open(log).read()
     assert "Traceback (most recent call last)" in text and "an align bug" in text
     assert text.startswith(f"align --registry {REGISTRY} run sisdr")
+
+
+def test_port_modules_files_that_are_not_what_they_should_be_are_the_users(registry_copy, tmp_path):
+    bad = tmp_path / "modules.json"
+    bad.write_text('{"not": "a list"}')
+    code, lines = _one_line(registry_copy, "trace", "vit", "--port-modules", str(bad))
+    assert code == 2 and lines == [f"align: error: {bad}: expected a JSON list of module paths, as "
+                                   "`align port-modules` writes"]
+    proc = subprocess.run([sys.executable, "-m", "align", "--registry", str(registry_copy), "port-modules", "vit",
+                           "--values", str(tmp_path / "none.json"), "--out", str(tmp_path / "m.json")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"align: error: {tmp_path / 'none.json'}: no such file (--values)"]

@@ -188,3 +188,87 @@ def test_a_bare_output_answers_the_first_element_of_the_references_tuple(scale, 
     assert ("layer", "forward", "output 0") in found  # judged against the tuple's first element
     failing = {o for (o, _, _), m in found.items() if not m.passed}
     assert failing == ({culprit} if culprit else set()), failing
+
+
+def test_the_float64_truth_forces_only_the_calls_the_port_forces():
+    """A port with no counterpart of child.lin (it fuses it into child) is forced at child and
+    the root only; its truth must be too, or child.lin's weight gradient would be judged
+    against a stretch (lin alone, from lin's recorded output gradient) the port never runs
+    (measured on a fused qkv at ViT-B/16: a false alarm at every attention)."""
+    from align.capture.trace import PARAMETER_GRAD, ROOT
+    from align.compare.judges import truth_key
+    from align.core.reference import float64_copy, forced_truth
+
+    torch.manual_seed(0)
+    model, x = Parent(side_channel=False), torch.randn(4, 3)
+    ts = TorchSide()
+    trace = run_and_record(ts, model, {"x": x}, lambda out: out, keep_inputs=True)
+
+    def make(widened):
+        return {"x": x.double()}
+
+    key = PARAMETER_GRAD + "child.lin.weight"
+    every = forced_truth(ts, float64_copy(model), trace.calls, trace.param_grads, make)
+    assert truth_key("child.lin", key) in every and truth_key("child", key) not in every
+    mirrored = forced_truth(ts, float64_copy(model), trace.calls, trace.param_grads, make, forced={ROOT, "child"})
+    assert truth_key("child.lin", key) not in mirrored
+    # exactly the gradient of child's whole stretch, lin and tanh, from child's recorded output gradient
+    child = float64_copy(model.child)
+    (grad_out,) = trace.calls["child"].grads.values()
+    (child(x.double()) * torch.from_numpy(grad_out).double()).sum().backward()
+    np.testing.assert_allclose(mirrored[truth_key("child", key)], child.lin.weight.grad.numpy(), rtol=1e-12, atol=0)
+
+
+class ByKeyword(torch.nn.Module):
+    """Calls its layer by keyword, as transformers' layers call their attention
+    (`self_attn(hidden_states=...)`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer, self.out = HiddenStates(), torch.nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.out(self.layer(hidden_states=torch.tanh(x))).sum()
+
+
+class HiddenStates(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+
+    def forward(self, hidden_states):
+        return self.lin(hidden_states) * hidden_states
+
+
+class Positional(ByKeyword):
+    """The same model whose layer takes `x` by position (a timm-style port)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = TakesX()
+
+    def forward(self, x):
+        return self.out(self.layer(torch.tanh(x))).sum()
+
+
+class TakesX(HiddenStates):
+    def forward(self, x):
+        return self.lin(x) * x
+
+
+def test_a_positional_input_answers_the_references_keyword_of_that_position():
+    """The port's `x` at position 0 is the reference's `hidden_states=`, passed by keyword: it
+    is replaced by the reference's value, and the gradient that comes back to it is judged as
+    the layer's own, not left to the port's own upstream value."""
+    torch.manual_seed(0)
+    ref, x = ByKeyword(), torch.randn(4, 3, requires_grad=True)
+    port = Positional()
+    port.load_state_dict(ref.state_dict())
+    ts = TorchSide()
+    trace = run_and_record(ts, ref, {"x": x}, lambda out: out, keep_inputs=True)
+    assert trace.calls["layer"].arg_names == () and trace.calls["layer"].params == ("hidden_states",)
+    judge = Collector(TOL)
+    forcer = force(ts, port, {"x": x}, trace.calls, {n: n for n in trace.calls}, judge, trace.param_grads, dict)
+    assert forcer.notes["layer"].ignored == []
+    found = {(o, d, label) for (o, d), items in judge.found.items() for label, _ in items}
+    assert ("layer", "backward", "grad of input hidden_states") in found

@@ -90,3 +90,24 @@ def test_paddleclas_clip_with_exact_gelu_passes(tmp_path):
     assert {"visual_projection.weight", "vision_model.embeddings.class_embedding"} <= names
     assert [g["name"] for g in report["input_grads"]] == ["input:pixel_values"]
     assert not [u for u in report["unpaired"] if not u["allowed"]]
+
+
+def test_a_trace_made_without_the_ports_modules_says_its_truth_forces_more(tmp_path):
+    """`align run` asks the port's environment for its module paths before tracing, so the
+    float64 truth forces only what PaddleClas's fused port forces; a trace made by hand without
+    them (`align trace` alone) forces every call, and the report says what that costs."""
+    import subprocess
+
+    trace = tmp_path / "trace"
+    assert main(["--registry", str(REGISTRY), "trace", "pc-clip", "--config", "tiny-gelu", "--out", str(trace),
+                 "--quiet"]) == 0
+    out = tmp_path / "checked"
+    proc = subprocess.run([str(CL_PYTHON), "-m", "align", "--registry", str(REGISTRY), "check", "pc-clip", "--trace",
+                           str(trace), "--dtype", "fp32", "--out", str(out), "--quiet"], capture_output=True, text=True,
+                          timeout=600, check=False)
+    report = json.loads((out / "report.json").read_text())
+    assert proc.returncode == 0 and report["verdict"] == "pass"
+    assert any(w.startswith("the float64 truth was made forcing every reference call") for w in report["warnings"])
+    # `align run` traced with the port's modules: no such warning
+    code, report = run("pc-clip", "--config", "tiny-gelu", tmp=tmp_path)
+    assert code == 0 and not any("float64 truth was made" in w for w in report["warnings"])

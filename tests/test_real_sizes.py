@@ -4,7 +4,7 @@ judges; and --strict there fails, naming the literal rule and the reference's ow
 
 import pytest
 
-MID = ["gemma2", "phi3", "modernbert", "vit"]
+MID = ["gemma2", "phi3", "modernbert", "vit", "vit-timm"]
 
 
 @pytest.mark.parametrize("model", MID)

@@ -86,10 +86,21 @@ def _seen_as(t_shape: tuple, ref: np.ndarray) -> np.ndarray:
 
 def _arg_names(call: Call, ref_call: Call, n: int) -> tuple[str, ...]:
     """Positional inputs named as the reference's forward names them (so `x` and `input` at
-    position 0 are one input), else by the port's own names."""
-    own = call.arg_names
-    return tuple(ref_call.arg_names[i] if i < len(ref_call.arg_names) else own[i] if i < len(own) else f"args[{i}]"
-                 for i in range(n))
+    position 0 are one input), else by the port's own names where the reference's caller
+    passed those by keyword, else by the reference's parameter at that position where its
+    caller passed that one by keyword (a timm-style attention's `x` is transformers'
+    `self_attn(hidden_states=...)`), else by the port's own names."""
+    own, by_keyword = call.arg_names, ref_call.kwargs.keys()
+
+    def name(i: int) -> str:
+        if i < len(ref_call.arg_names):
+            return ref_call.arg_names[i]
+        mine = own[i] if i < len(own) else f"args[{i}]"
+        if mine not in by_keyword and i < len(ref_call.params) and ref_call.params[i] in by_keyword:
+            return ref_call.params[i]
+        return mine
+
+    return tuple(name(i) for i in range(n))
 
 
 def _as_reference_paths(flat: list[tuple[str, Any]], ref_outputs: dict[str, Arr]) -> list[tuple[str, Any]]:

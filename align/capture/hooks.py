@@ -84,7 +84,8 @@ def hooked(fw: Framework, model: Any, sink: Sink, prefix: str = "") -> Iterator[
             counts[path] = counts.get(path, 0) + 1
             name = path if counts[path] == 1 else f"{path}#{counts[path]}"
             call = Call(name, path, type_name, clock["start"])
-            call.arg_names = positional_names(module.forward)[: len(args)]
+            call.params = positional_names(module.forward)
+            call.arg_names = call.params[: len(args)]
             clock["start"] += 1
             caller = stack[-1] if stack else None
             stack.append(call)

@@ -71,6 +71,9 @@ class Call:
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
     arg_names: tuple[str, ...] = ()  # forward's parameter name for each positional arg
+    # forward's positional parameters, all of them: what another model's positional inputs
+    # answer to, where this call passed them by keyword
+    params: tuple[str, ...] = ()
     outputs: dict[str, Arr] = field(default_factory=dict)
     grads: dict[str, np.ndarray] = field(default_factory=dict)  # external d(loss)/d(output)
     input_grads: dict[str, np.ndarray] = field(default_factory=dict)  # what the module sends back to each input

@@ -15,7 +15,7 @@ import sys
 
 from rich.console import Console
 
-from align.cli.commands import check, convert, gate, render, run, trace
+from align.cli.commands import check, convert, gate, port_modules, render, run, trace
 from align.cli.parser import UsageError, build_parser
 from align.cli.shell import crash_log, failed_step, held_logs, registry_of
 from align.cli.weights import weights
@@ -61,7 +61,8 @@ def _command(args, argv: list[str], console: Console) -> int:
         return ExitCode.ALIGNED
     commands = {"gate": lambda: gate(args, console), "report": lambda: render(args, console),
                 "weights": lambda: weights(args, console), "convert": lambda: convert(args, console),
-                "trace": lambda: trace(args, console), "check": lambda: check(args, argv, console)}
+                "trace": lambda: trace(args, console), "check": lambda: check(args, argv, console),
+                "port-modules": lambda: port_modules(args)}
     return commands.get(args.command, lambda: run(args, argv, console))()
 
 

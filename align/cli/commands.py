@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shlex
 import time
 from pathlib import Path
@@ -52,12 +53,14 @@ def _align_across(spec: ModelSpec, out: Path, console: Console, quiet: bool, com
                   keep: tuple[str, ...] = ()) -> dict:
     """The reference here, the port in its own environment: trace, then `align check` there."""
     from align.atomic import scratch
-    from align.core.across import check_elsewhere, environment_python, trace_reference
+    from align.core.across import check_elsewhere, environment_python, port_modules_elsewhere, trace_reference
 
     env_dir = environment_python(spec).parent.parent
     with scratch("trace") as tmp:
         with progress_of(console, spec.name, quiet) as progress:
-            run, trace = trace_reference(spec, Path(tmp) / spec.name, progress, config, checkpoint, only, fast)
+            modules = port_modules_elsewhere(spec, config, Path(tmp))
+            run, trace = trace_reference(spec, Path(tmp) / spec.name, progress, config, checkpoint, only, fast,
+                                         port_modules=modules)
         console.print(f"{spec.name}: reference traced here (torch {run.env['torch']}); "
                       f"checking the port in {env_dir.name}", highlight=False)
         return check_elsewhere(spec, trace, out, command, dtypes, weights_from, fast, keep, quiet)
@@ -172,10 +175,42 @@ def trace(args: argparse.Namespace, console: Console) -> ExitCode:
     from align.core.across import trace_reference
 
     spec = registry_of(args).get(args.model)
+    modules = None if args.port_modules is None else _module_list(args.port_modules)
     with progress_of(console, spec.name, args.quiet) as progress:
-        run, path = trace_reference(spec, args.out, progress, args.config, args.checkpoint, force=args.force)
+        run, path = trace_reference(spec, args.out, progress, args.config, args.checkpoint, force=args.force,
+                                    port_modules=modules)
     console.print(f"traced {spec.name} ({run.config_name} config): {len(run.trace.calls)} module calls, "
                   f"torch {run.env['torch']}, transformers {run.env['transformers']} -> {path}")
+    return ExitCode.ALIGNED
+
+
+def _json_file(path: Path, option: str) -> object:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(path, "", f"no such file ({option})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(path, "", f"not valid JSON: {e}") from None
+
+
+def _module_list(path: Path) -> list[str]:
+    modules = _json_file(path, "--port-modules")
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise ConfigError(path, "", "expected a JSON list of module paths, as `align port-modules` writes")
+    return modules
+
+
+def port_modules(args: argparse.Namespace) -> ExitCode:
+    from align import builders
+    from align.atomic import write_atomic
+    from align.core.port import port_modules as module_paths
+
+    spec = registry_of(args).get(args.model)
+    values = _json_file(args.values, "--values")
+    if not isinstance(values, dict):
+        raise ConfigError(args.values, "", "expected a JSON object of the reference config's values")
+    port = builders.port_skeleton(spec, values)
+    write_atomic(args.out, json.dumps(sorted(module_paths(port))) + "\n")
     return ExitCode.ALIGNED
 
 

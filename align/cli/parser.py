@@ -72,7 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--checkpoint", type=Path, help="reference weights (safetensors) instead of seeded random ones")
     trace.add_argument("--out", type=Path, required=True, help="the trace directory to write")
     trace.add_argument("--force", action="store_true", help="replace an existing trace")
+    trace.add_argument("--port-modules", type=Path, metavar="JSON",
+                       help="the port's module paths (written by `align port-modules`): the float64 truth then "
+                            "forces only the reference calls that port pairs with, as its forced pass does")
     trace.add_argument("--quiet", action="store_true", help="no progress display")
+
+    modules = sub.add_parser("port-modules", help="write the port's module paths (JSON), for `align trace "
+                                                  "--port-modules` in the reference's environment")
+    modules.add_argument("model")
+    modules.add_argument("--values", type=Path, required=True, metavar="JSON",
+                         help="the reference config's values the port is built from")
+    modules.add_argument("--out", type=Path, required=True, help="the JSON file to write")
 
     check = sub.add_parser("check", help="run only the port against a saved trace; same report as `align run`")
     check.add_argument("model")

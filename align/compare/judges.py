@@ -10,7 +10,6 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from align.capture.trace import PARAMETER_GRAD
 from align.compare.metrics import (
     Metrics,
     combine,
@@ -101,7 +100,4 @@ class Keeper:
 
 
 def truth_key(owner: str, label: str) -> str:
-    """Where the truth of a comparison is kept. A parameter's gradient is one tensor whichever
-    call it is judged under: a port's fused qkv counts for its attention, the reference's
-    q_proj for the q_proj call."""
-    return label if label.startswith(PARAMETER_GRAD) else f"{owner}|{label}"
+    return f"{owner}|{label}"

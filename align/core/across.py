@@ -4,7 +4,9 @@ PaddleFormers'). The trace on disk (trace_io.py) is all the two processes share.
 
 from __future__ import annotations
 
+import json
 import subprocess
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +39,30 @@ def environment_python(spec: ModelSpec) -> Path:
 
 def trace_reference(spec: ModelSpec, dst: Path, progress: Progress, config: str | None = None,
                     checkpoint: Path | None = None, only: tuple[str, ...] = (), fast: bool = False,
-                    force: bool = False) -> tuple[ReferenceRun, Path]:
-    """Run the reference and write its trace to `dst`, whole or not at all (`align trace`)."""
+                    force: bool = False, port_modules: Collection[str] | None = None) -> tuple[ReferenceRun, Path]:
+    """Run the reference and write its trace to `dst`, whole or not at all (`align trace`);
+    its float64 truth forces what a port with `port_modules` forces (see forced_truth)."""
     with TraceWriter(dst, force) as writer:
-        run = run_reference(spec, config, checkpoint, progress, only, sink=writer, observe=not fast)
+        run = run_reference(spec, config, checkpoint, progress, only, sink=writer, observe=not fast,
+                            port_modules=port_modules)
         return run, writer.finish(run)
+
+
+def port_modules_elsewhere(spec: ModelSpec, config: str | None, tmp: Path) -> list[str]:
+    """The port's module paths, from its own environment (`align port-modules`), built from the
+    reference config's values: what the trace's float64 truth is to force."""
+    from align import builders
+
+    values = builders.values_of(builders.reference_config(spec, config or spec.default_config))
+    (tmp / "values.json").write_text(json.dumps(values, default=str))
+    cmd = [str(environment_python(spec)), "-m", "align", "--registry", str(spec.source), "port-modules", spec.name,
+           "--values", str(tmp / "values.json"), "--out", str(tmp / "modules.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
+        raise ConfigError(spec.source, f"models.{spec.name}.port", f"`align port-modules` in {spec.port_environment} "
+                          f"failed (exit code {proc.returncode}): {last}")
+    return json.loads((tmp / "modules.json").read_text())
 
 
 def check_elsewhere(spec: ModelSpec, trace: Path, out: Path, command: str, dtypes: tuple[str, ...] | None = None,

@@ -35,7 +35,7 @@ from align.compare.results import (
     Tolerances,
 )
 from align.core.judged import Judgement, Progress, as_reference, now, selected, tolerance_policy
-from align.core.reference import ReferenceRun, free_truth, run_reference
+from align.core.reference import ReferenceRun, free_truth, paired_calls, run_reference
 from align.diagnose.culprits import culprits, first_divergence, uncalled
 from align.diagnose.environment import bf16_unavailable, environment, environment_warnings, port_environment
 from align.diagnose.findings import Finding, dtype_table
@@ -86,7 +86,7 @@ def check_port(spec: ModelSpec, ref: ReferenceRun, dtypes: tuple[str, ...] | Non
                                           partial(_port_key, wmap, rules))
     findings = mismatched + findings
     env = environment(ref.env, port_environment(), {"init": spec.init.seed, "inputs": spec.inputs.seed})
-    warnings = environment_warnings(env)
+    warnings = environment_warnings(env) + _truth_forces(ref, paired_calls(ref.trace.calls, port_modules(port), rules))
     runs: list[RunResult] = []
     outputs: tuple[TensorResult, ...] = ()
     param_grads: tuple[TensorResult, ...] = ()
@@ -195,6 +195,25 @@ def _port_key(wmap: W.WeightMap, rules: W.Rules, key: str) -> str | None:
     return rules.rename(key)[0]
 
 
+def port_modules(port: Any) -> set[str]:
+    return {ROOT} | {n for n, _ in port.named_sublayers()}
+
+
+def _truth_forces(ref: ReferenceRun, forced: frozenset[str] | None) -> list[str]:
+    """The float64 truth, not made yet, is to force the calls the port's pass forces; one made
+    already for other calls (a trace made without the port's module paths) is said."""
+    if ref.fp64 is None:
+        ref.forced = forced
+        return []
+    if not ref.trace.calls or ref.fp64.forced == forced:
+        return []
+    made = "every reference call" if ref.fp64.forced is None else f"{len(ref.fp64.forced)} reference calls"
+    return [f"the float64 truth was made forcing {made}, not the {len(forced or ref.trace.calls)} this port's pass "
+            f"forces: where one stretch of the port covers several reference calls (a fused qkv) it is tighter "
+            f"than the port's own rounding (a possible false alarm, never a false pass); trace with "
+            f"--port-modules (`align port-modules`), as `align run` does"]
+
+
 def _fresh_inputs(spec: ModelSpec, ref: ReferenceRun, ps: Any) -> Feed:
     """The model's inputs as the port takes them, in tensors of their own."""
     return feed(ps, spec, inputs_for_port(ref.inputs, spec), call_kwargs(spec, ROOT), ref.trace.calls[ROOT].arg_names)
@@ -207,9 +226,9 @@ def _forced(spec: ModelSpec, ref: ReferenceRun, ps: Any, port: Any, wmap: W.Weig
     there is a core and the memory for it. Returns what that run observed (or None), the
     pairs and the port-to-reference call names."""
     calls = ref.trace.calls
-    port_modules = {ROOT} | {n for n, _ in port.named_sublayers()}
+    modules = port_modules(port)
     ref_calls = [(n, c.module) for n, c in calls.items()]
-    pairing = pair_calls(ref_calls, port_modules, rules.rename_module)
+    pairing = pair_calls(ref_calls, modules, rules.rename_module)
     bad_glob = judgement.tolerances.unmatched([p.ref for p in pairing.pairs] + list(ref.trace.param_grads))
     if bad_glob is not None:
         raise ConfigError(spec.source, f"models.{spec.name}.tolerance.overrides",
@@ -236,7 +255,7 @@ def _forced(spec: ModelSpec, ref: ReferenceRun, ps: Any, port: Any, wmap: W.Weig
                  "again in float64, as the truth")
         collector.settle(ref.float64().truth)
     # Paired again with the calls the port made, to name those no reference call maps to.
-    pairing = pair_calls(ref_calls, port_modules, rules.rename_module, [(n, n.split("#")[0]) for n in forcer.owner])
+    pairing = pair_calls(ref_calls, modules, rules.rename_module, [(n, n.split("#")[0]) for n in forcer.owner])
     judgement.record(collector, forcer, list(pairing.pairs), calls, pairing.unpaired, model=True, raised=raised)
     return observed, list(pairing.pairs), to_ref
 

@@ -4,7 +4,7 @@ teacher forcing needs (ReferenceRun), plus, with a noise floor, the same run in 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -21,6 +21,7 @@ from align.capture.force import force
 from align.capture.hooks import ModelRaised, run_and_record
 from align.capture.trace import ROOT, Arr, Call, Trace
 from align.compare.judges import Keeper, truth_key
+from align.compare.pair import pair_calls
 from align.core.judged import Progress
 from align.diagnose.observer import Observer, bare_run, judge_observed
 from align.errors import ConfigError, one_line
@@ -47,6 +48,9 @@ class ReferenceRun:
     fp64: ReferenceRun | None = None  # the same run in float64 (the truth), once made
     only: tuple[str, ...] = ()  # module globs the report is limited to (--only); empty: every module
     truth: dict[str, np.ndarray] = field(default_factory=dict)  # fp64 run only: its forced values (force.Keeper)
+    # The reference calls the port's forced pass forces (those paired with a port module), which
+    # the forced truth forces alone; None: every call. On the fp64 run: those it was made for.
+    forced: frozenset[str] | None = None
     # In the process that ran the reference: makes the float64 run when a comparison first needs
     # it (not written to a trace, which holds the float64 run itself).
     later: Callable[[], ReferenceRun] | None = field(default=None, repr=False, compare=False)
@@ -54,7 +58,7 @@ class ReferenceRun:
     def float64(self) -> ReferenceRun:
         """The float64 run, made now if it was left for later."""
         if self.fp64 is None and self.later is not None:
-            self.fp64, self.later = self.later(), None
+            self.fp64, self.later = self.later(self.forced), None
         if self.fp64 is None:
             raise RuntimeError("no float64 run of the reference: the trace was written without one")
         return self.fp64
@@ -75,14 +79,16 @@ def fingerprint(spec: ModelSpec, config: str) -> str:
 
 def run_reference(spec: ModelSpec, config: str | None = None, checkpoint: Path | None = None,
                   progress: Progress = lambda s: None, only: tuple[str, ...] = (), sink: Any = None,
-                  observe: bool = True) -> ReferenceRun:
+                  observe: bool = True, port_modules: Collection[str] | None = None) -> ReferenceRun:
     """Run only the reference (torch), once, under hooks: every module's inputs, outputs and
     the gradients at both of its boundaries. That is all teacher forcing needs from it: the
     gradient a module sends back to its (boundary-wrapped) inputs, seeded with its recorded
     output gradients, is exactly what replaying it alone would give.
 
     With `observe`, the model also runs once without hooks (first), to prove they change nothing.
-    With a `sink` (a trace_io.TraceWriter), each call is written out and its tensors dropped.
+    With a `sink` (a trace_io.TraceWriter), each call is written out and its tensors dropped,
+    and the float64 truth is made now, forcing the calls that pair with `port_modules` (the
+    port's module paths; every call if not given, see forced_truth).
     """
     from align import builders
     from align.capture.torch_side import TorchSide
@@ -114,14 +120,15 @@ def run_reference(spec: ModelSpec, config: str | None = None, checkpoint: Path |
     # The float64 truth is made only if a comparison needs it, but a trace (another process
     # may judge the port) holds it, made now, before its calls are written out and dropped.
     make_fp64 = partial(_fp64_run, spec, ts, ref, inputs, trace, progress) if spec.noise_floor else None
-    fp64 = make_fp64() if make_fp64 and sink is not None else None
+    forced = None if port_modules is None else paired_calls(trace.calls, port_modules, rules)
+    fp64 = make_fp64(forced) if make_fp64 and sink is not None else None
     if sink is not None:
         for name, call in trace.calls.items():
             sink.add(name, call)
             call.release()
     return ReferenceRun(
         model=spec.name, config_name=config, config=builders.values_of(cfg), fingerprint=fingerprint(spec, config),
-        inputs=inputs, trace=trace, fp64=fp64, only=tuple(only), later=None if fp64 else make_fp64,
+        inputs=inputs, trace=trace, fp64=fp64, only=tuple(only), later=None if fp64 else make_fp64, forced=forced,
         weights={k: ts.view(v) for k, v in ref.state_dict().items()},  # nothing writes to them: shared
         dtypes={k: ts.dtype_name(t) for k, t in {**ts.parameters(ref), **ts.buffers(ref)}.items()},
         observer=observer, env=reference_environment(),
@@ -186,21 +193,36 @@ def float64_copy(module: Any) -> Any:
             p.grad = g
 
 
+def paired_calls(calls: dict[str, Call], port_modules: Collection[str], rules: W.Rules) -> frozenset[str] | None:
+    """The reference calls a port with these module paths pairs with, those its forced pass
+    forces; None if that is every call."""
+    pairing = pair_calls([(n, c.module) for n, c in calls.items()], set(port_modules), rules.rename_module)
+    paired = frozenset(p.ref for p in pairing.pairs)
+    return None if paired == frozenset(calls) else paired
+
+
 def forced_truth(ts: Any, module: Any, calls: dict[str, Call], params: Any, make: Callable[[dict[str, Call]], Any],
-                 owner: str = ROOT, prefix: str = "") -> dict:
+                 owner: str = ROOT, prefix: str = "", forced: Collection[str] | None = None) -> dict:
     """The noise floor's teacher-forced truth for one part of the reference: `module` (a
     float64 copy) forced on its record `calls` widened, on the inputs `make(widened)` makes
     (a Feed): what each stretch of code gives exactly on the inputs the port is fed, kept by a
     Keeper under the labels the port's forced pass uses. The Keeper reads no reference value,
-    so naming the parameters (`params`) whose gradients to keep is enough."""
+    so naming the parameters (`params`) whose gradients to keep is enough.
+
+    `forced`: the calls the port's pass forces; only those are forced here, so that each
+    stretch measured is the stretch the port's comparison covers. A port that fuses q, k and v
+    into one Linear has no counterpart of the reference's q_proj: its attention's output, and
+    its fused weight's gradient, are computed across the three projections, and so is their
+    truth. None: every call (a port that pairs with all of them)."""
     keeper, widened = Keeper(), widened_calls(calls)
-    force(ts, module, lambda: make(widened), widened, {n: n for n in widened}, keeper, dict.fromkeys(params),
+    to_ref = {n: n for n in widened if forced is None or n in forced}
+    force(ts, module, lambda: make(widened), widened, to_ref, keeper, dict.fromkeys(params),
           dict, owner=owner, prefix=prefix)
     return keeper.kept
 
 
 def _fp64_run(spec: ModelSpec, ts: Any, ref: Any, inputs: dict[str, Arr], trace: Trace,
-              progress: Progress) -> ReferenceRun:
+              progress: Progress, forced: frozenset[str] | None = None) -> ReferenceRun:
     """The reference again in float64: its whole run (the free-running truth), and one run
     forced on the fp32 run's values, widened (the teacher-forced truth, see forced_truth)."""
     progress("running the reference again in float64 (noise floor)")
@@ -208,10 +230,11 @@ def _fp64_run(spec: ModelSpec, ts: Any, ref: Any, inputs: dict[str, Arr], trace:
     wide = as_fp64(inputs)
     run64 = run_and_record(ts, ref64, feed(ts, spec, wide), backward_seed(ts, spec), keep_inputs=False)
     arg_names = trace.calls[ROOT].arg_names
-    truth = forced_truth(ts, ref64, trace.calls, trace.param_grads, lambda widened: feed(ts, spec, wide, None, arg_names))
+    truth = forced_truth(ts, ref64, trace.calls, trace.param_grads, lambda widened: feed(ts, spec, wide, None, arg_names),
+                         forced=forced)
     return ReferenceRun(model=spec.name, config_name="fp64", config={}, fingerprint="", inputs={}, trace=run64,
                         weights={}, dtypes={}, observer=Observer("torch", True, True, ()),
-                        env={}, checkpoint=None, created="", truth=truth)
+                        env={}, checkpoint=None, created="", truth=truth, forced=forced)
 
 
 def free_truth(fp64: ReferenceRun) -> dict[str, np.ndarray]:

@@ -96,7 +96,7 @@ class _ShellRecorder(Recorder):
             return super().enter(call, module, args, kwargs, caller)
         torch = self.loader.torch
         self.loader.load_ref(call.module)
-        record = Call(call.name, call.module, call.type, call.start, arg_names=call.arg_names)
+        record = Call(call.name, call.module, call.type, call.start, arg_names=call.arg_names, params=call.params)
         record.args, record.kwargs = snapshot(args, self.fw), snapshot(kwargs, self.fw)
         self.seen.append(_Block(call.name, args, kwargs, record))
         self._modes.append(torch.is_grad_enabled())
@@ -175,24 +175,27 @@ def _force_block(ps: Any, block: Any, port_name: str, ref_name: str, calls: dict
                  ref_param_grads, to_reference, owner=ref_name, prefix=port_name)
 
 
-def _block_truth(ts: Any, block: Any, name: str, calls: dict[str, Call], grads: dict[str, np.ndarray]) -> dict:
+def _block_truth(ts: Any, block: Any, name: str, calls: dict[str, Call], grads: dict[str, np.ndarray],
+                 forced: set[str]) -> dict:
     """The noise floor's truth for one block: a float64 copy of the reference block, forced
-    on its own record widened, as reference.fp64_run does for the whole model (a Keeper keeps
-    what it gives, under the labels the port's forced pass uses)."""
+    on its own record widened at the calls the port's pass forces (`forced`), as
+    reference.forced_truth does for the whole model (a Keeper keeps what it gives, under the
+    labels the port's forced pass uses)."""
     keeper, widened = Keeper(), widened_calls(calls)
-    _force_block(ts, float64_copy(block), name, name, widened, {n: n for n in widened}, keeper, grads,
+    _force_block(ts, float64_copy(block), name, name, widened, {n: n for n in widened if n in forced}, keeper, grads,
                  dict, {})
     return keeper.kept
 
 
 def _shell_truth(ts: Any, spec: ModelSpec, ref: Any, calls: dict[str, Call], block_records: set[str],
-                 inputs: dict[str, Arr], params: set[str]) -> dict:
+                 inputs: dict[str, Arr], params: set[str], forced: set[str]) -> dict:
     """The noise floor's truth for the shell: a float64 copy of the reference (its blocks are
     empty skeletons by now), forced on the record widened, each block answered from it."""
     ref64 = float64_copy(ref)
     wide, arg_names = as_fp64(inputs), calls[ROOT].arg_names
     with _answered(ts, ref64, {n: calls[n] for n in block_records}, widen=True):
-        return forced_truth(ts, ref64, calls, params, lambda widened: feed(ts, spec, wide, None, arg_names))
+        return forced_truth(ts, ref64, calls, params, lambda widened: feed(ts, spec, wide, None, arg_names),
+                            forced=forced)
 
 
 def align_streamed(spec: ModelSpec, config: str, checkpoint: Path, progress: Progress = lambda s: None,
@@ -349,7 +352,7 @@ class _Stream:
             self.progress(f"block {i + 1}/{count} ({b.name}): {len(judged.deferred)} comparisons fail the literal "
                           "tolerance: the reference block again in float64")
             self.loader.load_ref(b.name)
-            judged.settle(_block_truth(ts, module, b.name, block_calls, own))
+            judged.settle(_block_truth(ts, module, b.name, block_calls, own, {p.ref for p in pairing.pairs}))
             self.loader.free_ref(b.name)
         self.judgement.record(judged, forcer, list(pairing.pairs), block_calls, pairing.unpaired)
 
@@ -393,7 +396,8 @@ class _Stream:
             self.progress(f"reference: {len(judged.deferred)} comparisons of the shell fail the literal tolerance: "
                           "the shell again in float64 (a float64 copy of it: twice its weights)")
             self.loader.load_ref("", exclude=blocks)
-            judged.settle(_shell_truth(ts, spec, self.ref, ref_calls, block_records, self.inputs, shell_params))
+            judged.settle(_shell_truth(ts, spec, self.ref, ref_calls, block_records, self.inputs, shell_params,
+                                       {p.ref for p in pairing.pairs}))
             self.loader.free_ref("", exclude=blocks)
         del shell_grads  # and so its memory maps, before their directory goes
         self.judgement.record(judged, forcer, [p for p in pairing.pairs if p.ref not in block_records], ref_calls,

@@ -9,7 +9,8 @@ Layout of a trace directory:
     param_grads.safetensors   every parameter gradient
     weights.safetensors       the reference's state dict (what the port's weights come from)
     fp64/                     with a noise floor: the float64 run, the same layout, plus
-                              truth.safetensors (its teacher-forced values)
+                              truth.safetensors (its teacher-forced values, forced on the
+                              calls its manifest's `forced` lists; on every call if null)
 
 Everything is written into a temporary directory beside the destination, which is renamed
 into place once the manifest (written last) is complete.
@@ -96,7 +97,7 @@ class TraceWriter:
         t = _Tensors("t")
         entry = {
             "name": name, "module": call.module, "type": call.type, "start": call.start, "end": call.end,
-            "arg_names": list(call.arg_names), "args": _encode(call.args, t), "kwargs": _encode(call.kwargs, t),
+            "arg_names": list(call.arg_names), "params": list(call.params), "args": _encode(call.args, t), "kwargs": _encode(call.kwargs, t),
             "outputs": _encode(dict(call.outputs), t), "grads": {p: t.add(g) for p, g in call.grads.items()},
             "input_grads": {p: t.add(g) for p, g in call.input_grads.items()},
             "file": f"calls/{len(self.calls):05d}.safetensors",
@@ -119,6 +120,7 @@ class TraceWriter:
             "params_dtype": run.trace.params_dtype,
             "calls": self.calls,
             "fp64": run.fp64 is not None,
+            "forced": None if run.forced is None else sorted(run.forced),
         }
         inputs.save(self.tmp / "inputs.safetensors")
         grads.save(self.tmp / "param_grads.safetensors")
@@ -169,7 +171,7 @@ def read_trace(path: Path) -> Any:
             arrays = load_arrays(path / c["file"])
             call = Call(c["name"], c["module"], c["type"], c["start"], c["end"],
                         args=_decode(c["args"], arrays), kwargs=_decode(c["kwargs"], arrays),
-                        arg_names=tuple(c["arg_names"]), outputs=_decode(c["outputs"], arrays),
+                        arg_names=tuple(c["arg_names"]), params=tuple(c.get("params", ())), outputs=_decode(c["outputs"], arrays),
                         grads={p: arrays[k] for p, k in c["grads"].items()},
                         input_grads={p: arrays[k] for p, k in c["input_grads"].items()})
             calls[c["name"]] = call
@@ -185,6 +187,7 @@ def read_trace(path: Path) -> Any:
                                  "differing": tuple(manifest["observer"]["differing"])}),
             env=manifest["env"], checkpoint=manifest["checkpoint"], created=manifest["created"],
             fp64=read_trace(path / "fp64") if manifest.get("fp64") else None, only=tuple(manifest.get("only", ())),
+            forced=None if manifest.get("forced") is None else frozenset(manifest["forced"]),
         )
     except ConfigError as e:  # one of its files, damaged or gone
         raise ConfigError(path, "", f"corrupt or incomplete trace: {e}") from None
