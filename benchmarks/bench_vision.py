@@ -1,5 +1,5 @@
-"""Vision ports at their real widths: ViT-B/16 and Swin-T at 224 x 224 (the registry's `b16`
-and `t` configs, seeded random weights, a batch of 2 images with labels), each on the full
+"""Vision ports at their real widths: ViT-B/16 (against transformers' and timm's) and Swin-T at
+224 x 224 (the registry's `b16` and `t` configs, seeded random weights, a batch of 2 images with labels), each on the full
 path (`align run`) and the gate's (`--fast`), in fresh processes.
 
     .venv/bin/python benchmarks/bench_vision.py [--repeat 1]
@@ -17,6 +17,7 @@ import json
 from common import RESULTS, align_in_process, update_readme
 
 MODELS = {("vit", "b16"): "ViT-B/16 (12 layers, hidden 768, 197 tokens)",
+          ("vit-timm", "b16"): "ViT-B/16 against timm's (fused qkv split by rule)",
           ("swin", "t"): "Swin-T (depths 2-2-6-2, embed 96, window 7)"}
 
 
