@@ -111,3 +111,14 @@ def test_a_trace_made_without_the_ports_modules_says_its_truth_forces_more(tmp_p
     # `align run` traced with the port's modules: no such warning
     code, report = run("pc-clip", "--config", "tiny-gelu", tmp=tmp_path)
     assert code == 0 and not any("float64 truth was made" in w for w in report["warnings"])
+
+
+def test_paddleclas_vit_matches_timm_name_for_name(tmp_path):
+    """PaddleClas's ViT keeps timm's layout: against timm's VisionTransformer no tensor is
+    renamed, the fused qkv is one tensor on both sides, and every module of the port pairs."""
+    code, report = run("pc-vit-timm", tmp=tmp_path)
+    assert code == 0 and report["verdict"] == "pass", report["culprits"]
+    assert {w["rule"] for w in report["weights"]} == {"same name"}, \
+        {w["rule"] for w in report["weights"]}
+    assert {"blocks.0.attn.qkv.weight", "blocks.1.attn.qkv.bias"} <= {p["name"] for p in report["param_grads"]}
+    assert not [u for u in report["unpaired"] if not u["allowed"]]
