@@ -37,13 +37,28 @@ def test_rtol_term_scales_with_reference():
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_nan_and_inf_never_pass(bad):
+def test_nan_and_inf_where_the_reference_is_finite_never_pass(bad):
     ref = np.array([1.0, 2.0])
     m = compare_arrays(np.array([1.0, bad]), ref, TOL)
     assert not m.passed and "NaN or Inf" in m.note
-    # Even when both sides agree on the non-finite value.
-    both = np.array([1.0, bad])
+
+
+def test_nan_never_passes_even_where_the_reference_has_it_too():
+    both = np.array([1.0, np.nan])
     assert not compare_arrays(both, both.copy(), TOL).passed
+    assert not compare_arrays(np.array([1.0 + 1e-7, np.nan]), both, TOL).passed
+
+
+def test_an_infinity_the_reference_has_at_the_same_place_is_equal():
+    """An attention mask's -inf, built alike on both sides (whisper's decoder), is no error;
+    the opposite sign, or an Inf against a finite value, is; the finite rest is judged."""
+    mask = np.triu(np.full((3, 3), -np.inf, np.float32), 1)
+    assert compare_arrays(mask, mask.copy(), TOL).passed  # bit-identical
+    near = np.where(np.isinf(mask), mask, mask + np.float32(1e-7))
+    m = compare_arrays(near, mask, TOL)
+    assert m.passed and m.note == "3 infinities where the reference has the same" and m.needed_atol <= 1e-6
+    assert not compare_arrays(np.where(np.isinf(mask), -mask, mask), mask, TOL).passed
+    assert not compare_arrays(np.where(np.isinf(mask), mask, mask + np.float32(1e-3)), mask, TOL).passed
 
 
 def test_shape_mismatch_and_empty_fail():

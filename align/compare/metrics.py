@@ -82,7 +82,9 @@ def needed_atol(actual: np.ndarray, expected: np.ndarray, rtol: float) -> float:
 def compare_arrays(actual: np.ndarray, expected: np.ndarray, tol: Tolerance, label: str = "") -> Metrics:
     """Compare one port tensor with its reference under an elementwise atol/rtol rule.
 
-    Fails on shape mismatch, on an empty tensor, and on any NaN or Inf in either side.
+    Fails on shape mismatch, on an empty tensor, on any NaN in either side, and on an Inf
+    that the reference does not have at the same place with the same sign (an attention
+    mask's -inf, built the same on both sides, is equal; an overflow is not).
     Elementwise work is done in the tensors' own precision when both are float32 (as
     torch.isclose does), the reductions that need it (cosine) in float64: comparing is on
     the hot path of every run, and fresh float64 temporaries cost more than the arithmetic.
@@ -100,7 +102,7 @@ def compare_arrays(actual: np.ndarray, expected: np.ndarray, tol: Tolerance, lab
             return _failed(f"dtype mismatch: port {actual.dtype} vs reference {expected.dtype}", label)
         return _compare_exact(actual, expected, label) if kinds[0] in "iub" else _compare_complex(actual, expected, tol, label)
     if actual.dtype == expected.dtype and _equal(actual, expected) \
-            and np.isfinite(expected).all():
+            and not np.isnan(expected).any():
         return _identical(expected, label)  # common under teacher forcing, and cheap to see
     if expected.size > CHUNK:
         return _compare_chunked(actual, expected, tol, label)
@@ -293,27 +295,33 @@ def _identical(expected: np.ndarray, label: str) -> Metrics:
 
 
 def _compare_nonfinite(actual: np.ndarray, expected: np.ndarray, tol: Tolerance, label: str) -> Metrics:
-    """The slow, careful path for tensors holding NaN or Inf: they never pass."""
+    """The slow, careful path for tensors holding NaN or Inf. A NaN never passes, nor does
+    an Inf but where the reference has the same Inf; the finite rest is judged as usual."""
     a = actual.astype(np.float64)
     e = expected.astype(np.float64)
     finite = np.isfinite(a) & np.isfinite(e)
-    diff = np.where(finite, abs_diff(a, e), np.inf)
-    allowed = tol.atol + tol.rtol * np.where(finite, np.abs(e), 0.0)
-    ok = diff <= allowed
+    same_inf = np.isinf(e) & (a == e)
+    with np.errstate(invalid="ignore"):
+        diff = np.where(finite, abs_diff(a, e), np.where(same_inf, 0.0, np.inf))
+    slack = diff - tol.rtol * np.where(finite, np.abs(e), 0.0)
+    ok = slack <= tol.atol
     worst = np.unravel_index(int(np.argmax(diff)), diff.shape)
-    nonfinite = int(finite.size - finite.sum())
+    unmatched = int(diff.size - finite.sum() - same_inf.sum())
+    passed = bool(ok.all())
+    note = (f"{int(same_inf.sum())} infinities where the reference has the same" if passed else
+            f"{unmatched} element(s) are NaN or Inf where the reference has no such value "
+            f"(port {int((~np.isfinite(a)).sum())}, reference {int((~np.isfinite(e)).sum())} not finite)")
     return Metrics(
         max_abs=float(diff.max()),
         mean_abs=float(diff.mean()),
-        max_rel=float(np.where(finite, rel_diff(a, e), np.inf).max()),
+        max_rel=float(np.where(finite, rel_diff(a, e), np.where(same_inf, 0.0, np.inf)).max()),
         cosine=cosine(np.where(finite, a, 0.0), np.where(finite, e, 0.0)),
-        passed=False,
+        passed=passed,
         numel=int(ok.size),
         mismatched=int(ok.size - ok.sum()),
-        needed_atol=float("inf"),
+        needed_atol=float(max(slack.max(), 0.0)) if passed else float("inf"),
         worst=f"{label}{list(map(int, worst))}" if label else str(list(map(int, worst))),
-        note=f"{nonfinite} element(s) are NaN or Inf (port {int((~np.isfinite(a)).sum())}, "
-             f"reference {int((~np.isfinite(e)).sum())})",
+        note=note,
     )
 
 
