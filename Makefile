@@ -23,7 +23,10 @@ $(STAMP): pyproject.toml Makefile
 	# torchvision's Python code imports with its CUDA-only ops declared (reference/torchvision_ops.py).
 	$(PY) -c "import pathlib, sysconfig; pathlib.Path(sysconfig.get_path('purelib'), 'align-torchvision.pth')\
 	.write_text('import reference.torchvision_ops as o; o.install()\n')"
-	$(PY) -c "import torchvision, timm, transformers; assert torchvision.__version__.startswith('0.28.0')"
+	# openai-whisper without its requirements: they pull triton (x86_64 Linux), which nothing
+	# here runs; its own dependencies are pinned in pyproject.toml.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps openai-whisper==20250625
+	$(PY) -c "import torchvision, timm, transformers, whisper; assert torchvision.__version__.startswith('0.28.0')"
 	touch $(STAMP)
 
 # PaddleFormers pins transformers < 5.4, so its ports run in their own environment, with align

@@ -148,12 +148,16 @@ def build_reference(spec: ModelSpec, cfg: Any, checkpoint: Path | None = None,
     # Norm weights stay around their own scale (1 for LayerNorm, 0 for Gemma's 1 + w) but
     # differ per channel, biases stop being zero: every weight matters to the output, and the
     # same seed gives the same weights on every machine.
-    if not spec.init.std:
-        return model
-    gen = torch.Generator().manual_seed(spec.init.seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * spec.init.std)
+    if spec.init.std:
+        gen = torch.Generator().manual_seed(spec.init.seed)
+        with torch.no_grad():
+            for _, p in sorted(model.named_parameters()):
+                p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * spec.init.std)
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise ConfigError(spec.source, f"models.{spec.name}.reference", f"parameter {name} is not finite after "
+                              f"{spec.reference_class}'s own initialisation (a torch.empty no init fills?): "
+                              f"initialise it in a reference builder, or give a --checkpoint")
     return model
 
 

@@ -66,6 +66,9 @@ class Notes:
 
     ignored: list[str] = field(default_factory=list)  # reference inputs the port's call has no counterpart for
     kept: list[str] = field(default_factory=list)  # inputs left as the port made them (another layout)
+    # of those, the ones that are another tensor, not another layout: other sizes, not the
+    # reference's dimensions in another order (text where the reference passes audio)
+    foreign: list[str] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)  # outputs the port returns beyond the reference's
 
 
@@ -221,6 +224,8 @@ class Forcer:
             seen.add(path)
             if not _compatible(fw, t, a):
                 notes.kept.append(f"{path} ({fw.dtype_name(t)}{list(t.shape)} vs reference {a.dtype}{list(a.data.shape)})")
+                if sorted(t.shape) != sorted(a.data.shape):
+                    notes.foreign.append(path)
                 return self._kept(ref_name, t)
             label = f"{ref_name} input {path}"  # the reference's names: the noise floor's truth is kept by them
             if parent is not None:

@@ -61,6 +61,9 @@ class LayerResult:
     # False: the port ran past it without calling it. Its caller's code is what is wrong (see
     # diagnose.culprits.uncalled), or, if its caller passes without it, nothing is.
     called: bool = True
+    # inputs the port passed that are another tensor than the reference's (other sizes): this
+    # module was not judged on the reference's input, so its caller's code is suspect first
+    foreign_inputs: tuple[str, ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -80,6 +83,7 @@ class LayerResult:
             "amplification": None if self.amplification is None else self.amplification.to_dict(),
             "reached": self.reached,
             "called": self.called,
+            "foreign_inputs": list(self.foreign_inputs),
         }
 
 

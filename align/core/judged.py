@@ -87,7 +87,7 @@ def forced_layers(pairs: list[Pair], ref_calls: dict[str, Call], forced: Forcer,
         layers.append(LayerResult(p.ref, p.port, call.type,
                                   judged.get(p.ref, FORWARD) or missing("the module returned no tensor"),
                                   judged.get(p.ref, BACKWARD), tol, _notes(notes), tuple(notes.extra),
-                                  module=p.ref_module))
+                                  module=p.ref_module, foreign_inputs=tuple(notes.foreign)))
     return layers
 
 

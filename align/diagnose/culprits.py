@@ -33,7 +33,14 @@ def first_divergence(layers: tuple[LayerResult, ...], forward_order: list[str], 
     fwd = next((n for n in forward_order if n in by_name and not by_name[n].forward.passed), None)
     bwd = next((n for n in backward_order if n in by_name and by_name[n].backward is not None
                 and not by_name[n].backward.passed), None)
-    return Divergence(fwd, bwd)
+    return Divergence(*(None if n is None else _blamed(by_name[n], layers)[0] for n in (fwd, bwd)))
+
+
+def _blamed(layer: LayerResult, layers: tuple[LayerResult, ...]) -> list[str]:
+    """Whose code a failing module's failure is: its own, or, where the port fed it another
+    tensor than the reference's (see culprits), its caller's."""
+    callers = _callers(layer, layers) if layer.foreign_inputs else []
+    return [c.name for c in callers] or [layer.name]
 
 
 def _failed(layer: LayerResult, direction: str) -> bool:
@@ -47,11 +54,17 @@ def culprits(layers: tuple[LayerResult, ...], forward_order: list[str], backward
     Under teacher forcing every module sees the reference's inputs, so a module that fails
     while all of its children pass holds the bug in its own code: a functional attention
     core, a mask built in forward, a loss. Listed in forward (or backward) order.
+
+    A module the port fed another tensor than the reference's (foreign_inputs: other sizes,
+    which forcing cannot replace) was not judged on the reference's input: the code that
+    made that input, its caller's, is named instead (a cross-attention keyed on the text).
     """
     found = {}
+    by_name = {layer.name: layer for layer in layers}
     for direction, order in ((FORWARD, forward_order), (BACKWARD, backward_order)):
         rank = {n: i for i, n in enumerate(order)}
-        names = deepest([layer for layer in layers if _failed(layer, direction)])
+        names = {blamed for name in deepest([layer for layer in layers if _failed(layer, direction)])
+                 for blamed in _blamed(by_name[name], layers)}
         found[direction] = tuple(sorted(names, key=lambda n: rank.get(n, len(rank))))
     named = set(found[FORWARD]) | set(found[BACKWARD])
     skipped: dict[str, list[str]] = {}
