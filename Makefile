@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 MODEL  ?= gemma2
 ARGS   ?=
 
-.PHONY: align test gate convert venv venv-paddleformers venv-paddleclas venv-padiff venv-paconvert clean
+.PHONY: align test gate convert venv venv-paddleformers venv-paddleclas venv-paddlespeech venv-padiff venv-paconvert clean
 
 venv: $(STAMP)
 
@@ -58,6 +58,26 @@ $(CL_STAMP): pyproject.toml Makefile
 	$(CL_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(CL_STAMP)
 
+# PaddleSpeech 1.5.0's own ports (ps-* models). Its requirements pull paddlenlp, ppdiffusers,
+# paddleslim, onnxruntime and more; its Whisper needs only paddlenlp (for its tokenizer module,
+# imported with the model), soundfile, tqdm and loguru, so paddlespeech goes in without its
+# requirements and those with theirs. paddlenlp 2.8.1 needs huggingface_hub < 1, datasets < 4,
+# aistudio-sdk 0.2.6, and a pyarrow that still takes numpy 1.
+PS_VENV  := .venv-paddlespeech
+PS_STAMP := $(PS_VENV)/.installed
+
+venv-paddlespeech: $(PS_STAMP)
+
+$(PS_STAMP): pyproject.toml Makefile
+	test -x $(PS_VENV)/bin/python || $(PYTHON) -m venv $(PS_VENV)
+	$(PS_VENV)/bin/python -m pip install --quiet --disable-pip-version-check paddlepaddle==3.3.1 paddlenlp==2.8.1 \
+		huggingface_hub==0.36.2 datasets==3.6.0 aistudio-sdk==0.2.6 pyarrow==17.0.0 numpy==1.26.4 \
+		soundfile==0.14.0 tqdm==4.70.1 loguru==0.7.3 rich==15.0.0 safetensors==0.8.0
+	$(PS_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps paddlespeech==1.5.0
+	$(PS_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(PS_VENV)/bin/python -c "import paddlespeech.s2t.models.whisper"
+	touch $(PS_STAMP)
+
 # PaDiff 0.2.0, the peer the overhead benchmark compares against (benchmarks/padiff_run.py),
 # lives in its own environment: never a dependency of align. Its API mode patches torch and
 # paddle for the whole process. The same pins as .venv; torch is pinned to the CPU build
@@ -90,7 +110,8 @@ $(PC_STAMP): Makefile
 convert: $(STAMP) $(PC_STAMP)
 	$(VENV)/bin/align convert $(MODEL) $(ARGS)
 
-align: $(STAMP) $(if $(filter pf-%,$(MODEL)),$(PF_STAMP)) $(if $(filter pc-%,$(MODEL)),$(CL_STAMP))
+align: $(STAMP) $(if $(filter pf-%,$(MODEL)),$(PF_STAMP)) $(if $(filter pc-%,$(MODEL)),$(CL_STAMP)) \
+		$(if $(filter ps-%,$(MODEL)),$(PS_STAMP))
 	$(VENV)/bin/align run $(MODEL) $(ARGS)
 
 gate: $(STAMP)

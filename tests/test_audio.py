@@ -1,11 +1,13 @@
 """The audio family's models (auraloss' losses are in test_any_model.py): openai-whisper's
 Whisper against ports/audio/whisper.py. The correct port passes, the log-mel gradient and the
-cross-entropy judged; broken ports fail and name the module that holds the bug."""
+cross-entropy judged; broken ports fail and name the module that holds the bug. And
+PaddleSpeech 1.5.0's own Whisper as it is, in its own environment (.venv-paddlespeech)."""
 
 import fnmatch
 
 import paddle
 import pytest
+from conftest import ROOT
 
 from ports.audio import whisper as W
 
@@ -125,3 +127,44 @@ def test_a_reference_parameter_left_uninitialised_is_the_users(monkeypatch, run_
     code, report, err = run_cli("run", "whisper", "--dtype", "fp32")
     assert code == 2 and report is None
     assert "parameter decoder.positional_embedding is not finite after reference.audio:whisper's own" in err
+
+
+# --- PaddleSpeech's Whisper, as it is ------------------------------------------------------------
+
+PS_PYTHON = ROOT / ".venv-paddlespeech" / "bin" / "python"
+needs_paddlespeech = pytest.mark.skipif(
+    not PS_PYTHON.is_file(),
+    reason="no .venv-paddlespeech: `make venv-paddlespeech` creates it (.ci/run does); paddlespeech 1.5.0 "
+           "cannot share this environment's numpy 2",
+)
+
+
+@needs_paddlespeech
+def test_paddlespeech_whisper_matches_openai_whisper(run_cli, tmp_path, monkeypatch):
+    """PaddleSpeech 1.5.0's Whisper keeps openai-whisper's names: no weight rule, its Linear
+    subclasses transposed by their base's type, every module paired, forward and backward.
+    Its logger's exp/log/ goes to the port process's scratch directory, not the user's."""
+    here = tmp_path / "user"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    code, report, _ = run_cli("run", "ps-whisper", "--dtype", "fp32")
+    assert list(here.iterdir()) == []
+    assert code == 0 and report["verdict"] == "pass", report["problems"]
+    assert not report["env"]["same_environment"]
+    assert {w["rule"] for w in report["weights"]} == {"same name"}
+    linear = [w for w in report["weights"] if len(w["source_shape"]) == 2 and "embedding" not in w["source"]]
+    assert linear and all(w["transform"] == "transpose" for w in linear)  # every Linear weight, by its base type
+    assert not [u for u in report["unpaired"] if not u["allowed"]]
+
+
+@needs_paddlespeech
+def test_paddlespeech_whisper_masks_n_ctx_by_n_state(run_cli):
+    """Its decoder builds the causal mask n_text_ctx x n_text_state (openai-whisper's is
+    n_ctx x n_ctx): a text longer than the model is wide breaks the first self-attention, as a
+    whole-sequence pass of whisper tiny (width 384, context 448) over more than 384 tokens would."""
+    code, report, _ = run_cli("run", "ps-whisper", "--dtype", "fp32", "--config", "narrow")
+    assert code == 1
+    assert report["culprits"]["forward"] == ["decoder.blocks.0.attn"]
+    forced = next(r for r in report["runs"] if r["mode"] == "teacher_forced")
+    attn = next(layer for layer in forced["layers"] if layer["name"] == "decoder.blocks.0.attn")
+    assert attn["forward"]["note"].startswith("the port raised ValueError") and "[12, 8]" in attn["forward"]["note"]

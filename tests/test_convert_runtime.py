@@ -179,24 +179,29 @@ def test_sdpa_and_eager_attention_agree_and_match_torch():
 def test_compat_linear_keeps_torch_layout_and_nn_linear_is_transposed_even_when_square():
     from align import weights as W
 
+    class OwnLinear(paddle.nn.Linear):  # a port's own subclass (PaddleSpeech's): its base's layout
+        pass
+
     class Port(paddle.nn.Layer):
         def __init__(self):
             super().__init__()
             self.compat = paddle.compat.nn.Linear(6, 6, bias=False)
             self.plain = paddle.nn.Linear(6, 6, bias_attr=False)
+            self.own = OwnLinear(6, 6, bias_attr=False)
 
     port = Port()
     ref = {"compat.weight": RNG.standard_normal((6, 6)).astype(np.float32),
-           "plain.weight": RNG.standard_normal((6, 6)).astype(np.float32)}
+           "plain.weight": RNG.standard_normal((6, 6)).astype(np.float32),
+           "own.weight": RNG.standard_normal((6, 6)).astype(np.float32)}
     rules = W.Rules(source=Path("inline.toml"), renames=(), tie={}, ignore=())
     slots = W.describe_slots(port.state_dict(), dict(port.named_sublayers(include_self=True)))
     wmap = W.plan(rules, {k: v.shape for k, v in ref.items()}, slots)
     transforms = {e.source: e.transform for e in wmap.entries}
-    assert transforms == {"compat.weight": "copy", "plain.weight": "transpose"}
+    assert transforms == {"compat.weight": "copy", "plain.weight": "transpose", "own.weight": "transpose"}
     for key, arr in W.convert(wmap, ref).items():
         port.state_dict()[key].set_value(arr)
     x = RNG.standard_normal((3, 6)).astype(np.float32)
-    for name in ("compat", "plain"):
+    for name in ("compat", "plain", "own"):
         torch_linear = torch.nn.Linear(6, 6, bias=False)
         with torch.no_grad():
             torch_linear.weight.copy_(torch.from_numpy(ref[f"{name}.weight"]))

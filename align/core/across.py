@@ -57,7 +57,7 @@ def port_modules_elsewhere(spec: ModelSpec, config: str | None, tmp: Path) -> li
     (tmp / "values.json").write_text(json.dumps(values, default=str))
     cmd = [str(environment_python(spec)), "-m", "align", "--registry", str(spec.source), "port-modules", spec.name,
            "--values", str(tmp / "values.json"), "--out", str(tmp / "modules.json")]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
         raise ConfigError(spec.source, f"models.{spec.name}.port", f"`align port-modules` in {spec.port_environment} "
@@ -70,12 +70,15 @@ def check_elsewhere(spec: ModelSpec, trace: Path, out: Path, command: str, dtype
                     quiet: bool = False) -> dict[str, Any]:
     """`align check` of `trace` with the port environment's Python; the report it wrote to `out`."""
     cmd = [str(environment_python(spec)), "-m", "align", "--registry", str(spec.source), "check", spec.name,
-           "--trace", str(trace), "--out", str(out), "--as-command", command, "--weights-from", weights_from]
+           "--trace", str(trace.resolve()), "--out", str(out.resolve()), "--as-command", command,
+           "--weights-from", weights_from]
     cmd += [a for d in dtypes or () for a in ("--dtype", d)] + (["--quiet"] if quiet else [])
     cmd += ["--fast"] if fast else []
     cmd += ["--strict"] if spec.noise_floor and spec.noise_floor.strict else []
     cmd += [a for g in keep for a in ("--keep", g)]
-    proc = subprocess.run(cmd)
+    # in the trace's own directory: a port's package may write beside the current directory
+    # (PaddleSpeech's logger makes exp/log/ there), and that is not the user's
+    proc = subprocess.run(cmd, cwd=trace.resolve().parent)
     if proc.returncode == USAGE_ERROR or not (out / "report.json").is_file():
         raise ConfigError(spec.source, f"models.{spec.name}.port", f"`align check` in {spec.port_environment} "
                           f"failed (exit code {proc.returncode}); see above")

@@ -417,6 +417,14 @@ def same_bytes(a: np.ndarray, b: np.ndarray, chunk: int = 1 << 24) -> bool:
     return all(np.array_equal(av[i:i + chunk], bv[i:i + chunk]) for i in range(0, av.size, chunk))
 
 
+def _layout_type(cls: type) -> tuple[str, str]:
+    """The (module, name) the layout rules know a layer by: its own class, or the nearest base
+    they know (a port's own subclass of paddle.nn.Linear stores [in, out] as its base does)."""
+    known = TRANSPOSED_BY_TYPE.keys() | RESHAPED_BY_TYPE.keys()
+    return next(((k.__module__, k.__name__) for k in cls.__mro__ if (k.__module__, k.__name__) in known),
+                (cls.__module__, cls.__name__))
+
+
 def describe_slots(named_tensors: Mapping[str, Any], owners: Mapping[str, Any]) -> dict[str, PortSlot]:
     """PortSlots from a Paddle layer's state_dict and its sublayers (a framework-free view)."""
     slots: dict[str, PortSlot] = {}
@@ -427,7 +435,7 @@ def describe_slots(named_tensors: Mapping[str, Any], owners: Mapping[str, Any]) 
         alias = first_key_of.setdefault(id(tensor), key)
         slots[key] = PortSlot(
             shape=tuple(tensor.shape),
-            owner_type=(type(owner).__module__, type(owner).__name__),
+            owner_type=_layout_type(type(owner)),
             param_name=attr,
             alias_of=None if alias == key else alias,
         )

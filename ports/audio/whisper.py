@@ -11,16 +11,17 @@ a loss. No key-value cache: alignment runs whole sequences."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
+from ports.common import PortConfig, causal_lm_loss
+
 
 @dataclass
-class ModelDimensions:
+class ModelDimensions(PortConfig):
     n_mels: int
     n_audio_ctx: int
     n_audio_state: int
@@ -31,10 +32,6 @@ class ModelDimensions:
     n_text_state: int
     n_text_head: int
     n_text_layer: int
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ModelDimensions:
-        return cls(**{f.name: values[f.name] for f in fields(cls)})
 
 
 @dataclass
@@ -142,12 +139,7 @@ class Whisper(nn.Layer):
         logits = self.decoder(tokens, self.encoder(mel))
         if labels is None:
             return WhisperOutput(logits)
-        # token t predicts token t + 1; -100 marks what is not predicted. The mean is over the
-        # predicted tokens, as torch's: Paddle's reduction="mean" divides by all of them.
-        targets = labels[:, 1:].reshape([-1])
-        per_token = F.cross_entropy(logits[:, :-1].reshape([-1, logits.shape[-1]]), targets, ignore_index=-100,
-                                    reduction="none")
-        return WhisperOutput(logits, per_token.sum() / (targets != -100).astype(per_token.dtype).sum())
+        return WhisperOutput(logits, causal_lm_loss(logits, labels))
 
 
 __all__ = ["ModelDimensions", "Whisper", "WhisperOutput", "sinusoids"]
