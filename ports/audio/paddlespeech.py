@@ -25,7 +25,6 @@ from paddlespeech.s2t.models.whisper import whisper as ps_whisper
 from ports.audio.whisper import ModelDimensions, WhisperOutput
 from ports.common import causal_lm_loss
 
-
 # Paddle 3.3 made these layers' trailing arguments keyword-only; PaddleSpeech 1.5.0's
 # paddlespeech.s2t.modules.align passes them by position: (how many positional arguments the
 # layer still takes, the names of the ones PaddleSpeech passes after them, in its order).
