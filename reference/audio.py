@@ -1,11 +1,14 @@
 """The audio family: references from the audio packages (auraloss' losses are named in
 align.toml by their own class). What lives here is what they need beyond that:
 - openai-whisper's Whisper with the loss that trains it (`whisper`), so that backward runs
-  from a cross-entropy, not from a projection of the logits."""
+  from a cross-entropy, not from a projection of the logits;
+- its input, a log-mel spectrogram as long as the model's audio context (`log_mel`)."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import numpy as np
 
 
 def whisper(**dims: Any) -> Any:
@@ -27,3 +30,11 @@ def whisper(**dims: Any) -> Any:
     # run a while) until a checkpoint overwrites them; zeros, before the registry's init noise
     torch.nn.init.zeros_(model.decoder.positional_embedding)
     return model
+
+
+def log_mel(ctx: Any, batch: int) -> np.ndarray:
+    """A (batch, n_mels, 2 x n_audio_ctx) log-mel spectrogram (the encoder's second convolution
+    halves the frames to its context): values of whisper's normalised log-mel scale, which
+    lies in about [-1, 1.5]."""
+    shape = (batch, ctx.config["n_mels"], 2 * ctx.config["n_audio_ctx"])
+    return np.clip(ctx.rng.normal(0.25, 0.5, size=shape), -1.0, 1.5).astype(np.float32)

@@ -168,3 +168,31 @@ def test_paddlespeech_whisper_masks_n_ctx_by_n_state(run_cli):
     forced = next(r for r in report["runs"] if r["mode"] == "teacher_forced")
     attn = next(layer for layer in forced["layers"] if layer["name"] == "decoder.blocks.0.attn")
     assert attn["forward"]["note"].startswith("the port raised ValueError") and "[12, 8]" in attn["forward"]["note"]
+
+
+def test_whispers_float64_truth_runs_through_its_float32_casts():
+    """openai-whisper's LayerNorm casts to float32 whatever the model's dtype. With float64 =
+    "through-casts" its float64 copy stays in float64 there: held to 1e-7, below fp32's own
+    rounding, the correct port fails the literal rule and the truth lets it pass, each rescued
+    comparison within 2x the reference's own error. A plain float64 copy raises, and that is the
+    registry entry's to fix: one line naming the module and the two settings."""
+    import dataclasses
+
+    from conftest import REGISTRY
+
+    from align.core.port import align_model
+    from align.errors import ConfigError
+    from align.registry.load import load_registry
+    from align.registry.spec import NoiseFloor, Tolerance
+
+    spec = load_registry(REGISTRY).get("whisper")
+    assert spec.noise_floor.through_casts
+    tight = dataclasses.replace(spec, tolerance=Tolerance(1e-7, 1e-7))
+    report = align_model(tight, fast=True).to_dict()
+    assert report["verdict"] == "pass" and report["judged_by"]["literal"]["met"] is False
+    rescued = [m for layer in report["runs"][0]["layers"] for m in (layer["forward"], layer["backward"])
+               if m and m["rule"] == "floor"]
+    assert rescued and all(m["truth_error"] <= 2.0 * m["reference_error"] + 1e-6 for m in rescued)
+    with pytest.raises(ConfigError, match=r"models\.whisper\.tolerance\.float64: a float64 copy of the reference "
+                                          r"raised in module encoder\.blocks\.0\.attn_ln: RuntimeError: mixed dtype"):
+        align_model(dataclasses.replace(tight, noise_floor=NoiseFloor(2.0)), fast=True)

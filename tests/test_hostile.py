@@ -193,6 +193,7 @@ DEFAULT_ATOL = "atol = 1e-5\nrtol = 1e-5\n# Failing that"
     (None, "[[models.gemma2.tolerance.overrides]]\nglob = \"model.*\"\natol = -1.0\nrtol = 1e-5",
      "models.gemma2.tolerance.overrides", ">= 0"),
     (None, "[models.gemma2.tolerance]\nfactor = 0", "models.gemma2.tolerance", "factor"),
+    (None, "[models.gemma2.tolerance]\nfloat64 = \"sometimes\"", "models.gemma2.tolerance.float64", "through-casts"),
     ("dtypes = [", 'dtypes = ["fp8", ', "dtypes", "fp8"),
 ])
 def test_a_registry_value_that_makes_no_sense_is_refused(registry_with, capsys, old, new, key, says):

@@ -221,6 +221,53 @@ def forced_truth(ts: Any, module: Any, calls: dict[str, Call], params: Any, make
     return keeper.kept
 
 
+@contextmanager
+def float64_through_casts(spec: ModelSpec) -> Iterator[None]:
+    """While a float64 copy of the reference runs, and only for a model whose registry entry
+    says `float64 = "through-casts"`: a cast of a float64 tensor to float32 (`x.float()`,
+    `x.to(torch.float32)`, `x.type(torch.float32)`) leaves it in float64. A reference that
+    casts on purpose (whisper's LayerNorm runs in float32 whatever the model's dtype) then runs
+    in float64 all the way, as its truth must; a torch function mode, removed on exit."""
+    if spec.noise_floor is None or not spec.noise_floor.through_casts:
+        with _float64_raises(spec):
+            yield
+        return
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    def to_float32(func: Any, args: tuple, kwargs: dict) -> bool:
+        if func is torch.Tensor.float:
+            return True
+        if func in (torch.Tensor.to, torch.Tensor.type):
+            dtype = kwargs.get("dtype", next((a for a in args[1:] if isinstance(a, torch.dtype)), None))
+            return dtype is torch.float32
+        return False
+
+    class KeepFloat64(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if args and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.float64 \
+                    and to_float32(func, args, kwargs):
+                return args[0]
+            return func(*args, **kwargs)
+
+    with KeepFloat64(), _float64_raises(spec):
+        yield
+
+
+@contextmanager
+def _float64_raises(spec: ModelSpec) -> Iterator[None]:
+    """The reference raising in float64 (and not in fp32) is its registry entry's to say: one
+    line naming the module, the exception, and the two ways the entry can say it."""
+    try:
+        yield
+    except ModelRaised as e:
+        raise ConfigError(spec.source, f"models.{spec.name}.tolerance.float64",
+                          f"a float64 copy of the reference raised in module {e.module}: {type(e.error).__name__}: "
+                          f"{one_line(e.error)}; a reference that casts to float32 on purpose runs with float64 = "
+                          f"\"through-casts\", one without a float64 path with float64 = false") from None
+
+
 def _fp64_run(spec: ModelSpec, ts: Any, ref: Any, inputs: dict[str, Arr], trace: Trace,
               progress: Progress, forced: frozenset[str] | None = None) -> ReferenceRun:
     """The reference again in float64: its whole run (the free-running truth), and one run
@@ -228,10 +275,11 @@ def _fp64_run(spec: ModelSpec, ts: Any, ref: Any, inputs: dict[str, Arr], trace:
     progress("running the reference again in float64 (noise floor)")
     ref64 = float64_copy(ref)
     wide = as_fp64(inputs)
-    run64 = run_and_record(ts, ref64, feed(ts, spec, wide), backward_seed(ts, spec), keep_inputs=False)
     arg_names = trace.calls[ROOT].arg_names
-    truth = forced_truth(ts, ref64, trace.calls, trace.param_grads, lambda widened: feed(ts, spec, wide, None, arg_names),
-                         forced=forced)
+    with float64_through_casts(spec):
+        run64 = run_and_record(ts, ref64, feed(ts, spec, wide), backward_seed(ts, spec), keep_inputs=False)
+        truth = forced_truth(ts, ref64, trace.calls, trace.param_grads,
+                             lambda widened: feed(ts, spec, wide, None, arg_names), forced=forced)
     return ReferenceRun(model=spec.name, config_name="fp64", config={}, fingerprint="", inputs={}, trace=run64,
                         weights={}, dtypes={}, observer=Observer("torch", True, True, ()),
                         env={}, checkpoint=None, created="", truth=truth, forced=forced)

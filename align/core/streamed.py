@@ -52,7 +52,7 @@ from align.capture.trace import ROOT, Arr, Call, differentiable
 from align.compare.judges import Keeper
 from align.compare.pair import pair_calls
 from align.core.judged import Judgement, Progress, as_reference, now, selected, tolerance_policy
-from align.core.reference import as_fp64, float64_copy, forced_truth, widened_calls
+from align.core.reference import as_fp64, float64_copy, float64_through_casts, forced_truth, widened_calls
 from align.core.spill import Spill
 from align.diagnose.environment import environment, port_environment, reference_environment
 from align.diagnose.observer import Observer
@@ -175,15 +175,16 @@ def _force_block(ps: Any, block: Any, port_name: str, ref_name: str, calls: dict
                  ref_param_grads, to_reference, owner=ref_name, prefix=port_name)
 
 
-def _block_truth(ts: Any, block: Any, name: str, calls: dict[str, Call], grads: dict[str, np.ndarray],
-                 forced: set[str]) -> dict:
+def _block_truth(spec: ModelSpec, ts: Any, block: Any, name: str, calls: dict[str, Call],
+                 grads: dict[str, np.ndarray], forced: set[str]) -> dict:
     """The noise floor's truth for one block: a float64 copy of the reference block, forced
     on its own record widened at the calls the port's pass forces (`forced`), as
     reference.forced_truth does for the whole model (a Keeper keeps what it gives, under the
     labels the port's forced pass uses)."""
     keeper, widened = Keeper(), widened_calls(calls)
-    _force_block(ts, float64_copy(block), name, name, widened, {n: n for n in widened if n in forced}, keeper, grads,
-                 dict, {})
+    with float64_through_casts(spec):
+        _force_block(ts, float64_copy(block), name, name, widened, {n: n for n in widened if n in forced}, keeper,
+                     grads, dict, {})
     return keeper.kept
 
 
@@ -193,7 +194,7 @@ def _shell_truth(ts: Any, spec: ModelSpec, ref: Any, calls: dict[str, Call], blo
     empty skeletons by now), forced on the record widened, each block answered from it."""
     ref64 = float64_copy(ref)
     wide, arg_names = as_fp64(inputs), calls[ROOT].arg_names
-    with _answered(ts, ref64, {n: calls[n] for n in block_records}, widen=True):
+    with _answered(ts, ref64, {n: calls[n] for n in block_records}, widen=True), float64_through_casts(spec):
         return forced_truth(ts, ref64, calls, params, lambda widened: feed(ts, spec, wide, None, arg_names),
                             forced=forced)
 
@@ -352,7 +353,7 @@ class _Stream:
             self.progress(f"block {i + 1}/{count} ({b.name}): {len(judged.deferred)} comparisons fail the literal "
                           "tolerance: the reference block again in float64")
             self.loader.load_ref(b.name)
-            judged.settle(_block_truth(ts, module, b.name, block_calls, own, {p.ref for p in pairing.pairs}))
+            judged.settle(_block_truth(spec, ts, module, b.name, block_calls, own, {p.ref for p in pairing.pairs}))
             self.loader.free_ref(b.name)
         self.judgement.record(judged, forcer, list(pairing.pairs), block_calls, pairing.unpaired)
 

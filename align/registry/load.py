@@ -224,7 +224,10 @@ def _model(file: Path, name: str, t: _Table, defaults: dict[str, Any]) -> ModelS
     # The float64 truth judges what the literal rule fails, unless the model has no float64
     # path (an op without a float64 kernel): then the literal rule alone, said so in the report.
     strict = tol_t.get("strict", bool, False)
-    noise_floor = NoiseFloor(factor, strict) if tol_t.get("float64", bool, True) else None
+    float64 = tol_t.get("float64", (bool, str), True)
+    if isinstance(float64, str) and float64 != "through-casts":
+        raise ConfigError(file, tol_t.key("float64"), f"expected true, false or \"through-casts\", got {float64!r}")
+    noise_floor = NoiseFloor(factor, strict, through_casts=float64 == "through-casts") if float64 else None
     overrides = []
     for i, o in enumerate(tol_t.get("overrides", list, [])):
         o_t = _Table(file, f"{tol_t.key('overrides')}[{i}]", o)

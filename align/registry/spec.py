@@ -49,6 +49,9 @@ class NoiseFloor:
 
     factor: float = 2.0
     strict: bool = False
+    # the float64 run keeps float64 where the reference casts to float32 on purpose
+    # (whisper's LayerNorm: x.float()), see core.reference.float64_through_casts
+    through_casts: bool = False
 
     def describe(self) -> str:
         if self.strict:
