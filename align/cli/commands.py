@@ -58,7 +58,8 @@ def _align_across(spec: ModelSpec, out: Path, console: Console, quiet: bool, com
     env_dir = environment_python(spec).parent.parent
     with scratch("trace") as tmp:
         with progress_of(console, spec.name, quiet) as progress:
-            modules = port_modules_elsewhere(spec, config, Path(tmp))
+            # the float64 truth forces what the port forces; without a truth, nothing to ask
+            modules = port_modules_elsewhere(spec, config, Path(tmp)) if spec.noise_floor else None
             run, trace = trace_reference(spec, Path(tmp) / spec.name, progress, config, checkpoint, only, fast,
                                          port_modules=modules)
         console.print(f"{spec.name}: reference traced here (torch {run.env['torch']}); "

@@ -53,7 +53,7 @@ class ReferenceRun:
     forced: frozenset[str] | None = None
     # In the process that ran the reference: makes the float64 run when a comparison first needs
     # it (not written to a trace, which holds the float64 run itself).
-    later: Callable[[], ReferenceRun] | None = field(default=None, repr=False, compare=False)
+    later: Callable[[frozenset[str] | None], ReferenceRun] | None = field(default=None, repr=False, compare=False)
 
     def float64(self) -> ReferenceRun:
         """The float64 run, made now if it was left for later."""
