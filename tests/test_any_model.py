@@ -289,3 +289,18 @@ def test_port_modules_files_that_are_not_what_they_should_be_are_the_users(regis
                           capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"align: error: {tmp_path / 'none.json'}: no such file (--values)"]
+
+
+def test_the_gate_paths_failing_outputs_say_what_judged_them(monkeypatch, run_cli):
+    """On the gate path nothing runs free: a failing model output is what the forced pass saw,
+    and its message says teacher-forced (it said free-running)."""
+    from align.report.messages import failure_messages
+
+    mean_not_removed(monkeypatch)
+    code, report, _ = run_cli("run", "sisdr", "--dtype", "fp32", "--fast")
+    assert code == 1 and report["path"] == "gate"
+    [output] = [m for m in failure_messages(report) if m.startswith("model output out")]
+    assert "(float32, teacher-forced)" in output
+    code, report, _ = run_cli("run", "sisdr", "--dtype", "fp32")
+    [output] = [m for m in failure_messages(report) if m.startswith("model output out")]
+    assert "(float32, free-running)" in output
