@@ -13,33 +13,13 @@ direction. Too slow for CI; with the float64 truth it needs more than this machi
 
 from __future__ import annotations
 
-import argparse
-import json
-
-from bench_vision import row
-from common import RESULTS, align_in_process, update_readme
+from common import full_and_gate
 
 MODELS = {("whisper", "base"): "Whisper base (6 + 6 layers, width 512, 1500 audio frames)"}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeat", type=int, default=1, help="processes per row; the fastest is kept")
-    args = ap.parse_args()
-    rows, results = [], []
-    for (model, config), label in MODELS.items():
-        for fast, path in ((False, "full (`align run`)"), (True, "gate (`--fast`)")):
-            runs = [align_in_process(model, config, fast=fast) for _ in range(args.repeat)]
-            best = min(runs, key=lambda r: r["seconds"])
-            results.append({"model": model, "config": config, "path": path, **best})
-            rows.append(row(label, path, best))
-            print(rows[-1], flush=True)
-    head = ("| model (batch 2) | path | time | verdict | modules | literal figure | truth consulted / passed by it | "
-            "worst teacher-forced fwd / bwd | worst free-running fwd / bwd | peak RSS / private |\n"
-            "|---|---|---|---|---|---|---|---|---|---|")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "audio.json").write_text(json.dumps(results, indent=1) + "\n")
-    update_readme("audio", head + "\n" + "\n".join(rows))
+    full_and_gate(__doc__, MODELS, "model (batch 2)", "audio")
 
 
 if __name__ == "__main__":

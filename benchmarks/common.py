@@ -112,6 +112,44 @@ def update_readme(section: str, table: str) -> None:
         readme.write_text(text[: text.index(begin) + len(begin)] + "\n" + table + "\n" + text[text.index(end):])
 
 
+def _g(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2g}"
+
+
+def row(label: str, path: str, r: dict) -> str:
+    lit, worst = r["literal"], r["worst_max_abs"]
+    figure = f"{lit['needed_atol']:.2g} ({'meets' if lit['met'] else 'beyond'} 1e-5)"
+    return (f"| {label} | {path} | {r['seconds']:.1f} s | {r['verdict']} | {r['modules']} | {figure} | "
+            f"{r['consulted']} / {r['passed_by_truth']} | {_g(worst.get('teacher_forced_forward'))} / "
+            f"{_g(worst.get('teacher_forced_backward'))} | {_g(worst.get('free_running_forward'))} / "
+            f"{_g(worst.get('free_running_backward'))} | {r['peak_rss_mb']:.0f} / {r['peak_anon_mb']:.0f} MB |")
+
+
+def full_and_gate(description: str, models: dict[tuple[str, str], str], first_column: str, section: str) -> None:
+    """Align each (model, config) on the full path (`align run`) and the gate's (`--fast`), in
+    fresh processes (the fastest of --repeat kept): results/<section>.json, and the table
+    between the README's <!-- section --> markers."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=1, help="processes per row; the fastest is kept")
+    args = ap.parse_args()
+    rows, results = [], []
+    for (model, config), label in models.items():
+        for fast, path in ((False, "full (`align run`)"), (True, "gate (`--fast`)")):
+            runs = [align_in_process(model, config, fast=fast) for _ in range(args.repeat)]
+            best = min(runs, key=lambda r: r["seconds"])
+            results.append({"model": model, "config": config, "path": path, **best})
+            rows.append(row(label, path, best))
+            print(rows[-1], flush=True)
+    head = (f"| {first_column} | path | time | verdict | modules | literal figure | truth consulted / passed by it | "
+            "worst teacher-forced fwd / bwd | worst free-running fwd / bwd | peak RSS / private |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{section}.json").write_text(json.dumps(results, indent=1) + "\n")
+    update_readme(section, head + "\n" + "\n".join(rows))
+
+
 def gemma2_full_shapes() -> dict[str, tuple[int, ...]]:
     """Every tensor google/gemma-2-2b stores (the tied head is not stored)."""
     from align import builders
