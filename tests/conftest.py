@@ -1,3 +1,4 @@
+import fnmatch
 import json
 from pathlib import Path
 
@@ -17,6 +18,17 @@ def after_init(monkeypatch, cls, change):
         change(self, *args, **kwargs)
 
     monkeypatch.setattr(cls, "__init__", patched)
+
+
+def localized_to(code: int, report: dict, culprit: str, direction: str) -> tuple[bool, bool]:
+    """Whether a broken port's run failed, and whether its teacher-forced first divergence and
+    every culprit in `direction` match the glob `culprit`."""
+    fd, culprits = report["first_divergence"], report["culprits"]
+    detected = code == 1 and report["verdict"] == "fail"
+    localized = (fd["mode"] == "teacher_forced" and fd[direction] is not None
+                 and fnmatch.fnmatchcase(fd[direction], culprit)
+                 and all(fnmatch.fnmatchcase(c, culprit) for c in culprits[direction]))
+    return detected, localized
 
 
 @pytest.fixture

@@ -3,11 +3,9 @@ patch merging) against ports/vision/swin.py, and CLIP (two towers, padded captio
 contrastive loss) against ports/vision/clip.py. The correct ports pass with the pixel gradient
 judged; broken ports fail and name the module that holds the bug."""
 
-import fnmatch
-
 import paddle
 import pytest
-from conftest import after_init
+from conftest import after_init, localized_to
 
 from ports.vision import clip as C
 from ports.vision import swin as S
@@ -195,11 +193,7 @@ def test_broken_port_fails_and_is_localized(bug, monkeypatch, run_cli, bug_ledge
     inject, culprit, direction = {**BUGS, **CLIP_BUGS}[bug]
     inject(monkeypatch)
     code, report, err = run_cli("run", bug.split(":")[0], "--dtype", "fp32")
-    fd, culprits = report["first_divergence"], report["culprits"]
-    detected = code == 1 and report["verdict"] == "fail"
-    localized = (fd["mode"] == "teacher_forced" and fd[direction] is not None
-                 and fnmatch.fnmatchcase(fd[direction], culprit)
-                 and all(fnmatch.fnmatchcase(c, culprit) for c in culprits[direction]))
+    detected, localized = localized_to(code, report, culprit, direction)
     bug_ledger.record(bug, "vision", detected, localized)
-    assert detected and localized, (fd, culprits, report["problems"])
+    assert detected and localized, (report["first_divergence"], report["culprits"], report["problems"])
     assert "Traceback" not in err

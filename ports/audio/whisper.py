@@ -52,6 +52,8 @@ class MultiHeadAttention(nn.Layer):
     def __init__(self, n_state: int, n_head: int):
         super().__init__()
         self.n_head = n_head
+        # the reference scales q and k by head ** -0.25 each; one head ** -0.5 is the same product
+        self.scale = (n_state // n_head) ** -0.5
         self.query = nn.Linear(n_state, n_state)
         self.key = nn.Linear(n_state, n_state, bias_attr=False)
         self.value = nn.Linear(n_state, n_state)
@@ -66,8 +68,7 @@ class MultiHeadAttention(nn.Layer):
         def heads(t):
             return t.reshape([t.shape[0], t.shape[1], self.n_head, head]).transpose([0, 2, 1, 3])
 
-        # the reference scales q and k by head ** -0.25 each; one head ** -0.5 is the same product
-        scores = paddle.matmul(heads(q), heads(k), transpose_y=True) * head**-0.5
+        scores = paddle.matmul(heads(q), heads(k), transpose_y=True) * self.scale
         if mask is not None:
             scores = scores + mask[:T, :T]
         weights = F.softmax(scores, axis=-1)
