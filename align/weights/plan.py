@@ -139,6 +139,7 @@ _CONVS = ("Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose", "C
 # weight norm keeps a convolution's `weight_g` as a vector, torch as (C, 1, ..., 1).
 RESHAPED_BY_TYPE: dict[tuple[str, str], frozenset[str]] = {
     ("paddle.nn.layer.conv", name): frozenset({"weight_g"}) for name in _CONVS}
+_LAYOUT_TYPES = TRANSPOSED_BY_TYPE.keys() | RESHAPED_BY_TYPE.keys()  # the layer types the layout rules know
 # torch's newer weight norm (torch.nn.utils.parametrizations) names Paddle's weight_g/weight_v so.
 WEIGHT_NORM_NAMES = {".parametrizations.weight.original0": ".weight_g", ".parametrizations.weight.original1": ".weight_v"}
 
@@ -420,8 +421,7 @@ def same_bytes(a: np.ndarray, b: np.ndarray, chunk: int = 1 << 24) -> bool:
 def _layout_type(cls: type) -> tuple[str, str]:
     """The (module, name) the layout rules know a layer by: its own class, or the nearest base
     they know (a port's own subclass of paddle.nn.Linear stores [in, out] as its base does)."""
-    known = TRANSPOSED_BY_TYPE.keys() | RESHAPED_BY_TYPE.keys()
-    return next(((k.__module__, k.__name__) for k in cls.__mro__ if (k.__module__, k.__name__) in known),
+    return next(((k.__module__, k.__name__) for k in cls.__mro__ if (k.__module__, k.__name__) in _LAYOUT_TYPES),
                 (cls.__module__, cls.__name__))
 
 
