@@ -4,7 +4,6 @@ checkpoint's, or as skeletons whose parameters take no memory (for streaming and
 from __future__ import annotations
 
 import importlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from align.errors import ConfigError, one_line
-from align.registry.spec import ModelSpec, resolve_path
+from align.registry.spec import ModelSpec, read_json, resolve_path
 
 
 def import_object(target: str, file: Path, key: str) -> Any:
@@ -42,12 +41,7 @@ def config_values(spec: ModelSpec, config: str) -> tuple[dict[str, Any], Path, s
         known = ", ".join(sorted(spec.configs))
         raise ConfigError(spec.source, f"models.{spec.name}.configs.{config}",
                           f"unknown config (known: {known}; or pass a config.json path)")
-    try:
-        values = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(path, "", "no such config file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(path, "", f"not valid JSON: {e}") from None
+    values = read_json(path, "no such config file")
     if not isinstance(values, dict):
         raise ConfigError(path, "", f"expected a JSON object of config values, got {type(values).__name__}")
     if spec.reference_config_class is None and isinstance(spec.configs.get(spec.default_config), dict):

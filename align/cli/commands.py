@@ -185,17 +185,10 @@ def trace(args: argparse.Namespace, console: Console) -> ExitCode:
     return ExitCode.ALIGNED
 
 
-def _json_file(path: Path, option: str) -> object:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(path, "", f"no such file ({option})") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(path, "", f"not valid JSON: {e}") from None
-
-
 def _module_list(path: Path) -> list[str]:
-    modules = _json_file(path, "--port-modules")
+    from align.registry.spec import read_json
+
+    modules = read_json(path, "no such file (--port-modules)")
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
         raise ConfigError(path, "", "expected a JSON list of module paths, as `align port-modules` writes")
     return modules
@@ -205,9 +198,10 @@ def port_modules(args: argparse.Namespace) -> ExitCode:
     from align import builders
     from align.atomic import write_atomic
     from align.core.port import port_modules as module_paths
+    from align.registry.spec import read_json
 
     spec = registry_of(args).get(args.model)
-    values = _json_file(args.values, "--values")
+    values = read_json(args.values, "no such file (--values)")
     if not isinstance(values, dict):
         raise ConfigError(args.values, "", "expected a JSON object of the reference config's values")
     port = builders.port_skeleton(spec, values)

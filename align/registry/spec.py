@@ -199,6 +199,19 @@ class Registry:
         return self.models[name]
 
 
+def read_json(path: Path, missing: str) -> Any:
+    """A JSON file the user names (a config.json, a list of module paths): its value, or a
+    ConfigError naming the file (`missing`: what to say when there is none)."""
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(path, "", missing) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(path, "", f"not valid JSON: {e}") from None
+
+
 def resolve_path(value: str, base: Path) -> Path:
     """A path from align.toml: relative to the file, or `pkg:module/inner/path` inside an
     installed package (found without importing it)."""
